@@ -1,0 +1,55 @@
+"""amqp-listener: reliable background work and event handling on RabbitMQ.
+
+Everything a user writes is importable from here:
+
+    from listener import Listener, Retry, Reject, PublishError
+"""
+
+from listener.apublisher import AsyncPublisher, apublish
+from listener.errors import (
+    AuthenticationFailed,
+    BrokerError,
+    BrokerUnreachable,
+    ConfigurationError,
+    InvalidMessage,
+    ListenerDefinitionError,
+    ListenerError,
+    PublishConnectionLost,
+    PublishError,
+    PublishNacked,
+    PublishTimeout,
+    Reject,
+    Retry,
+    TopologyMismatch,
+    Unroutable,
+)
+from listener.listener import Listener
+from listener.publisher import Publisher, publish
+from listener.settings import Settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncPublisher",
+    "AuthenticationFailed",
+    "BrokerError",
+    "BrokerUnreachable",
+    "ConfigurationError",
+    "InvalidMessage",
+    "Listener",
+    "ListenerDefinitionError",
+    "ListenerError",
+    "PublishConnectionLost",
+    "PublishError",
+    "PublishNacked",
+    "PublishTimeout",
+    "Publisher",
+    "Reject",
+    "Retry",
+    "Settings",
+    "TopologyMismatch",
+    "Unroutable",
+    "__version__",
+    "apublish",
+    "publish",
+]

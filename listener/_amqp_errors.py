@@ -1,0 +1,170 @@
+"""The one place where pika, aio-pika and aiormq exceptions become amqp-listener's own.
+
+Each translation names what went wrong and what to check next, and is raised `from` the
+original so the cause stays in the traceback. URLs are shown only through `redact_url`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+
+import aiormq.exceptions
+import pika.exceptions
+
+from listener.errors import (
+    AuthenticationFailed,
+    BrokerError,
+    BrokerUnreachable,
+    PublishConnectionLost,
+    PublishError,
+    PublishNacked,
+    PublishTimeout,
+    TopologyMismatch,
+    Unroutable,
+)
+
+__all__ = ["connect_error", "declare_error", "is_connection_lost", "publish_error"]
+
+_INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for (\w+) '([^']+)'")
+_NOT_FOUND_EXCHANGE = re.compile(r"no exchange '([^']*)'")
+
+#: Exceptions meaning "the connection or channel is gone", from either client.
+_LOST = (
+    ConnectionError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ChannelClosed,
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.ChannelWrongStateError,
+    pika.exceptions.ChannelClosed,
+    pika.exceptions.ConnectionWrongStateError,
+)
+
+
+def connect_error(exc: BaseException, redacted_url: str) -> BrokerError:
+    """Translate a failure to open a connection (either client)."""
+    text = _text(exc)
+    if isinstance(
+        exc,
+        aiormq.exceptions.ProbableAuthenticationError
+        | aiormq.exceptions.AuthenticationError
+        | pika.exceptions.ProbableAuthenticationError
+        | pika.exceptions.AuthenticationError,
+    ):
+        return AuthenticationFailed(
+            f"the broker at {redacted_url} refused the login: check the user name and "
+            "password in AMQP_URL (or --url)"
+        )
+    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError) or (
+        isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in text
+    ):
+        return AuthenticationFailed(
+            f"the broker at {redacted_url} refused access to the virtual host: check that "
+            "the vhost in the URL exists and that the user has permissions on it"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return BrokerUnreachable(
+            f"TLS handshake with {redacted_url} failed ({exc.reason or type(exc).__name__}): "
+            "check the CA certificate, the host name and that the port speaks TLS"
+        )
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return BrokerUnreachable(
+            f"connecting to {redacted_url} timed out: check the host, the port and firewalls"
+        )
+    return BrokerUnreachable(
+        f"cannot connect to {redacted_url} ({_cause(exc)}): check that RabbitMQ is running "
+        "and that host and port are right"
+    )
+
+
+def declare_error(exc: BaseException) -> BrokerError:
+    """Translate a failure while declaring exchanges, queues or bindings."""
+    text = _text(exc)
+    match = _INEQUIVALENT.search(text)
+    if match:
+        argument, kind, name = match.groups()
+        return TopologyMismatch(
+            f"{kind} {name!r} already exists with a different {argument!r} "
+            f"({text.split(': ', 1)[-1].rstrip(chr(34))}). RabbitMQ cannot change it in place: "
+            f"move its messages away and delete it, or declare it as it is"
+        )
+    if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+        return BrokerError(
+            f"the broker refused to declare topology ({text}): give the user configure "
+            "permission on these names, or declare them with an admin user "
+            "(amqp-listener declare)"
+        )
+    return BrokerError(f"declaring topology failed: {_cause(exc)}")
+
+
+def publish_error(
+    exc: BaseException, *, exchange: str, routing_key: str, message_id: str
+) -> PublishError:
+    """Translate a failed publish (either client) into the PublishError family."""
+    where = (
+        f"exchange {exchange!r} with routing key {routing_key!r}"
+        if exchange
+        else (f"queue {routing_key!r}")
+    )
+    if isinstance(exc, pika.exceptions.ConnectionBlockedTimeout):
+        return PublishTimeout(
+            f"the broker blocked publishing (a memory or disk alarm) and message {message_id} "
+            "was not confirmed in time. Outcome unknown; check `rabbitmq-diagnostics alarms`",
+            message_id=message_id,
+        )
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return PublishTimeout(
+            f"no confirm for message {message_id} to {where} in time. Outcome unknown: it "
+            "may be queued; publishing it again may duplicate it (same message id)",
+            message_id=message_id,
+        )
+    if isinstance(exc, pika.exceptions.UnroutableError | aiormq.exceptions.PublishError):
+        return Unroutable(
+            f"message {message_id} was returned unroutable: no queue is bound to {where}. "
+            "Start the listener's runner once, or run `amqp-listener declare MODULE`",
+            message_id=message_id,
+        )
+    if isinstance(exc, pika.exceptions.NackError | aiormq.exceptions.DeliveryError):
+        return PublishNacked(
+            f"the broker nacked message {message_id} for {where}: it did not take it; "
+            "publishing it again is safe",
+            message_id=message_id,
+        )
+    text = _text(exc)
+    match = _NOT_FOUND_EXCHANGE.search(text)
+    if match:
+        return Unroutable(
+            f"exchange {match.group(1)!r} does not exist, so message {message_id} was not "
+            "published. Start the listener's runner once, or run `amqp-listener declare MODULE`",
+            message_id=message_id,
+        )
+    if "PRECONDITION_FAILED" in text or "406" in text:
+        return PublishError(
+            f"the broker refused message {message_id} for {where}: {text}", message_id=message_id
+        )
+    if is_connection_lost(exc):
+        return PublishConnectionLost(
+            f"the connection was lost before message {message_id} was confirmed ({_cause(exc)}). "
+            "Outcome unknown: it may or may not be queued; publishing it again may duplicate it",
+            message_id=message_id,
+        )
+    return PublishError(
+        f"publishing message {message_id} failed: {_cause(exc)}", message_id=message_id
+    )
+
+
+def is_connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` means the connection or channel is gone (so re-open and go on)."""
+    return isinstance(exc, _LOST)
+
+
+def _text(exc: BaseException) -> str:
+    if exc.args and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return str(exc) or repr(exc)
+
+
+def _cause(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_text(exc)}"

@@ -1,0 +1,217 @@
+"""Asynchronous, confirmed publishing on aio-pika: `anotify()`, `apublish()` and batches.
+
+Each event loop gets its own connection. A batch sends every message before waiting, so
+the confirms are pipelined: the batch costs about one round trip, not one per message.
+The synchronous `notify_many()` runs a batch on a private event loop in a daemon thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import aio_pika
+import aio_pika.abc
+
+from listener import codec, routing
+from listener._amqp_errors import connect_error, publish_error
+from listener.settings import Settings, get_settings
+
+__all__ = ["AsyncPublisher", "apublish", "default_async_publisher", "run_in_background"]
+
+T = TypeVar("T")
+
+
+class AsyncPublisher:
+    """Publishes with confirms on one asyncio event loop.
+
+    Example:
+        publisher = AsyncPublisher()
+        await publisher.publish("case_files.copy_requested", {"case_id": 1})
+        await publisher.aclose()
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._lock = asyncio.Lock()
+        self._published = 0
+
+    def __repr__(self) -> str:
+        state = "open" if self._channel is not None and not self._channel.is_closed else "closed"
+        url = self.settings.redacted_url
+        return f"<AsyncPublisher url={url!r} {state} published={self._published}>"
+
+    async def publish(
+        self, address: str, value: Any, *, headers: dict[str, Any] | None = None
+    ) -> str:
+        """Publish `value` as JSON to `"exchange.routing_key"`; returns the message id once
+        confirmed."""
+        exchange, key = routing.parse_address(address, wildcards=False)
+        return await self.publish_body(exchange, key, codec.encode(value), headers=headers)
+
+    async def publish_body(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        headers: dict[str, Any] | None = None,
+    ) -> str:
+        """Publish an encoded body and wait for its confirm."""
+        channel = await self._open_channel()
+        return await self._publish(channel, exchange, routing_key, body, headers)
+
+    async def publish_bodies(
+        self, exchange: str, routing_key: str, bodies: Sequence[bytes]
+    ) -> list[str]:
+        """Publish a batch with pipelined confirms; returns the ids in order.
+
+        Raises:
+            PublishError: the first failure, once every confirm is in (the others that were
+                confirmed stay published).
+        """
+        channel = await self._open_channel()
+        results = await asyncio.gather(
+            *(self._publish(channel, exchange, routing_key, body, None) for body in bodies),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [str(result) for result in results]
+
+    async def aclose(self) -> None:
+        """Close the connection; the publisher re-opens it if used again."""
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and not connection.is_closed:
+            await connection.close()
+
+    async def _publish(
+        self,
+        channel: aio_pika.abc.AbstractChannel,
+        exchange_name: str,
+        routing_key: str,
+        body: bytes,
+        headers: dict[str, Any] | None,
+    ) -> str:
+        if len(body) > self.settings.max_body_bytes:
+            raise ValueError(
+                f"message body is {len(body)} bytes, over the {self.settings.max_body_bytes} "
+                "byte limit (setting max_body_bytes)"
+            )
+        message_id = codec.new_message_id()
+        message = aio_pika.Message(
+            body,
+            content_type=codec.CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message_id,
+            timestamp=dt.datetime.now(dt.UTC),
+            headers=headers,
+        )
+        try:
+            exchange = (
+                channel.default_exchange
+                if not exchange_name
+                else await channel.get_exchange(exchange_name, ensure=False)
+            )
+            await exchange.publish(
+                message, routing_key, mandatory=True, timeout=self.settings.confirm_timeout
+            )
+        except Exception as exc:
+            error = publish_error(
+                exc, exchange=exchange_name, routing_key=routing_key, message_id=message_id
+            )
+            raise error from exc
+        self._published += 1
+        return message_id
+
+    async def _open_channel(self) -> aio_pika.abc.AbstractChannel:
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._lock:
+            if self._channel is not None and not self._channel.is_closed:
+                return self._channel
+            if self._connection is None or self._connection.is_closed:
+                try:
+                    self._connection = await aio_pika.connect(
+                        self.settings.url.get_secret_value(),
+                        heartbeat=self.settings.heartbeat,
+                        client_properties={
+                            "connection_name": f"amqp-listener publisher pid={os.getpid()}"
+                        },
+                    )
+                except Exception as exc:
+                    raise connect_error(exc, self.settings.redacted_url) from exc
+            self._channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            return self._channel
+
+
+_per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncPublisher] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def default_async_publisher() -> AsyncPublisher:
+    """The running event loop's publisher behind `anotify()` and `apublish()`."""
+    loop = asyncio.get_running_loop()
+    publisher = _per_loop.get(loop)
+    if publisher is None:
+        publisher = _per_loop[loop] = AsyncPublisher()
+    return publisher
+
+
+async def apublish(address: str, value: Any, *, headers: dict[str, Any] | None = None) -> str:
+    """The asyncio twin of `listener.publish()`."""
+    return await default_async_publisher().publish(address, value, headers=headers)
+
+
+class _BackgroundLoop:
+    """An event loop in a daemon thread, so synchronous code can run batches on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.publisher: AsyncPublisher | None = None
+        thread = threading.Thread(
+            target=self.loop.run_forever, name="amqp-listener-publisher", daemon=True
+        )
+        thread.start()
+
+
+_background: _BackgroundLoop | None = None
+_background_lock = threading.Lock()
+
+
+def run_in_background(work: Callable[[AsyncPublisher], Awaitable[T]]) -> T:
+    """Run `work(publisher)` on the background loop and wait for its result (thread-safe)."""
+    global _background
+    with _background_lock:
+        if _background is None:
+            _background = _BackgroundLoop()
+        background = _background
+
+    async def call() -> T:
+        if background.publisher is None:
+            background.publisher = AsyncPublisher()
+        return await work(background.publisher)
+
+    return asyncio.run_coroutine_threadsafe(call(), background.loop).result()
+
+
+def _forget_after_fork() -> None:
+    global _background, _background_lock
+    _background = None
+    _background_lock = threading.Lock()
+    _per_loop.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

@@ -1,0 +1,161 @@
+"""The `amqp-listener` command: parses, formats and delegates; no broker logic lives here.
+
+Exit codes: 0 done, 1 failed (broker or runtime), 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from listener import registry
+from listener.errors import BrokerError, ConfigurationError, ListenerError, PublishError
+from listener.settings import Settings, get_settings
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="amqp-listener",
+    help="Reliable background work and event handling on RabbitMQ.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+UrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        help="Broker URL; overrides AMQP_URL. Prefer AMQP_URL: arguments are visible in ps.",
+        show_default=False,
+    ),
+]
+ModulesArgument = Annotated[
+    list[str], typer.Argument(help="Modules that define the listeners, e.g. myapp.listeners.")
+]
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"amqp-listener: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _settings(url: str | None) -> Settings:
+    try:
+        return get_settings().with_url(url)
+    except ConfigurationError as exc:
+        _fail(str(exc), 2)
+
+
+def _configure_logging(level: str) -> None:
+    # Only the command configures logging; the library itself never touches the root logger.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiormq logs each failed connect at ERROR with its own wording; ours is clearer.
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+    logging.getLogger("aio_pika").setLevel(logging.CRITICAL)
+
+
+def _listeners(modules: list[str], names: list[str] | None) -> list[Any]:
+    sys.path.insert(0, os.getcwd())
+    try:
+        return registry.select(registry.discover(modules), names or [])
+    except ListenerError as exc:
+        _fail(str(exc), 2)
+
+
+@app.command()
+def run(
+    modules: ModulesArgument,
+    listener: Annotated[
+        list[str] | None,
+        typer.Option("--listener", "-l", help="Host only this listener (class name); repeatable."),
+    ] = None,
+    url: UrlOption = None,
+    grace: Annotated[
+        float | None,
+        typer.Option(help="Seconds in-flight messages get after SIGTERM (default 25).", min=0),
+    ] = None,
+    fail_fast: Annotated[
+        bool, typer.Option("--fail-fast", help="Exit at once if the broker is unreachable.")
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Host the listeners in MODULES and consume until stopped (SIGTERM/SIGINT drain)."""
+    from listener.runner import run_worker
+
+    _configure_logging(log_level)
+    settings = _settings(url)
+    if grace is not None:
+        settings = settings.model_copy(update={"grace_period": grace})
+    listeners = _listeners(modules, listener)
+    try:
+        code = run_worker(listeners, settings, fail_fast=fail_fast)
+    except BrokerError as exc:
+        _fail(str(exc), 1)
+    raise typer.Exit(code)
+
+
+@app.command()
+def declare(modules: ModulesArgument, url: UrlOption = None) -> None:
+    """Declare the exchanges and queues of the listeners in MODULES, then exit."""
+    from listener.runner.amqp_transport import Transport
+
+    settings = _settings(url)
+    listeners = _listeners(modules, None)
+
+    async def declare_all() -> None:
+        transport = await Transport.connect(settings, name="amqp-listener declare")
+        try:
+            for cls in listeners:
+                await transport.declare(cls.topology(settings))
+        finally:
+            await transport.close()
+
+    try:
+        asyncio.run(declare_all())
+    except BrokerError as exc:
+        _fail(str(exc), 1)
+    for cls in listeners:
+        topology = cls.topology(settings)
+        queues = ", ".join(spec.name for spec in topology.queues)
+        typer.echo(f"{cls.name()}: exchange {topology.exchange!r} -> {queues}")
+
+
+@app.command()
+def publish(
+    address: Annotated[str, typer.Argument(help="exchange.routing_key")],
+    body: Annotated[str, typer.Argument(help="The message, as JSON.")],
+    url: UrlOption = None,
+) -> None:
+    """Publish one JSON message by hand and wait for the broker's confirm."""
+    from listener.publisher import Publisher
+
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError as exc:
+        _fail(f"the message is not valid JSON ({exc.msg} at position {exc.pos})", 2)
+    publisher = Publisher(_settings(url))
+    try:
+        message_id = publisher.publish(address, value)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    except (PublishError, BrokerError) as exc:
+        _fail(str(exc), 1)
+    finally:
+        publisher.close()
+    typer.echo(message_id)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

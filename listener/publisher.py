@@ -1,0 +1,214 @@
+"""Synchronous, confirmed publishing on pika: `notify()` and `listener.publish()`.
+
+pika's BlockingConnection is not thread-safe, so each thread gets its own connection and
+channel (opened on first use). Every publish is persistent, mandatory and confirmed: the
+call returns only once the broker has taken responsibility for the message, or raises a
+PublishError saying why it may not have.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+import pika
+import pika.adapters.blocking_connection
+import pika.exceptions
+import pika.spec
+
+from listener import codec, routing
+from listener._amqp_errors import connect_error, is_connection_lost, publish_error
+from listener.errors import PublishTimeout
+from listener.settings import Settings, get_settings
+
+__all__ = ["Publisher", "default_publisher", "publish"]
+
+log = logging.getLogger("listener.publisher")
+
+
+class _ConfirmTimedOut(Exception):
+    """Raised from a pika timer inside a blocking publish when the confirm is late."""
+
+
+class _ThreadChannel:
+    """One thread's connection and confirm-mode channel."""
+
+    __slots__ = ("channel", "connection")
+
+    def __init__(self, connection: pika.BlockingConnection) -> None:
+        self.connection = connection
+        self.channel = connection.channel()
+        self.channel.confirm_delivery()
+
+    def alive(self) -> bool:
+        if not (self.connection.is_open and self.channel.is_open):
+            return False
+        try:
+            # Reads what the broker sent while we were idle: a connection closed for missed
+            # heartbeats or a forced close is noticed here, before anything is published.
+            self.connection.process_data_events(time_limit=0)
+        except Exception:
+            return False
+        return self.connection.is_open and self.channel.is_open
+
+    def discard(self) -> None:
+        try:
+            if self.connection.is_open:
+                self.connection.close()
+        except Exception:  # already broken: dropping it is all that is left to do
+            pass
+
+
+class Publisher:
+    """Publishes with confirms from any number of threads.
+
+    Example:
+        publisher = Publisher()
+        message_id = publisher.publish("case_files.copy_requested", {"case_id": 1})
+        publisher.close()
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: set[_ThreadChannel] = set()
+        self._published = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Publisher url={self.settings.redacted_url!r} connections={len(self._open)} "
+            f"published={self._published}>"
+        )
+
+    def publish(self, address: str, value: Any, *, headers: dict[str, Any] | None = None) -> str:
+        """Publish `value` as JSON to `"exchange.routing_key"` and wait for the confirm.
+
+        Returns:
+            The message id.
+        """
+        exchange, key = routing.parse_address(address, wildcards=False)
+        return self.publish_body(exchange, key, codec.encode(value), headers=headers)
+
+    def publish_body(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        headers: dict[str, Any] | None = None,
+        properties: pika.BasicProperties | None = None,
+    ) -> str:
+        """Publish an encoded body; `properties` replaces the standard ones when given."""
+        if len(body) > self.settings.max_body_bytes:
+            raise ValueError(
+                f"message body is {len(body)} bytes, over the {self.settings.max_body_bytes} "
+                "byte limit (setting max_body_bytes)"
+            )
+        if properties is None:
+            properties = pika.BasicProperties(
+                content_type=codec.CONTENT_TYPE,
+                delivery_mode=pika.spec.PERSISTENT_DELIVERY_MODE,
+                message_id=codec.new_message_id(),
+                timestamp=codec.now_timestamp(),
+                headers=dict(headers) if headers else None,
+            )
+        message_id = str(properties.message_id)
+        slot = self._slot()
+        timer = slot.connection.call_later(self.settings.confirm_timeout, _raise_timed_out)
+        try:
+            slot.channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+        except _ConfirmTimedOut:
+            # The confirm may still come; the channel's sequence is now unknowable, so drop it.
+            self._drop(slot)
+            raise PublishTimeout(
+                f"no confirm for message {message_id} within {self.settings.confirm_timeout}s. "
+                "Outcome unknown: it may be queued; publishing it again may duplicate it",
+                message_id=message_id,
+            ) from None
+        except Exception as exc:
+            if is_connection_lost(exc) or isinstance(exc, pika.exceptions.ChannelClosed):
+                self._drop(slot)
+            raise publish_error(
+                exc, exchange=exchange, routing_key=routing_key, message_id=message_id
+            ) from exc
+        finally:
+            if slot.connection.is_open:
+                slot.connection.remove_timeout(timer)
+        self._published += 1
+        return message_id
+
+    def close(self) -> None:
+        """Close every thread's connection. The publisher re-opens them if used again."""
+        with self._lock:
+            slots, self._open = self._open, set()
+        for slot in slots:
+            slot.discard()
+        self._local = threading.local()
+
+    def _slot(self) -> _ThreadChannel:
+        slot: _ThreadChannel | None = getattr(self._local, "slot", None)
+        if slot is not None and slot.alive():
+            return slot
+        if slot is not None:
+            self._drop(slot)
+        parameters = pika.URLParameters(self.settings.url.get_secret_value())
+        parameters.heartbeat = self.settings.heartbeat
+        parameters.blocked_connection_timeout = self.settings.confirm_timeout
+        parameters.client_properties = {
+            "connection_name": f"amqp-listener publisher pid={os.getpid()}"
+        }
+        try:
+            slot = _ThreadChannel(pika.BlockingConnection(parameters))
+        except Exception as exc:
+            raise connect_error(exc, self.settings.redacted_url) from exc
+        self._local.slot = slot
+        with self._lock:
+            self._open.add(slot)
+        return slot
+
+    def _drop(self, slot: _ThreadChannel) -> None:
+        with self._lock:
+            self._open.discard(slot)
+        if getattr(self._local, "slot", None) is slot:
+            self._local.slot = None
+        slot.discard()
+
+
+def _raise_timed_out() -> None:
+    raise _ConfirmTimedOut
+
+
+_default: Publisher | None = None
+_default_lock = threading.Lock()
+
+
+def default_publisher() -> Publisher:
+    """The process-wide publisher behind `notify()` and `publish()`."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Publisher()
+    return _default
+
+
+def publish(address: str, value: Any, *, headers: dict[str, Any] | None = None) -> str:
+    """Publish `value` as JSON to `"exchange.routing_key"`, confirmed. Returns the message id.
+
+    For services that do not import the listener's code. Raises a PublishError subclass when
+    the message is not known to be safely with the broker.
+    """
+    return default_publisher().publish(address, value, headers=headers)
+
+
+def _forget_after_fork() -> None:
+    # A child must not use (or close) the parent's sockets: start afresh.
+    global _default, _default_lock
+    _default = None
+    _default_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

@@ -1,0 +1,135 @@
+"""The worker's side of the wire, on aio-pika: connect, declare, consume, move messages.
+
+Every aio-pika/aiormq exception is translated here (through `listener._amqp_errors`), so
+the consumer and the worker see only amqp-listener's own errors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import aio_pika.abc
+
+from listener._amqp_errors import connect_error, declare_error, publish_error
+from listener.settings import Settings
+from listener.topology import QueueSpec, Topology
+
+__all__ = ["Subscription", "Transport"]
+
+Callback = Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]]
+
+
+class Subscription:
+    """One queue being consumed on its own channel."""
+
+    def __init__(
+        self, channel: aio_pika.abc.AbstractChannel, queue: aio_pika.abc.AbstractQueue, tag: str
+    ) -> None:
+        self.channel = channel
+        self.queue = queue
+        self.tag = tag
+
+    async def cancel(self) -> None:
+        """Stop deliveries (basic.cancel); deliveries already received can still be acked."""
+        if not self.channel.is_closed:
+            await self.queue.cancel(self.tag)
+
+
+class Transport:
+    """One broker connection of a worker: a confirm channel for moves, a channel per consumer."""
+
+    def __init__(self, connection: aio_pika.abc.AbstractConnection, settings: Settings) -> None:
+        self.connection = connection
+        self.settings = settings
+        self._publish_channel: aio_pika.abc.AbstractChannel | None = None
+
+    @classmethod
+    async def connect(cls, settings: Settings, *, name: str) -> Transport:
+        """Open a connection, or raise BrokerUnreachable / AuthenticationFailed."""
+        try:
+            connection = await aio_pika.connect(
+                settings.url.get_secret_value(),
+                heartbeat=settings.heartbeat,
+                client_properties={"connection_name": f"{name} pid={os.getpid()}"},
+            )
+        except Exception as exc:
+            raise connect_error(exc, settings.redacted_url) from exc
+        return cls(connection, settings)
+
+    @property
+    def is_closed(self) -> bool:
+        return bool(self.connection.is_closed)
+
+    async def declare(self, topology: Topology) -> None:
+        """Declare the exchange, the queues and the binding (idempotent).
+
+        Raises:
+            TopologyMismatch: a queue exists with other arguments.
+        """
+        channel = await self.connection.channel(publisher_confirms=False)
+        try:
+            await channel.declare_exchange(
+                topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            for spec in topology.queues:
+                await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+            queue = await channel.get_queue(topology.queue.name, ensure=False)
+            await queue.bind(topology.exchange, topology.binding_key)
+        except Exception as exc:
+            raise declare_error(exc) from exc
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def declare_queue(self, spec: QueueSpec) -> None:
+        """Declare one queue (a delay queue first used by `Retry(delay=...)`)."""
+        channel = await self.connection.channel(publisher_confirms=False)
+        try:
+            await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+        except Exception as exc:
+            raise declare_error(exc) from exc
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def consume(self, queue_name: str, prefetch: int, callback: Callback) -> Subscription:
+        """Start consuming `queue_name` with manual acks and per-consumer prefetch."""
+        channel = await self.connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.get_queue(queue_name, ensure=False)
+        tag = await queue.consume(callback, no_ack=False)
+        return Subscription(channel, queue, tag)
+
+    async def publish_to_queue(self, queue_name: str, message: aio_pika.Message) -> None:
+        """Publish to a queue by name, mandatory, and wait for the confirm.
+
+        Raises:
+            PublishError: a subclass; the caller must not ack the original.
+        """
+        try:
+            channel = await self._confirm_channel()
+            await channel.default_exchange.publish(
+                message, queue_name, mandatory=True, timeout=self.settings.confirm_timeout
+            )
+        except Exception as exc:
+            raise publish_error(
+                exc, exchange="", routing_key=queue_name, message_id=str(message.message_id)
+            ) from exc
+
+    async def close(self) -> None:
+        if not self.connection.is_closed:
+            await self.connection.close()
+
+    def on_close(self, callback: Callable[[BaseException | None], Any]) -> None:
+        """Call `callback(exc)` when the connection closes, for any reason."""
+        self.connection.close_callbacks.add(lambda _conn, exc=None: callback(exc))
+
+    async def _confirm_channel(self) -> aio_pika.abc.AbstractChannel:
+        channel = self._publish_channel
+        if channel is None or channel.is_closed:
+            channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._publish_channel = channel
+        return channel

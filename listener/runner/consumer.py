@@ -1,0 +1,332 @@
+"""One listener's deliveries: decode, run `handle()`, decide the outcome, carry it out.
+
+`_settle` is the single place where a delivery is acked, moved to a retry queue or parked.
+Acks happen only after `handle()` returned (at-least-once: if the worker dies first, the
+broker redelivers). A retry or a park is a confirmed publish of a copy *followed by* the
+ack of the original, so a crash between the two can duplicate a message but never lose it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import aio_pika
+import aio_pika.abc
+
+from listener import outcome
+from listener.codec import DecodeFailure, new_message_id
+from listener.errors import PublishError, Reject, Retry, Unroutable
+from listener.outcome import Ack, Failure, Park, RetryLater
+from listener.runner.execution import (
+    AttemptTimedOut,
+    HandlerExited,
+    HandlerThreads,
+    run_async,
+    run_sync,
+)
+from listener.topology import delay_queue
+
+if TYPE_CHECKING:
+    from listener.listener import Listener
+    from listener.runner.amqp_transport import Transport
+
+__all__ = ["Consumer"]
+
+log = logging.getLogger("listener.worker")
+
+_HOST = socket.gethostname()
+#: Properties copied from the original when a message is retried or parked. `expiration`
+#: is left out (a parked message must not expire) and `user_id` too (the broker rejects a
+#: user_id other than the publishing connection's own).
+_BROKER_HEADERS = (
+    "x-delivery-count",
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+)
+#: Wait before handing a message back when it could not be moved, so that a broker that
+#: keeps refusing does not turn into a hot redelivery loop.
+_SETTLE_RETRY_PAUSE = 1.0
+
+
+class Consumer:
+    """Consumes one listener's queue inside a worker process."""
+
+    def __init__(
+        self,
+        listener: type[Listener],
+        transport: Transport,
+        *,
+        queue_type: str,
+        on_fatal: Callable[[str], None],
+    ) -> None:
+        self.listener = listener
+        self.transport = transport
+        self.queue_type = queue_type
+        self._instance = listener()
+        self._on_fatal = on_fatal
+        self._threads = (
+            None
+            if listener.is_async
+            else HandlerThreads(listener.concurrency, f"{listener.__name__}-handler")
+        )
+        self._known_queues: set[str] = {spec.name for spec in listener.topology().queues}
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.accepting = True
+        self.counts = {"handled": 0, "retried": 0, "parked": 0, "failed": 0}
+
+    def __repr__(self) -> str:
+        counts = " ".join(f"{k}={v}" for k, v in self.counts.items())
+        return f"<Consumer {self.listener.__name__} {counts} in_flight={len(self.in_flight)}>"
+
+    @property
+    def stuck_threads(self) -> int:
+        """Sync handler threads abandoned after a time-out and still running."""
+        return self._threads.stuck if self._threads else 0
+
+    async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        """The consumer callback: run one delivery to its outcome."""
+        if not self.accepting:
+            # Arrived after the drain began: left unacked, the broker hands it out again.
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self.in_flight.add(task)
+        try:
+            await self._process(message)
+        finally:
+            self.in_flight.discard(task)
+
+    def stop_threads(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown()
+
+    async def _process(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        listener = self.listener
+        # Publishers outside the framework may send no id; parked messages need one, stable
+        # from here on (the copies keep it).
+        message_id = message.message_id or new_message_id()
+        headers = message.headers or {}
+        done = outcome.attempts_made(headers)
+        lost = outcome.deliveries_lost(headers)
+        attempt = done + lost + 1
+        failure: Failure | None
+        if lost and done + lost >= listener.max_attempts:
+            failure = Failure(
+                "lost",
+                "listener.WorkerLost",
+                f"the worker died or lost its connection during {lost} delivery(ies) "
+                "of this message",
+            )
+        else:
+            try:
+                failure = await self._attempt(message, message_id)
+            except _LeaveUnacked:
+                return
+        decision = outcome.decide(
+            failure,
+            attempt=attempt,
+            max_attempts=listener.max_attempts,
+            retry_delays=listener.retry_delays,
+        )
+        await self._settle(message, message_id, decision, failure)
+
+    async def _attempt(
+        self, message: aio_pika.abc.AbstractIncomingMessage, message_id: str
+    ) -> Failure | None:
+        listener = self.listener
+        try:
+            value = listener.codec.decode(
+                message.body, message.content_type, message.content_encoding
+            )
+        except DecodeFailure as exc:
+            return Failure("decode", "listener.DecodeFailure", str(exc), reason=exc.reason)
+        try:
+            if self._threads is None:
+                await run_async(self._instance.handle, value, listener.timeout)
+            else:
+                await run_sync(self._threads, self._instance.handle, value, listener.timeout)
+        except Retry as exc:
+            return Failure.from_exception("retry", exc, delay=exc.delay)
+        except Reject as exc:
+            return Failure.from_exception("reject", exc, reason=exc.reason)
+        except AttemptTimedOut as exc:
+            return Failure("timeout", "TimeoutError", str(exc))
+        except HandlerExited as exc:
+            log.error(
+                "%s: handle() called %s on message %s; stopping this worker, the message goes "
+                "back to the queue",
+                listener.__name__,
+                type(exc.original).__name__,
+                message_id,
+            )
+            self._on_fatal(f"{listener.__name__}.handle raised {type(exc.original).__name__}")
+            raise _LeaveUnacked from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # The worker is stopping: not the handler's failure. Left unacked, the
+                # message is redelivered.
+                raise
+            exc_info = asyncio.CancelledError("handle() was cancelled from inside")
+            return Failure.from_exception("error", exc_info)
+        except Exception as exc:
+            return Failure.from_exception("error", exc)
+        return None
+
+    async def _settle(
+        self,
+        message: aio_pika.abc.AbstractIncomingMessage,
+        message_id: str,
+        decision: outcome.Outcome,
+        failure: Failure | None,
+    ) -> None:
+        """Carry out `decision`. The only place that acks, retries or parks a delivery."""
+        listener = self.listener
+        if isinstance(decision, Ack):
+            await self._ack(message, message_id)
+            self.counts["handled"] += 1
+            return
+        assert failure is not None
+        if message.channel.is_closed:
+            # The connection died during the attempt: the broker has already put the
+            # message back, and moving a copy now would only duplicate it.
+            log.warning(
+                "%s: message %s finished after its channel closed; the broker will "
+                "deliver it again",
+                listener.__name__,
+                message_id,
+            )
+            return
+        headers = _carried_headers(message)
+        headers.update(
+            outcome.failure_headers(
+                failure,
+                attempts=decision.attempts,
+                previous=message.headers,
+                listener=listener.name(),
+                host=_HOST,
+                pid=os.getpid(),
+                now=dt.datetime.now(dt.UTC),
+            )
+        )
+        if isinstance(decision, RetryLater):
+            target = await self._delay_target(decision.delay)
+            verb = f"retry in {decision.delay:g}s"
+        else:
+            assert isinstance(decision, Park)
+            headers["x-parked-reason"] = decision.reason
+            if failure.reason and failure.kind == "reject":
+                headers["x-exception-message"] = failure.reason
+            target = f"{listener.queue}.dead"
+            verb = f"parked ({decision.reason})"
+        try:
+            await self._move(message, message_id, target, headers)
+        except PublishError as exc:
+            log.error(
+                "%s: could not move message %s to %s (%s); it stays in %s and will be "
+                "delivered again",
+                listener.__name__,
+                message_id,
+                target,
+                exc,
+                listener.queue,
+            )
+            await asyncio.sleep(_SETTLE_RETRY_PAUSE)
+            await self._requeue(message)
+            return
+        await self._ack(message, message_id)
+        self.counts["retried" if isinstance(decision, RetryLater) else "parked"] += 1
+        level = logging.WARNING if isinstance(decision, RetryLater) else logging.ERROR
+        log.log(
+            level,
+            "%s: message %s attempt %d failed with %s: %s -> %s",
+            listener.__name__,
+            message_id,
+            decision.attempts,
+            failure.exception_type,
+            failure.message,
+            verb,
+        )
+
+    async def _move(
+        self,
+        message: aio_pika.abc.AbstractIncomingMessage,
+        message_id: str,
+        target: str,
+        headers: dict[str, Any],
+    ) -> None:
+        copy = aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            priority=message.priority,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            message_id=message_id,
+            timestamp=message.timestamp,
+            type=message.type,
+            app_id=message.app_id,
+        )
+        try:
+            await self.transport.publish_to_queue(target, copy)
+        except Unroutable:
+            # The target queue vanished (deleted by hand?): declare the topology again, once.
+            await self.transport.declare(self.listener.topology())
+            self._known_queues.clear()
+            self._known_queues.update(spec.name for spec in self.listener.topology().queues)
+            await self.transport.publish_to_queue(target, copy)
+
+    async def _delay_target(self, delay: float) -> str:
+        if delay <= 0:
+            return self.listener.queue
+        spec = delay_queue(self.listener.queue, delay, self.queue_type)  # type: ignore[arg-type]
+        if spec.name not in self._known_queues:
+            # A Retry(delay=...) outside retry_delays: its queue is declared on first use.
+            await self.transport.declare_queue(spec)
+            self._known_queues.add(spec.name)
+        return spec.name
+
+    async def _ack(self, message: aio_pika.abc.AbstractIncomingMessage, message_id: str) -> None:
+        try:
+            await message.ack()
+        except Exception as exc:
+            # The channel died since the delivery: its tag means nothing on a new channel, and
+            # the broker has already put the message back for redelivery.
+            log.warning(
+                "%s: ack for message %s dropped (%s); the broker will deliver it again",
+                self.listener.__name__,
+                message_id,
+                type(exc).__name__,
+            )
+
+    async def _requeue(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        # If the channel is gone the broker has requeued it already.
+        with contextlib.suppress(Exception):
+            await message.nack(requeue=True)
+
+
+class _LeaveUnacked(Exception):
+    """The attempt ended because the worker is stopping: no outcome, the broker redelivers."""
+
+
+def _carried_headers(message: aio_pika.abc.AbstractIncomingMessage) -> dict[str, Any]:
+    headers = {k: v for k, v in (message.headers or {}).items() if k not in _BROKER_HEADERS}
+    headers.setdefault("x-original-exchange", message.exchange or "")
+    headers.setdefault("x-original-routing-key", message.routing_key or "")
+    if message.expiration is not None:
+        headers.setdefault("x-original-expiration", str(message.expiration))
+    return headers

@@ -1,0 +1,37 @@
+"""Signals for a worker: the first SIGTERM/SIGINT drains, a second one stops at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+__all__ = ["install"]
+
+_GRACEFUL = (signal.SIGTERM, signal.SIGINT)
+
+
+def install(loop: asyncio.AbstractEventLoop, on_first: Callable[[str], None]) -> None:
+    """Call `on_first(name)` on the first SIGTERM/SIGINT; exit the process on the second.
+
+    The immediate exit skips the drain: the sockets close with the process, and the broker
+    puts every unacked message back in its queue, so nothing is lost, only redone.
+    """
+    received: list[int] = []
+
+    def handle(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if received:
+            sys.stderr.write(
+                f"amqp-listener: second signal ({name}): exiting now; unacked "
+                "messages go back to their queues\n"
+            )
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        received.append(signum)
+        on_first(name)
+
+    for signum in _GRACEFUL:
+        loop.add_signal_handler(signum, handle, signum)

@@ -1,0 +1,124 @@
+"""Settings: one typed object, read from the environment, overridden by CLI flags.
+
+Precedence, lowest first: the defaults below < environment variables (`AMQP_URL`, then
+`AMQP_LISTENER_<FIELD>`) < command-line flags (`--url`, `--grace`, ...).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from listener.errors import ConfigurationError
+
+__all__ = ["DEFAULT_URL", "Settings", "get_settings", "redact_url"]
+
+DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
+
+
+class Settings(BaseSettings):
+    """What the runner, the publishers and the CLI read.
+
+    The broker URL is kept as a `SecretStr`: printing or logging a Settings object never
+    shows the password. Use `redacted_url` for logs and error messages.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="AMQP_LISTENER_", extra="ignore", frozen=True)
+
+    url: SecretStr = Field(
+        default=SecretStr(DEFAULT_URL),
+        validation_alias=AliasChoices("AMQP_URL", "AMQP_LISTENER_URL", "url"),
+        description="Broker URL (amqp:// or amqps://).",
+    )
+    queue_prefix: str = Field(
+        default="",
+        description="Application prefix put before every derived queue name ('billing' gives "
+        "'billing.file_copier').",
+    )
+    queue_type: Literal["quorum", "classic"] = Field(
+        default="quorum", description="Type of the queues the framework declares."
+    )
+    grace_period: float = Field(
+        default=25.0,
+        ge=0,
+        description="Seconds in-flight messages get to finish after SIGTERM/SIGINT.",
+    )
+    confirm_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a publish waits for the broker's confirm before PublishTimeout.",
+    )
+    connect_attempts: int = Field(
+        default=5, ge=1, description="Tries to reach the broker at start-up before giving up."
+    )
+    heartbeat: int = Field(default=30, ge=0, description="AMQP heartbeat interval in seconds.")
+    max_body_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        gt=0,
+        description="Largest message body the framework publishes or decodes.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_scheme(cls, value: SecretStr) -> SecretStr:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in ("amqp", "amqps"):
+            raise ValueError(
+                f"the broker URL must start with amqp:// or amqps://, not {scheme or 'nothing'}://"
+            )
+        return value
+
+    @property
+    def redacted_url(self) -> str:
+        """The broker URL with its password replaced by `***`."""
+        return redact_url(self.url.get_secret_value())
+
+    def with_url(self, url: str | None) -> Settings:
+        """A copy whose URL is `url` (a CLI flag), or this object when `url` is None."""
+        if url is None:
+            return self
+        return _validated(
+            lambda: Settings.model_validate({**self.model_dump(), "url": SecretStr(url)})
+        )
+
+
+def redact_url(url: str) -> str:
+    """`amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable broker URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once.
+
+    Raises:
+        ConfigurationError: an environment variable holds an unusable value (the text names
+            the variable, never its value, which may be a URL with a password).
+    """
+    return _validated(Settings)
+
+
+def _validated(make: Callable[[], Settings]) -> Settings:
+    try:
+        return make()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+            for error in exc.errors(include_input=False, include_url=False, include_context=False)
+        )
+        raise ConfigurationError(f"invalid settings ({problems})") from None
