@@ -1,0 +1,46 @@
+# One target per chore. `make help` lists them.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.DEFAULT_GOAL := help
+.PHONY: help install rabbitmq demo test test-fast lint format typecheck check clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed ## create .venv and install the package with its dev tools
+
+rabbitmq: ## start the local RabbitMQ if it is not answering
+	@scripts/ensure-rabbitmq
+
+demo: install rabbitmq ## run the FileCopier example end to end against the local broker
+	$(BIN)/python -m examples.file_copier.demo
+
+test: install rabbitmq ## run the whole test suite (needs RabbitMQ)
+	$(BIN)/pytest
+
+test-fast: install ## run the tests that need no broker and no subprocesses
+	$(BIN)/pytest -m "not slow" tests/test_routing.py tests/test_listener.py tests/test_outcome.py tests/test_codec.py tests/test_topology.py tests/test_exports.py tests/test_settings.py
+
+lint: install ## ruff lint and format check
+	$(BIN)/ruff check listener tests examples
+	$(BIN)/ruff format --check listener tests examples
+
+format: install ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff format listener tests examples
+	$(BIN)/ruff check --fix listener tests examples
+
+typecheck: install ## mypy --strict on the package
+	$(BIN)/mypy
+
+check: lint typecheck test ## everything CI runs
+
+clean: ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
