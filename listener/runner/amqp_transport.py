@@ -19,6 +19,9 @@ from listener.topology import QueueSpec, Topology
 
 __all__ = ["Subscription", "Transport"]
 
+#: Seconds a TCP connect plus the AMQP handshake may take before the try counts as failed.
+_CONNECT_TIMEOUT = 10.0
+
 Callback = Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]]
 
 
@@ -53,6 +56,7 @@ class Transport:
             connection = await aio_pika.connect(
                 settings.url.get_secret_value(),
                 heartbeat=settings.heartbeat,
+                timeout=_CONNECT_TIMEOUT,
                 client_properties={"connection_name": f"{name} pid={os.getpid()}"},
             )
         except Exception as exc:

@@ -36,6 +36,7 @@ from listener.topology import delay_queue
 if TYPE_CHECKING:
     from listener.listener import Listener
     from listener.runner.amqp_transport import Transport
+    from listener.settings import Settings
 
 __all__ = ["Consumer"]
 
@@ -68,12 +69,12 @@ class Consumer:
         listener: type[Listener],
         transport: Transport,
         *,
-        queue_type: str,
+        settings: Settings,
         on_fatal: Callable[[str], None],
     ) -> None:
         self.listener = listener
         self.transport = transport
-        self.queue_type = queue_type
+        self.settings = settings
         self._instance = listener()
         self._on_fatal = on_fatal
         self._threads = (
@@ -81,7 +82,7 @@ class Consumer:
             if listener.is_async
             else HandlerThreads(listener.concurrency, f"{listener.__name__}-handler")
         )
-        self._known_queues: set[str] = {spec.name for spec in listener.topology().queues}
+        self._known_queues: set[str] = {spec.name for spec in listener.topology(settings).queues}
         self.in_flight: set[asyncio.Task[None]] = set()
         self.accepting = True
         self.counts = {"handled": 0, "retried": 0, "parked": 0, "failed": 0}
@@ -285,15 +286,15 @@ class Consumer:
             await self.transport.publish_to_queue(target, copy)
         except Unroutable:
             # The target queue vanished (deleted by hand?): declare the topology again, once.
-            await self.transport.declare(self.listener.topology())
-            self._known_queues.clear()
-            self._known_queues.update(spec.name for spec in self.listener.topology().queues)
+            topology = self.listener.topology(self.settings)
+            await self.transport.declare(topology)
+            self._known_queues.update(spec.name for spec in topology.queues)
             await self.transport.publish_to_queue(target, copy)
 
     async def _delay_target(self, delay: float) -> str:
         if delay <= 0:
             return self.listener.queue
-        spec = delay_queue(self.listener.queue, delay, self.queue_type)  # type: ignore[arg-type]
+        spec = delay_queue(self.listener.queue, delay, self.settings.queue_type)
         if spec.name not in self._known_queues:
             # A Retry(delay=...) outside retry_delays: its queue is declared on first use.
             await self.transport.declare_queue(spec)

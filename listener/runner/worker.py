@@ -93,7 +93,7 @@ class Worker:
         transport = await self._connect_at_start()
         for cls in self.listeners:
             self.consumers.append(
-                Consumer(cls, transport, queue_type=self.settings.queue_type, on_fatal=self._fatal)
+                Consumer(cls, transport, settings=self.settings, on_fatal=self._fatal)
             )
         try:
             await self._start(transport)
@@ -186,10 +186,14 @@ class Worker:
             self._closing = False
         delay = _BACKOFF_FIRST
         while not self._stop.is_set():
+            transport: Transport | None = None
             try:
                 transport = await Transport.connect(self.settings, name="amqp-listener worker")
                 await self._start(transport)
             except Exception as exc:
+                if transport is not None:
+                    with contextlib.suppress(Exception):
+                        await transport.close()
                 wait = delay * random.uniform(0.5, 1.5)
                 log.warning("reconnecting failed (%s); next try in %.1fs", exc, wait)
                 with contextlib.suppress(TimeoutError):
