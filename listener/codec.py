@@ -95,7 +95,10 @@ class MessageCodec:
             validated = self._adapter.validate_python(value)
         except pydantic.ValidationError as exc:
             raise InvalidMessage(error_summary(exc)) from None
-        return self._adapter.dump_json(validated)
+        try:
+            return self._adapter.dump_json(validated)
+        except pydantic_core.PydanticSerializationError as exc:
+            raise TypeError(f"cannot encode the message as JSON: {exc}") from None
 
     def decode(self, body: bytes, content_type: str | None, content_encoding: str | None) -> Any:
         """Decode and validate.

@@ -15,6 +15,8 @@ from listener.settings import Settings, get_settings
 __all__ = ["Listener"]
 
 _MAX_CONCURRENCY = 65_535  # AMQP prefetch_count is a 16-bit field
+#: Leaves room for the longest derived name, `<queue>.retry.<milliseconds>ms`.
+_MAX_QUEUE_BYTES = 230
 
 
 class Listener:
@@ -66,8 +68,7 @@ class Listener:
         own_queue = cls.__dict__.get("queue")
         if own_queue is None:
             cls.queue = topology.default_queue_name(cls.__name__, settings.queue_prefix)
-        elif not isinstance(own_queue, str) or not own_queue or own_queue.startswith("amq."):
-            raise _error(cls, "queue", "must be a non-empty string not starting with 'amq.'")
+        _check_queue_name(cls, derived=own_queue is None)
         from listener import registry
 
         registry.register(cls)
@@ -191,6 +192,22 @@ def _message_value(cls: type[Listener], message: Any, fields: dict[str, Any]) ->
 
 def _error(cls: type, attribute: str, problem: str) -> ListenerDefinitionError:
     return ListenerDefinitionError(f"{cls.__module__}.{cls.__qualname__}.{attribute} {problem}")
+
+
+def _check_queue_name(cls: type[Listener], *, derived: bool) -> None:
+    name = cls.queue
+    source = " (from the queue_prefix setting)" if derived else ""
+    if not isinstance(name, str) or not name:
+        raise _error(cls, "queue", f"must be a non-empty string, got {name!r}")
+    if name.startswith("amq."):
+        raise _error(cls, "queue", f"{name!r}{source}: names starting with 'amq.' are reserved")
+    if len(name.encode()) > _MAX_QUEUE_BYTES:
+        raise _error(
+            cls,
+            "queue",
+            f"{name[:40]!r}...{source} is longer than {_MAX_QUEUE_BYTES} bytes; the retry "
+            "and dead-letter queues named after it must fit RabbitMQ's 255-byte limit",
+        )
 
 
 def _check_subscription(cls: type[Listener]) -> None:

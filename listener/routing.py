@@ -45,6 +45,10 @@ def parse_address(value: str, *, wildcards: bool = True) -> Address:
         raise ValueError(
             f"expected a string like 'exchange.routing_key', got {type(value).__name__}"
         )
+    if value.startswith("amq."):
+        raise ValueError(
+            f"{value!r}: exchanges named 'amq.*' belong to the broker and are reserved"
+        )
     exchange, dot, key = value.partition(".")
     if not dot or not exchange or not key:
         raise ValueError(
@@ -53,8 +57,6 @@ def parse_address(value: str, *, wildcards: bool = True) -> Address:
         )
     if not _EXCHANGE_RE.match(exchange):
         raise ValueError(f"exchange {exchange!r} may hold only letters, digits, '-', '_' and ':'")
-    if exchange.startswith("amq."):
-        raise ValueError(f"exchange {exchange!r}: names starting with 'amq.' are reserved")
     if wildcards:
         validate_binding_key(key)
     else:
@@ -103,7 +105,12 @@ def _check_words(key: str) -> list[str]:
 
 def topic_matches(pattern: str, routing_key: str) -> bool:
     """Whether a topic binding `pattern` matches `routing_key`, as RabbitMQ decides it."""
-    return _match(pattern.split("."), routing_key.split("."))
+    return _match(_words(pattern), _words(routing_key))
+
+
+def _words(key: str) -> list[str]:
+    # The broker reads an empty key as no words at all: '#' matches it, '*' does not.
+    return key.split(".") if key else []
 
 
 def _match(pattern: list[str], words: list[str]) -> bool:

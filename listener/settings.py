@@ -66,10 +66,16 @@ class Settings(BaseSettings):
     @field_validator("url")
     @classmethod
     def _check_scheme(cls, value: SecretStr) -> SecretStr:
-        scheme = urlsplit(value.get_secret_value()).scheme
-        if scheme not in ("amqp", "amqps"):
+        try:
+            parts = urlsplit(value.get_secret_value())
+            parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+        except ValueError as exc:
+            # The message names the problem ("Port out of range"), never the URL itself.
+            raise ValueError(f"the broker URL cannot be parsed: {exc}") from None
+        if parts.scheme not in ("amqp", "amqps"):
             raise ValueError(
-                f"the broker URL must start with amqp:// or amqps://, not {scheme or 'nothing'}://"
+                "the broker URL must start with amqp:// or amqps://, "
+                f"not {parts.scheme or 'nothing'}://"
             )
         return value
 
@@ -91,15 +97,15 @@ def redact_url(url: str) -> str:
     """`amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`."""
     try:
         parts = urlsplit(url)
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+        if parts.password is None:
+            return url
     except ValueError:
         return "<unparseable broker URL>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    # Rebuild from the raw netloc so that IPv6 brackets and the port stay as written.
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
 @functools.cache
