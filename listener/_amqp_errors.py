@@ -167,4 +167,5 @@ def _text(exc: BaseException) -> str:
 
 
 def _cause(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {_text(exc)}"
+    name, text = type(exc).__name__, _text(exc)
+    return text if text.startswith(name) else f"{name}: {text}"

@@ -60,9 +60,10 @@ def _configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aiormq logs each failed connect at ERROR with its own wording; ours is clearer.
-    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
-    logging.getLogger("aio_pika").setLevel(logging.CRITICAL)
+    # The AMQP clients log each failed connect at ERROR, with tracebacks, in their own words;
+    # the framework translates those failures into one line that says what to check.
+    for name in ("aiormq", "aio_pika", "pika"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _listeners(modules: list[str], names: list[str] | None) -> list[Any]:
@@ -110,6 +111,7 @@ def declare(modules: ModulesArgument, url: UrlOption = None) -> None:
     """Declare the exchanges and queues of the listeners in MODULES, then exit."""
     from listener.runner.amqp_transport import Transport
 
+    _configure_logging("WARNING")
     settings = _settings(url)
     listeners = _listeners(modules, None)
 
@@ -140,6 +142,7 @@ def publish(
     """Publish one JSON message by hand and wait for the broker's confirm."""
     from listener.publisher import Publisher
 
+    _configure_logging("WARNING")
     try:
         value = json.loads(body)
     except json.JSONDecodeError as exc:

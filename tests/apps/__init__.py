@@ -1,0 +1,1 @@
+"""Listener modules that tests run in real `amqp-listener` processes (not test files)."""
