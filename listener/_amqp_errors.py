@@ -47,6 +47,15 @@ def connect_error(exc: BaseException, redacted_url: str) -> BrokerError:
     """Translate a failure to open a connection (either client)."""
     text = _text(exc)
     if isinstance(
+        exc, pika.exceptions.ProbableAuthenticationError | pika.exceptions.ProbableAccessDeniedError
+    ) and not _broker_refused(exc):
+        # pika calls any connection lost during the login "probably" a refusal; only a
+        # close frame from the broker (403/530) really is one. A network cut is not.
+        return BrokerUnreachable(
+            f"the connection to {redacted_url} was lost during the handshake ({_cause(exc)}): "
+            "check the network path to RabbitMQ, and its logs"
+        )
+    if isinstance(
         exc,
         aiormq.exceptions.ProbableAuthenticationError
         | aiormq.exceptions.AuthenticationError
@@ -153,6 +162,11 @@ def publish_error(
     return PublishError(
         f"publishing message {message_id} failed: {_cause(exc)}", message_id=message_id
     )
+
+
+def _broker_refused(exc: BaseException) -> bool:
+    inner = " ".join(str(arg) for arg in exc.args)
+    return any(code in inner for code in ("ACCESS_REFUSED", "NOT_ALLOWED", "(403)", "(530)"))
 
 
 def is_connection_lost(exc: BaseException) -> bool:

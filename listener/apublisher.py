@@ -8,6 +8,7 @@ The synchronous `notify_many()` runs a batch on a private event loop in a daemon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import threading
@@ -22,7 +23,13 @@ from listener import codec, routing
 from listener._amqp_errors import connect_error, publish_error
 from listener.settings import Settings, get_settings
 
-__all__ = ["AsyncPublisher", "apublish", "default_async_publisher", "run_in_background"]
+__all__ = [
+    "AsyncPublisher",
+    "apublish",
+    "connection_alive",
+    "default_async_publisher",
+    "run_in_background",
+]
 
 T = TypeVar("T")
 
@@ -77,6 +84,8 @@ class AsyncPublisher:
             PublishError: the first failure, once every confirm is in (the others that were
                 confirmed stay published).
         """
+        for body in bodies:  # all or nothing: refuse the batch before the first send
+            self._check_size(body)
         channel = await self._open_channel()
         results = await asyncio.gather(
             *(self._publish(channel, exchange, routing_key, body, None) for body in bodies),
@@ -101,11 +110,7 @@ class AsyncPublisher:
         body: bytes,
         headers: dict[str, Any] | None,
     ) -> str:
-        if len(body) > self.settings.max_body_bytes:
-            raise ValueError(
-                f"message body is {len(body)} bytes, over the {self.settings.max_body_bytes} "
-                "byte limit (setting max_body_bytes)"
-            )
+        self._check_size(body)
         message_id = codec.new_message_id()
         message = aio_pika.Message(
             body,
@@ -132,14 +137,28 @@ class AsyncPublisher:
         self._published += 1
         return message_id
 
+    def _check_size(self, body: bytes) -> None:
+        if len(body) > self.settings.max_body_bytes:
+            raise ValueError(
+                f"message body is {len(body)} bytes, over the {self.settings.max_body_bytes} "
+                "byte limit (setting max_body_bytes)"
+            )
+
     async def _open_channel(self) -> aio_pika.abc.AbstractChannel:
         channel = self._channel
-        if channel is not None and not channel.is_closed:
+        if channel is not None and not channel.is_closed and connection_alive(self._connection):
             return channel
         async with self._lock:
-            if self._channel is not None and not self._channel.is_closed:
+            if (
+                self._channel is not None
+                and not self._channel.is_closed
+                and connection_alive(self._connection)
+            ):
                 return self._channel
-            if self._connection is None or self._connection.is_closed:
+            if not connection_alive(self._connection):
+                if self._connection is not None:
+                    with contextlib.suppress(Exception):
+                        await self._connection.close()
                 try:
                     self._connection = await aio_pika.connect(
                         self.settings.url.get_secret_value(),
@@ -151,10 +170,23 @@ class AsyncPublisher:
                     )
                 except Exception as exc:
                     raise connect_error(exc, self.settings.redacted_url) from exc
+            assert self._connection is not None
             self._channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
             return self._channel
+
+
+def connection_alive(connection: aio_pika.abc.AbstractConnection | None) -> bool:
+    """Whether `connection` can still carry frames.
+
+    aio-pika's `is_closed` turns true only after an explicit close(); a connection lost to
+    the network or closed by the broker shows only in `connected` being cleared.
+    """
+    if connection is None or connection.is_closed:
+        return False
+    connected = getattr(connection, "connected", None)
+    return connected is None or bool(connected.is_set())
 
 
 _per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncPublisher] = (

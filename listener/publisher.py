@@ -8,6 +8,7 @@ PublishError saying why it may not have.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -35,12 +36,42 @@ class _ConfirmTimedOut(Exception):
 class _ThreadChannel:
     """One thread's connection and confirm-mode channel."""
 
-    __slots__ = ("channel", "connection")
+    __slots__ = ("_adapter", "channel", "connection", "owner")
 
     def __init__(self, connection: pika.BlockingConnection) -> None:
         self.connection = connection
         self.channel = connection.channel()
         self.channel.confirm_delivery()
+        self.owner = threading.current_thread()
+        # The SelectConnection underneath; see arm_deadline for why it is reached into.
+        self._adapter: Any = connection._impl  # type: ignore[attr-defined]
+
+    def arm_deadline(self, seconds: float) -> object:
+        """Make a blocking publish raise _ConfirmTimedOut after `seconds`.
+
+        BlockingConnection.call_later timers fire only inside process_data_events(), never
+        while basic_publish() waits for its confirm; a timer on the adapter underneath fires
+        inside that wait too. pika 1.x exposes no public hook for this.
+        """
+        return self._adapter._adapter_call_later(seconds, _raise_timed_out)
+
+    def disarm(self, timer: object) -> None:
+        with contextlib.suppress(Exception):
+            self._adapter._adapter_remove_timeout(timer)
+
+    def abort(self) -> None:
+        """Drop the connection without the closing handshake (the peer may not answer).
+
+        pika has no public abort: terminate the stream as a lost one, let the I/O loop run
+        its callbacks once, then close the loop and its wake-up sockets.
+        """
+        with contextlib.suppress(Exception):
+            self._adapter._terminate_stream(
+                pika.exceptions.StreamLostError("dropped: the broker did not confirm in time")
+            )
+            self._adapter.ioloop.process_timeouts()
+        with contextlib.suppress(Exception):
+            self._adapter.ioloop.close()
 
     def alive(self) -> bool:
         if not (self.connection.is_open and self.channel.is_open):
@@ -54,11 +85,13 @@ class _ThreadChannel:
         return self.connection.is_open and self.channel.is_open
 
     def discard(self) -> None:
+        """Close politely if the connection still works; otherwise just drop it."""
+        if not self.connection.is_open:
+            return
         try:
-            if self.connection.is_open:
-                self.connection.close()
-        except Exception:  # already broken: dropping it is all that is left to do
-            pass
+            self.connection.close()
+        except Exception:
+            self.abort()
 
 
 class Publisher:
@@ -117,12 +150,13 @@ class Publisher:
             )
         message_id = str(properties.message_id)
         slot = self._slot()
-        timer = slot.connection.call_later(self.settings.confirm_timeout, _raise_timed_out)
+        timer = slot.arm_deadline(self.settings.confirm_timeout)
         try:
             slot.channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
         except _ConfirmTimedOut:
-            # The confirm may still come; the channel's sequence is now unknowable, so drop it.
-            self._drop(slot)
+            # The confirm may still come, and the broker may not be answering at all: abort
+            # the connection rather than wait for a polite close.
+            self._drop(slot, abort=True)
             raise PublishTimeout(
                 f"no confirm for message {message_id} within {self.settings.confirm_timeout}s. "
                 "Outcome unknown: it may be queued; publishing it again may duplicate it",
@@ -135,8 +169,7 @@ class Publisher:
                 exc, exchange=exchange, routing_key=routing_key, message_id=message_id
             ) from exc
         finally:
-            if slot.connection.is_open:
-                slot.connection.remove_timeout(timer)
+            slot.disarm(timer)
         self._published += 1
         return message_id
 
@@ -154,6 +187,7 @@ class Publisher:
             return slot
         if slot is not None:
             self._drop(slot)
+        self._close_orphans()
         parameters = pika.URLParameters(self.settings.url.get_secret_value())
         parameters.heartbeat = self.settings.heartbeat
         parameters.blocked_connection_timeout = self.settings.confirm_timeout
@@ -169,12 +203,24 @@ class Publisher:
             self._open.add(slot)
         return slot
 
-    def _drop(self, slot: _ThreadChannel) -> None:
+    def _drop(self, slot: _ThreadChannel, *, abort: bool = False) -> None:
         with self._lock:
             self._open.discard(slot)
         if getattr(self._local, "slot", None) is slot:
             self._local.slot = None
-        slot.discard()
+        if abort:
+            slot.abort()
+        else:
+            slot.discard()
+
+    def _close_orphans(self) -> None:
+        # Connections of threads that have ended (a thread-per-request server) would
+        # otherwise stay open forever. Closing one from here is safe: its thread is gone.
+        with self._lock:
+            orphans = {slot for slot in self._open if not slot.owner.is_alive()}
+            self._open -= orphans
+        for slot in orphans:
+            slot.discard()
 
 
 def _raise_timed_out() -> None:

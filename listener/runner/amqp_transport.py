@@ -14,6 +14,7 @@ import aio_pika
 import aio_pika.abc
 
 from listener._amqp_errors import connect_error, declare_error, publish_error
+from listener.apublisher import connection_alive
 from listener.settings import Settings
 from listener.topology import QueueSpec, Topology
 
@@ -65,7 +66,7 @@ class Transport:
 
     @property
     def is_closed(self) -> bool:
-        return bool(self.connection.is_closed)
+        return not connection_alive(self.connection)
 
     async def declare(self, topology: Topology) -> None:
         """Declare the exchange, the queues and the binding (idempotent).
@@ -133,7 +134,7 @@ class Transport:
 
     async def _confirm_channel(self) -> aio_pika.abc.AbstractChannel:
         channel = self._publish_channel
-        if channel is None or channel.is_closed:
+        if channel is None or channel.is_closed or self.is_closed:
             channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
             self._publish_channel = channel
         return channel

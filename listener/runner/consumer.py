@@ -84,6 +84,9 @@ class Consumer:
         )
         self._known_queues: set[str] = {spec.name for spec in listener.topology(settings).queues}
         self.in_flight: set[asyncio.Task[None]] = set()
+        #: Deliveries whose outcome is being carried out: the drain lets these finish rather
+        #: than cancel them half-way (a copy published, the original not yet acked).
+        self.settling: set[asyncio.Task[None]] = set()
         self.accepting = True
         self.counts = {"handled": 0, "retried": 0, "parked": 0, "failed": 0}
 
@@ -98,16 +101,25 @@ class Consumer:
 
     async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         """The consumer callback: run one delivery to its outcome."""
-        if not self.accepting:
-            # Arrived after the drain began: left unacked, the broker hands it out again.
-            return
         task = asyncio.current_task()
         assert task is not None
         self.in_flight.add(task)
         try:
+            if not self.accepting:
+                # Arrived after the drain began: not started, so handed straight back.
+                self.settling.add(task)
+                await self._hand_back(message)
+                return
             await self._process(message)
+        except asyncio.CancelledError:
+            # The grace period is over and the worker is stopping: not the handler's
+            # failure. Hand the message back before the connection closes.
+            task.uncancel()
+            await self._hand_back(message)
+            raise
         finally:
             self.in_flight.discard(task)
+            self.settling.discard(task)
 
     def stop_threads(self) -> None:
         if self._threads is not None:
@@ -124,6 +136,7 @@ class Consumer:
         attempt = done + lost + 1
         failure: Failure | None
         if lost and done + lost >= listener.max_attempts:
+            attempt = done + lost  # no attempt runs on this delivery
             failure = Failure(
                 "lost",
                 "listener.WorkerLost",
@@ -141,6 +154,9 @@ class Consumer:
             max_attempts=listener.max_attempts,
             retry_delays=listener.retry_delays,
         )
+        task = asyncio.current_task()
+        assert task is not None
+        self.settling.add(task)
         await self._settle(message, message_id, decision, failure)
 
     async def _attempt(
@@ -313,6 +329,29 @@ class Consumer:
                 message_id,
                 type(exc).__name__,
             )
+
+    async def _hand_back(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        """Return a message that got no outcome (the worker is stopping) to its queue.
+
+        A confirmed copy then an ack, rather than a requeue: RabbitMQ counts a requeued or
+        unacked-at-close delivery in `x-delivery-count`, which the framework reads as "the
+        worker died", and a deploy is not a death. If the copy cannot be made, the message is
+        left unacked and the broker requeues it when the connection closes.
+        """
+        message_id = message.message_id or new_message_id()
+        if message.channel.is_closed:
+            return
+        try:
+            await self._move(message, message_id, self.listener.queue, _carried_headers(message))
+        except Exception as exc:
+            log.warning(
+                "%s: could not hand message %s back (%s); the broker requeues it",
+                self.listener.__name__,
+                message_id,
+                type(exc).__name__,
+            )
+            return
+        await self._ack(message, message_id)
 
     async def _requeue(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         # If the channel is gone the broker has requeued it already.

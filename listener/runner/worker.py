@@ -231,7 +231,8 @@ class Worker:
                 len(pending),
                 self.settings.grace_period,
             )
-            for task in pending:
+            settling = {task for consumer in self.consumers for task in consumer.settling}
+            for task in pending - settling:
                 task.cancel()
             await asyncio.wait(pending, timeout=_CANCEL_WAIT)
         if self._transport is not None:

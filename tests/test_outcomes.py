@@ -1,0 +1,809 @@
+"""The contract's outcome table, row by row, against the real broker and an in-process worker.
+
+Each test declares its own listener (unique exchange and queue names, short retry delays and
+time-outs), sends messages, and checks the queues from outside with the `rabbit` helper:
+what was acked, what went through the delay queues, what was parked and with which headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+import listener
+from listener import Listener
+from listener.apublisher import default_async_publisher
+
+
+class Item(BaseModel):
+    n: int
+
+
+class Job(BaseModel):
+    n: int
+    fail: bool = False
+
+
+@pytest.fixture(autouse=True)
+async def _close_the_loops_publisher() -> AsyncIterator[None]:
+    """anotify() opens one connection per event loop: close this test's when it ends."""
+    yield
+    await default_async_publisher().aclose()
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until `predicate()` holds, polling, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+async def parked(rabbit: Any, cls: type[Listener], timeout: float = 15.0) -> tuple[Any, bytes]:
+    """The next message parked in `cls`'s dead-letter queue (waiting off the event loop)."""
+    return await asyncio.to_thread(rabbit.wait_message, f"{cls.queue}.dead", timeout)
+
+
+async def settle(rabbit: Any, cls: type[Listener]) -> None:
+    """Wait until `cls`'s queue holds no ready message (poll with a deadline)."""
+    await eventually(lambda: rabbit.count(cls.queue) == 0)
+
+
+def headers_of(properties: Any) -> dict[str, Any]:
+    return dict(properties.headers or {})
+
+
+# -- handle returns -------------------------------------------------------------------------------
+
+
+async def test_a_handler_that_returns_gets_its_message_acked_and_nothing_parked(
+    unique, rabbit, run_worker
+):
+    seen: list[Item] = []
+
+    class Fine(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.fine"
+
+        def handle(self, message: Item) -> None:
+            seen.append(message)
+
+    async with run_worker(Fine) as worker:
+        await Fine.anotify(n=1)
+        await Fine.anotify(Item(n=2))
+        await eventually(lambda: worker.consumers[0].counts["handled"] == 2)
+        await settle(rabbit, Fine)
+
+    assert sorted(item.n for item in seen) == [1, 2]
+    assert all(isinstance(item, Item) for item in seen)
+    assert rabbit.count(Fine.queue) == 0
+    assert rabbit.count(f"{Fine.queue}.dead") == 0
+
+
+# -- handle raises --------------------------------------------------------------------------------
+
+
+async def test_a_handler_that_always_raises_is_retried_then_parked_with_its_story(
+    unique, rabbit, run_worker
+):
+    calls: list[float] = []
+
+    class AlwaysBroken(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.always_broken"
+        max_attempts = 3
+        retry_delays = (0.1, 0.2)
+
+        def handle(self, message: Item) -> None:
+            calls.append(time.monotonic())
+            raise ValueError("always broken")
+
+    async with run_worker(AlwaysBroken):
+        message_id = await AlwaysBroken.anotify(n=1)
+        properties, body = await parked(rabbit, AlwaysBroken)
+        await settle(rabbit, AlwaysBroken)
+
+    assert len(calls) == 3  # attempts 1, 2 and 3, then no more
+    assert calls[1] - calls[0] >= 0.1
+    assert calls[2] - calls[1] >= 0.2
+    headers = headers_of(properties)
+    assert headers["x-parked-reason"] == "failed"
+    assert headers["x-attempts"] == 3
+    assert headers["x-exception-type"] == "ValueError"
+    assert headers["x-exception-message"] == "always broken"
+    assert 'raise ValueError("always broken")' in headers["x-exception-traceback"]
+    assert headers["x-listener"] == AlwaysBroken.name()
+    assert headers["x-host"] == socket.gethostname()
+    assert headers["x-pid"] == os.getpid()
+    first = dt.datetime.fromisoformat(headers["x-first-failure-at"])
+    last = dt.datetime.fromisoformat(headers["x-last-failure-at"])
+    assert first.utcoffset() == dt.timedelta(0)
+    assert first < last
+    assert last - first >= dt.timedelta(seconds=0.25)
+    assert headers["x-original-exchange"] == unique
+    assert headers["x-original-routing-key"] == "key"
+    assert properties.message_id == message_id
+    assert json.loads(body) == {"n": 1}
+    assert rabbit.count(f"{AlwaysBroken.queue}.dead") == 0  # parked once, not once per attempt
+    assert rabbit.count(f"{AlwaysBroken.queue}.retry.100ms") == 0
+    assert rabbit.count(f"{AlwaysBroken.queue}.retry.200ms") == 0
+
+
+async def test_a_parked_message_keeps_its_body_properties_and_headers(unique, rabbit, run_worker):
+    class Broken(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.broken"
+        max_attempts = 2
+        retry_delays = (0.1,)
+
+        async def handle(self, message: Item) -> None:
+            raise RuntimeError("nope")
+
+    # Odd spacing and key order: the parked body must be these bytes, not a re-encoding.
+    original = b'{ "n" :  7 ,"extra":"\\u00e9t\xc3\xa9" }'
+    async with run_worker(Broken):
+        rabbit.publish(
+            unique,
+            "key",
+            original,
+            message_id="order-7",
+            content_type="application/json",
+            timestamp=1_700_000_000,
+            correlation_id="corr-7",
+            app_id="billing",
+            type="order.created",
+            delivery_mode=2,
+            headers={"tenant": "acme", "x-custom": "kept"},
+        )
+        properties, body = await parked(rabbit, Broken)
+
+    assert body == original
+    assert properties.message_id == "order-7"
+    assert properties.content_type == "application/json"
+    assert properties.timestamp == 1_700_000_000
+    assert properties.correlation_id == "corr-7"
+    assert properties.app_id == "billing"
+    assert properties.type == "order.created"
+    assert properties.delivery_mode == 2
+    headers = headers_of(properties)
+    assert headers["tenant"] == "acme"
+    assert headers["x-custom"] == "kept"
+    assert headers["x-attempts"] == 2
+    assert headers["x-exception-type"] == "RuntimeError"
+
+
+async def test_a_transient_failure_is_retried_and_handled_once_on_the_third_attempt(
+    unique, rabbit, run_worker
+):
+    calls: list[int] = []
+    handled: list[int] = []
+
+    class Flaky(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.flaky"
+        max_attempts = 5
+        retry_delays = (0.1, 0.1)
+
+        def handle(self, message: Item) -> None:
+            calls.append(message.n)
+            if len(calls) <= 2:
+                raise ConnectionError("broker of the downstream service is down")
+            handled.append(message.n)
+
+    async with run_worker(Flaky) as worker:
+        await Flaky.anotify(n=3)
+        await eventually(lambda: handled == [3])
+        await eventually(lambda: worker.consumers[0].counts["handled"] == 1)
+        await settle(rabbit, Flaky)
+
+    assert calls == [3, 3, 3]
+    assert handled == [3]
+    assert rabbit.count(f"{Flaky.queue}.dead") == 0
+    assert rabbit.count(f"{Flaky.queue}.retry.100ms") == 0
+    assert worker.consumers[0].counts == {"handled": 1, "retried": 2, "parked": 0, "failed": 0}
+
+
+# -- time-outs ------------------------------------------------------------------------------------
+
+
+async def test_an_async_handler_past_its_timeout_is_cancelled_retried_then_parked(
+    unique, rabbit, run_worker
+):
+    started: list[float] = []
+    cancelled: list[float] = []
+
+    class Slow(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.slow"
+        max_attempts = 2
+        retry_delays = (0.1,)
+        timeout = 0.3
+
+        async def handle(self, message: Item) -> None:
+            started.append(time.monotonic())
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(time.monotonic())
+                raise
+
+    async with run_worker(Slow):
+        await Slow.anotify(n=1)
+        properties, body = await parked(rabbit, Slow)
+
+    assert len(started) == 2
+    assert len(cancelled) == 2
+    assert all(0.25 <= end - start < 5 for start, end in zip(started, cancelled, strict=True))
+    headers = headers_of(properties)
+    assert headers["x-parked-reason"] == "timeout"
+    assert headers["x-exception-type"] == "TimeoutError"
+    assert "0.3s" in headers["x-exception-message"]
+    assert headers["x-attempts"] == 2
+    assert json.loads(body) == {"n": 1}
+
+
+async def test_a_stuck_sync_handler_times_out_and_the_next_message_is_still_handled(
+    unique, rabbit, run_worker
+):
+    release = threading.Event()
+    stuck_calls: list[int] = []
+    handled: list[int] = []
+
+    class Stuck(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.stuck"
+        max_attempts = 2
+        retry_delays = (0.1,)
+        timeout = 0.4
+        concurrency = 1
+
+        def handle(self, message: Item) -> None:
+            if message.n == 1:
+                stuck_calls.append(message.n)
+                release.wait(30)  # a hung call: only the test lets it go
+                return
+            handled.append(message.n)
+
+    try:
+        async with run_worker(Stuck) as worker:
+            await Stuck.anotify(n=1)
+            await eventually(lambda: len(stuck_calls) == 1)
+            await Stuck.anotify(n=2)
+            properties, _body = await parked(rabbit, Stuck)
+            await eventually(lambda: handled == [2])
+            consumer = worker.consumers[0]
+            assert consumer.stuck_threads == 2  # both attempts of message 1 are still running
+    finally:
+        release.set()
+
+    headers = headers_of(properties)
+    assert headers["x-parked-reason"] == "timeout"
+    assert headers["x-exception-type"] == "TimeoutError"
+    assert headers["x-attempts"] == 2
+    assert stuck_calls == [1, 1]
+    assert handled == [2]
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+BAD_INPUTS = [
+    pytest.param(b'{"n": 1', {}, "decode_error", id="truncated-json"),
+    pytest.param(b"\xff\xfe", {}, "decode_error", id="not-utf8"),
+    pytest.param(b'{"n": "seven"}', {}, "validation_error", id="fails-the-model"),
+    pytest.param(b"[1, 2]", {}, "validation_error", id="json-of-the-wrong-shape"),
+    pytest.param(
+        b'{"n": 1}', {"content_type": "text/plain"}, "unsupported_content_type", id="text"
+    ),
+    pytest.param(
+        b"\x80\x04\x95\x0b\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x01n\x94K\x01s.",
+        {"content_type": "application/x-python-pickle"},
+        "unsupported_content_type",
+        id="pickle",
+    ),
+    pytest.param(
+        b"\x1f\x8b\x08\x00\x00\x00\x00\x00",
+        {"content_type": "application/json", "content_encoding": "gzip"},
+        "unsupported_content_type",
+        id="gzip",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "properties", "reason"), BAD_INPUTS)
+async def test_a_message_that_cannot_be_decoded_is_parked_at_once_and_the_worker_goes_on(
+    unique, rabbit, run_worker, body, properties, reason
+):
+    seen: list[int] = []
+
+    class Picky(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.picky"
+        max_attempts = 5
+        retry_delays = (0.1,)
+
+        async def handle(self, message: Item) -> None:
+            seen.append(message.n)
+
+    async with run_worker(Picky) as worker:
+        rabbit.publish(unique, "key", body, message_id="bad-1", **properties)
+        parked_properties, parked_body = await parked(rabbit, Picky)
+        await Picky.anotify(n=42)
+        await eventually(lambda: seen == [42])
+        await eventually(lambda: worker.consumers[0].counts["handled"] == 1)
+
+    assert parked_body == body
+    assert parked_properties.message_id == "bad-1"
+    headers = headers_of(parked_properties)
+    assert headers["x-parked-reason"] == reason
+    assert headers["x-attempts"] == 1
+    assert headers["x-exception-type"] == "listener.DecodeFailure"
+    assert headers["x-exception-message"].startswith(reason)
+    assert seen == [42]  # the bad message never reached handle()
+    assert rabbit.count(f"{Picky.queue}.retry.100ms") == 0
+    assert rabbit.count(f"{Picky.queue}.dead") == 0
+
+
+async def test_a_validation_error_names_the_field_but_not_the_value(unique, rabbit, run_worker):
+    class Strict(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.strict"
+
+        async def handle(self, message: Item) -> None:
+            raise AssertionError("never called")
+
+    async with run_worker(Strict):
+        rabbit.publish(unique, "key", b'{"n": "hunter2-secret"}')
+        properties, _body = await parked(rabbit, Strict)
+
+    message = headers_of(properties)["x-exception-message"]
+    assert "n:" in message
+    assert "hunter2-secret" not in message
+
+
+async def test_a_message_without_a_message_id_gets_one_when_parked(unique, rabbit, run_worker):
+    class NoId(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.no_id"
+
+        async def handle(self, message: Item) -> None:
+            raise AssertionError("never called")
+
+    async with run_worker(NoId):
+        rabbit.publish(unique, "key", b"not json at all")
+        properties, body = await parked(rabbit, NoId)
+
+    assert body == b"not json at all"
+    assert isinstance(properties.message_id, str)
+    assert len(properties.message_id) == 32
+    int(properties.message_id, 16)
+
+
+async def test_a_plain_json_body_with_no_properties_at_all_is_handled(unique, rabbit, run_worker):
+    seen: list[Item] = []
+
+    class Plain(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.plain"
+
+        def handle(self, message: Item) -> None:
+            seen.append(message)
+
+    async with run_worker(Plain):
+        rabbit.publish(unique, "key", b'{"n": 5}')
+        await eventually(lambda: len(seen) == 1)
+        await settle(rabbit, Plain)
+
+    assert seen == [Item(n=5)]
+    assert rabbit.count(f"{Plain.queue}.dead") == 0
+
+
+async def test_a_listener_without_an_annotation_gets_the_decoded_json_value(
+    unique, rabbit, run_worker
+):
+    seen: list[Any] = []
+
+    class Loose(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.loose"
+
+        async def handle(self, message) -> None:  # type: ignore[no-untyped-def]
+            seen.append(message)
+
+    async with run_worker(Loose):
+        rabbit.publish(unique, "key", b'{"a": [1, 2, {"b": null}]}')
+        await eventually(lambda: len(seen) == 1)
+
+    assert seen == [{"a": [1, 2, {"b": None}]}]
+
+
+# -- Retry and Reject -----------------------------------------------------------------------------
+
+
+async def test_retry_with_a_delay_waits_in_its_own_delay_queue_then_is_handled_again(
+    unique, rabbit, run_worker
+):
+    calls: list[float] = []
+
+    class Later(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.later"
+        max_attempts = 3
+        retry_delays = (5,)
+
+        async def handle(self, message: Item) -> None:
+            calls.append(time.monotonic())
+            if len(calls) == 1:
+                raise listener.Retry(delay=0.3)
+
+    delay_queue = f"{Later.queue}.retry.300ms"
+    rabbit.queues.add(delay_queue)
+    async with run_worker(Later) as worker:
+        assert not rabbit.exists(delay_queue)  # declared on first use only
+        await Later.anotify(n=1)
+        await eventually(lambda: len(calls) == 2)
+        await eventually(lambda: worker.consumers[0].counts["handled"] == 1)
+        assert rabbit.exists(delay_queue)
+
+    assert 0.3 <= calls[1] - calls[0] < 4  # not the listener's own 5s delay
+    assert rabbit.count(f"{Later.queue}.dead") == 0
+    assert rabbit.count(delay_queue) == 0
+
+
+async def test_retry_counts_as_an_attempt_and_parks_after_max_attempts(unique, rabbit, run_worker):
+    calls: list[int] = []
+
+    class Again(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.again"
+        max_attempts = 3
+
+        def handle(self, message: Item) -> None:
+            calls.append(message.n)
+            raise listener.Retry(delay=0.05, reason="not yet")
+
+    rabbit.queues.add(f"{Again.queue}.retry.50ms")
+    async with run_worker(Again):
+        await Again.anotify(n=9)
+        properties, body = await parked(rabbit, Again)
+
+    assert calls == [9, 9, 9]
+    headers = headers_of(properties)
+    assert headers["x-parked-reason"] == "failed"
+    assert headers["x-exception-type"] == "listener.errors.Retry"
+    assert headers["x-exception-message"] == "not yet"
+    assert headers["x-attempts"] == 3
+    assert json.loads(body) == {"n": 9}
+
+
+async def test_reject_parks_the_message_at_once_with_its_reason(unique, rabbit, run_worker):
+    calls: list[int] = []
+
+    class Refuser(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.refuser"
+        max_attempts = 5
+        retry_delays = (0.1,)
+
+        async def handle(self, message: Item) -> None:
+            calls.append(message.n)
+            raise listener.Reject("reason text")
+
+    async with run_worker(Refuser):
+        message_id = await Refuser.anotify(n=4)
+        properties, body = await parked(rabbit, Refuser)
+
+    assert calls == [4]
+    headers = headers_of(properties)
+    assert headers["x-parked-reason"] == "rejected"
+    assert headers["x-exception-message"] == "reason text"
+    assert headers["x-exception-type"] == "listener.errors.Reject"
+    assert headers["x-attempts"] == 1
+    assert properties.message_id == message_id
+    assert json.loads(body) == {"n": 4}
+    assert rabbit.count(f"{Refuser.queue}.retry.100ms") == 0
+
+
+# -- forged headers -------------------------------------------------------------------------------
+
+
+async def test_forged_attempt_headers_neither_crash_the_worker_nor_lose_the_message(
+    unique, rabbit, run_worker
+):
+    seen: list[int] = []
+
+    class Gullible(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.gullible"
+        max_attempts = 3
+        retry_delays = (0.1,)
+
+        async def handle(self, message: Job) -> None:
+            seen.append(message.n)
+            if message.fail:
+                raise ValueError(f"job {message.n} failed")
+
+    forged: list[Any] = ["abc", -5, 999, 10**15, True, None, {"n": 1}, [2]]
+    async with run_worker(Gullible) as worker:
+        for n, value in enumerate(forged, start=1):
+            rabbit.publish(
+                unique, "key", json.dumps({"n": n}).encode(), headers={"x-attempts": value}
+            )
+        # An absurd count never loops: the first failure parks the message.
+        rabbit.publish(unique, "key", b'{"n": 100, "fail": true}', headers={"x-attempts": 999})
+        # A garbage count reads as zero: the failing message gets all its attempts.
+        rabbit.publish(unique, "key", b'{"n": 200, "fail": true}', headers={"x-attempts": "abc"})
+        first, _ = await parked(rabbit, Gullible)
+        second, _ = await parked(rabbit, Gullible)
+        await eventually(lambda: worker.consumers[0].counts["handled"] == len(forged))
+
+    assert sorted(n for n in seen if n < 100) == list(range(1, len(forged) + 1))
+    assert seen.count(100) == 1
+    assert seen.count(200) == 3
+    parked_headers = sorted(
+        (headers_of(first), headers_of(second)), key=lambda h: h["x-exception-message"]
+    )
+    assert [h["x-exception-message"] for h in parked_headers] == [
+        "job 100 failed",
+        "job 200 failed",
+    ]
+    assert all(h["x-parked-reason"] == "failed" for h in parked_headers)
+    assert parked_headers[0]["x-attempts"] >= Gullible.max_attempts
+    assert parked_headers[1]["x-attempts"] == 3
+    assert rabbit.count(Gullible.queue) == 0
+    assert rabbit.count(f"{Gullible.queue}.dead") == 0
+
+
+async def test_a_forged_delivery_count_parks_the_message_as_worker_lost_with_true_counts(
+    unique, rabbit, run_worker
+):
+    seen: list[int] = []
+
+    class Trusting(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.trusting"
+        max_attempts = 3
+
+        async def handle(self, message: Item) -> None:
+            seen.append(message.n)
+
+    async with run_worker(Trusting) as worker:
+        # RabbitMQ 3.10 keeps a publisher's own x-delivery-count on a quorum queue.
+        rabbit.publish(unique, "key", b'{"n": 1}', headers={"x-delivery-count": 3})
+        rabbit.publish(unique, "key", b'{"n": 2}', headers={"x-delivery-count": "zz"})
+        properties, body = await parked(rabbit, Trusting)
+        await eventually(lambda: worker.consumers[0].counts["handled"] == 1)
+
+    assert seen == [2]  # a garbage count reads as zero; the "lost three times" one never ran
+    assert body == b'{"n": 1}'
+    headers = headers_of(properties)
+    assert headers["x-parked-reason"] == "worker_lost"
+    assert headers["x-exception-type"] == "listener.WorkerLost"
+    # Three deliveries were lost and no attempt ran on this one: three attempts were made.
+    assert headers["x-attempts"] == 3
+
+
+# -- topology -------------------------------------------------------------------------------------
+
+
+async def test_a_queue_that_exists_with_other_arguments_stops_the_worker_with_topology_mismatch(
+    unique, rabbit, run_worker
+):
+    class Drifted(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.drifted"
+
+        async def handle(self, message: Item) -> None: ...
+
+    rabbit.track(Drifted)
+    rabbit.declare_queue(Drifted.queue)  # classic, no dead-lettering: not what Drifted needs
+
+    with pytest.raises(listener.TopologyMismatch) as caught:
+        async with run_worker(Drifted):
+            pass
+
+    text = str(caught.value)
+    assert repr(Drifted.queue) in text
+    assert "x-queue-type" in text or "x-dead-letter" in text
+    assert rabbit.exists(Drifted.queue)  # left as it was, for the operator to decide
+
+
+async def test_two_listeners_on_one_key_each_get_every_message(unique, rabbit, run_worker):
+    got: dict[str, list[int]] = {"audit": [], "mailer": []}
+
+    class Audit(Listener):
+        subscribes_to = f"{unique}.order.created"
+        queue = f"{unique}.audit"
+
+        async def handle(self, message: Item) -> None:
+            got["audit"].append(message.n)
+
+    class Mailer(Listener):
+        subscribes_to = f"{unique}.order.created"
+        queue = f"{unique}.mailer"
+
+        def handle(self, message: Item) -> None:
+            got["mailer"].append(message.n)
+
+    async with run_worker(Audit, Mailer):
+        ids = await Audit.anotify_many([Item(n=n) for n in range(5)])
+        await eventually(lambda: len(got["audit"]) == 5 and len(got["mailer"]) == 5)
+
+    assert len(set(ids)) == 5
+    assert sorted(got["audit"]) == list(range(5))
+    assert sorted(got["mailer"]) == list(range(5))
+
+
+async def test_a_hash_wildcard_binding_receives_keys_of_one_and_more_words(
+    unique, rabbit, run_worker
+):
+    seen: list[int] = []
+
+    class Everything(Listener):
+        subscribes_to = f"{unique}.a.#"
+        queue = f"{unique}.everything"
+
+        async def handle(self, message: Item) -> None:
+            seen.append(message.n)
+
+    async with run_worker(Everything):
+        rabbit.publish(unique, "b", b'{"n": 0}')  # does not match a.#
+        await Everything.anotify(n=1, routing_key="a")
+        await Everything.anotify(n=2, routing_key="a.b")
+        await Everything.anotify(n=3, routing_key="a.b.c")
+        await eventually(lambda: len(seen) == 3)
+
+    assert sorted(seen) == [1, 2, 3]
+    with pytest.raises(ValueError, match="does not match"):
+        await Everything.anotify(n=4, routing_key="b")
+    with pytest.raises(ValueError, match="concrete routing_key"):
+        await Everything.anotify(n=5)
+
+
+# -- acks and stopping ----------------------------------------------------------------------------
+
+
+async def test_a_message_is_acked_only_after_handle_returns(unique, rabbit, run_worker, settings):
+    entered = asyncio.Event()
+    release = asyncio.Event()
+    finished: list[int] = []
+
+    class Careful(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.careful"
+
+        async def handle(self, message: Item) -> None:
+            entered.set()
+            await release.wait()
+            finished.append(message.n)
+
+    quick = settings.model_copy(update={"grace_period": 0.3})
+    async with run_worker(Careful, worker_settings=quick) as worker:
+        await Careful.anotify(n=1)
+        await asyncio.wait_for(entered.wait(), 10)
+        assert rabbit.count(Careful.queue) == 0  # delivered, held unacked by the worker
+        worker.request_stop("test: stop while handle() still runs")
+    # Not acked, because handle() never returned: the broker has it back.
+    await eventually(lambda: rabbit.count(Careful.queue) == 1)
+    assert finished == []
+
+    release.set()
+    async with run_worker(Careful) as worker:
+        await eventually(lambda: finished == [1])
+        await eventually(lambda: worker.consumers[0].counts["handled"] == 1)
+        await settle(rabbit, Careful)
+    assert rabbit.count(f"{Careful.queue}.dead") == 0
+
+
+async def test_stopping_mid_handle_past_the_grace_period_hands_the_message_back_unfailed(
+    unique, rabbit, run_worker, settings
+):
+    entered = asyncio.Event()
+    cancelled: list[int] = []
+
+    class Interrupted(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.interrupted"
+        max_attempts = 2
+        retry_delays = (0.1,)
+
+        async def handle(self, message: Item) -> None:
+            entered.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(message.n)
+                raise
+
+    quick = settings.model_copy(update={"grace_period": 0.3})
+    started = time.monotonic()
+    async with run_worker(Interrupted, worker_settings=quick) as worker:
+        message_id = await Interrupted.anotify(n=8)
+        await asyncio.wait_for(entered.wait(), 10)
+        worker.request_stop("test: deploy")
+    stopped_after = time.monotonic() - started
+
+    assert cancelled == [8]
+    assert stopped_after < 10
+    assert worker.consumers[0].counts == {"handled": 0, "retried": 0, "parked": 0, "failed": 0}
+    properties, body = await asyncio.to_thread(rabbit.wait_message, Interrupted.queue, 5)
+    assert properties.message_id == message_id
+    assert json.loads(body) == {"n": 8}
+    assert "x-attempts" not in headers_of(properties)
+    assert "x-exception-type" not in headers_of(properties)
+    assert rabbit.count(f"{Interrupted.queue}.dead") == 0
+    assert rabbit.count(f"{Interrupted.queue}.retry.100ms") == 0
+
+
+async def test_a_message_handed_back_by_a_stop_is_handled_by_the_next_worker(
+    unique, rabbit, run_worker, settings
+):
+    entered = asyncio.Event()
+    handled: list[int] = []
+
+    class Resumed(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.resumed"
+        max_attempts = 2
+        retry_delays = (0.1,)
+
+        async def handle(self, message: Item) -> None:
+            if not entered.is_set():
+                entered.set()
+                await asyncio.sleep(30)
+            handled.append(message.n)
+
+    quick = settings.model_copy(update={"grace_period": 0.2})
+    async with run_worker(Resumed, worker_settings=quick) as worker:
+        await Resumed.anotify(n=5)
+        await asyncio.wait_for(entered.wait(), 10)
+        worker.request_stop("test: deploy")
+    await eventually(lambda: rabbit.count(Resumed.queue) == 1)
+
+    async with run_worker(Resumed) as worker:
+        await eventually(lambda: handled == [5])
+        await eventually(lambda: worker.consumers[0].counts["handled"] == 1)
+    assert rabbit.count(f"{Resumed.queue}.dead") == 0
+
+
+async def test_a_stop_past_the_grace_period_does_not_use_up_an_attempt(
+    unique, rabbit, run_worker, settings
+):
+    entered = asyncio.Event()
+    handled: list[int] = []
+
+    class OneShot(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.one_shot"
+        max_attempts = 1
+
+        async def handle(self, message: Item) -> None:
+            if not entered.is_set():
+                entered.set()
+                await asyncio.sleep(30)  # interrupted by a deploy, through no fault of its own
+            handled.append(message.n)
+
+    quick = settings.model_copy(update={"grace_period": 0.2})
+    async with run_worker(OneShot, worker_settings=quick) as worker:
+        await OneShot.anotify(n=6)
+        await asyncio.wait_for(entered.wait(), 10)
+        worker.request_stop("test: deploy")
+    await eventually(lambda: rabbit.count(OneShot.queue) == 1)
+
+    async with run_worker(OneShot) as worker:
+        await eventually(lambda: sum(worker.consumers[0].counts.values()) == 1)
+
+    dead = rabbit.drain(f"{OneShot.queue}.dead")
+    assert dead == [], f"parked instead of handled: {headers_of(dead[0][0])}"
+    assert handled == [6]
