@@ -131,6 +131,16 @@ class Rabbit:
         """Ready messages in `queue` (passive declare; may lag a moment behind publishes)."""
         return int(self._ch().queue_declare(queue, passive=True).method.message_count)
 
+    def consumers(self, queue: str) -> int:
+        """Consumers on `queue` now; 0 when it does not exist."""
+        try:
+            return int(self._ch().queue_declare(queue, passive=True).method.consumer_count)
+        except pika.exceptions.ChannelClosedByBroker:
+            return 0
+
+    def delete_queue(self, queue: str) -> None:
+        self._ch().queue_delete(queue)
+
     def exists(self, queue: str) -> bool:
         try:
             self._ch().queue_declare(queue, passive=True)
@@ -139,6 +149,11 @@ class Rabbit:
         return True
 
     def cleanup(self) -> None:
+        # A fresh connection: a test may have had the broker close the old one.
+        with contextlib.suppress(Exception):
+            self.connection.close()
+        self.connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        self.channel = self.connection.channel()
         for cls in registry.all_listeners():
             with contextlib.suppress(Exception):
                 self.track(cls)

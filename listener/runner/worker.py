@@ -151,6 +151,8 @@ class Worker:
                 consumer.listener.queue, consumer.listener.concurrency, consumer.on_message
             )
             subscription.channel.close_callbacks.add(self._on_channel_closed)
+            underlay = await subscription.channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
             self._subscriptions.append(subscription)
         transport.on_close(self._on_connection_closed)
         self.ready = True
@@ -174,6 +176,14 @@ class Worker:
             log.warning(
                 "a consumer channel was closed by the broker (%s); reconnecting", _describe(exc)
             )
+            self._lost.set()
+
+    def _on_consumer_cancelled(self, frame: object) -> None:
+        # The broker cancelled a consumer (its queue was deleted, a node went away): a live
+        # connection that consumes nothing is the worst state to be in. Start over: the
+        # topology is declared again and every queue consumed afresh.
+        if not self._closing and self._lost is not None and not self._lost.is_set():
+            log.warning("the broker cancelled a consumer (%s); reconnecting", frame)
             self._lost.set()
 
     async def _reconnect(self) -> Transport | None:
