@@ -6,7 +6,6 @@ the consumer and the worker see only amqp-listener's own errors.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -58,7 +57,7 @@ class Transport:
                 settings.url.get_secret_value(),
                 heartbeat=settings.heartbeat,
                 timeout=_CONNECT_TIMEOUT,
-                client_properties={"connection_name": f"{name} pid={os.getpid()}"},
+                client_properties={"connection_name": name},
             )
         except Exception as exc:
             raise connect_error(exc, settings.redacted_url) from exc

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import aio_pika.abc
+import aiormq.exceptions
 
 from listener import outcome
 from listener.codec import DecodeFailure, new_message_id
@@ -216,7 +217,7 @@ class Consumer:
             self.counts["handled"] += 1
             return
         assert failure is not None
-        if message.channel.is_closed:
+        if _channel_closed(message):
             # The connection died during the attempt: the broker has already put the
             # message back, and moving a copy now would only duplicate it.
             log.warning(
@@ -339,7 +340,7 @@ class Consumer:
         left unacked and the broker requeues it when the connection closes.
         """
         message_id = message.message_id or new_message_id()
-        if message.channel.is_closed:
+        if _channel_closed(message):
             return
         try:
             await self._move(message, message_id, self.listener.queue, _carried_headers(message))
@@ -361,6 +362,14 @@ class Consumer:
 
 class _LeaveUnacked(Exception):
     """The attempt ended because the worker is stopping: no outcome, the broker redelivers."""
+
+
+def _channel_closed(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
+    """Whether the delivery's channel is gone (aio-pika raises rather than answer False)."""
+    try:
+        return bool(message.channel.is_closed)
+    except aiormq.exceptions.ChannelInvalidStateError:
+        return True
 
 
 def _carried_headers(message: aio_pika.abc.AbstractIncomingMessage) -> dict[str, Any]:

@@ -58,6 +58,7 @@ class Worker:
         self._stop: asyncio.Event | None = None
         self._lost: asyncio.Event | None = None
         self._closing = False
+        self._connection_name = "amqp-listener worker"
         self.ready = False
 
     def __repr__(self) -> str:
@@ -90,6 +91,10 @@ class Worker:
         self._lost = asyncio.Event()
         if self.install_signals:
             signals.install(loop, lambda name: self.request_stop(f"received {name}"))
+        # Named after its queues, so an operator can tell the connections apart in the
+        # management UI and close one of them on purpose.
+        queues = ",".join(cls.queue for cls in self.listeners)
+        self._connection_name = f"amqp-listener worker pid={os.getpid()} [{queues[:180]}]"
         transport = await self._connect_at_start()
         for cls in self.listeners:
             self.consumers.append(
@@ -120,7 +125,7 @@ class Worker:
         delay = 1.0
         for attempt in range(1, attempts + 1):
             try:
-                return await Transport.connect(self.settings, name="amqp-listener worker")
+                return await Transport.connect(self.settings, name=self._connection_name)
             except AuthenticationFailed:
                 raise
             except BrokerUnreachable as exc:
@@ -198,7 +203,7 @@ class Worker:
         while not self._stop.is_set():
             transport: Transport | None = None
             try:
-                transport = await Transport.connect(self.settings, name="amqp-listener worker")
+                transport = await Transport.connect(self.settings, name=self._connection_name)
                 await self._start(transport)
             except Exception as exc:
                 if transport is not None:
