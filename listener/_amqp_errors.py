@@ -20,12 +20,20 @@ from listener.errors import (
     PublishConnectionLost,
     PublishError,
     PublishNacked,
+    PublishRefused,
     PublishTimeout,
+    PublishUnreachable,
     TopologyMismatch,
     Unroutable,
 )
 
-__all__ = ["connect_error", "declare_error", "is_connection_lost", "publish_error"]
+__all__ = [
+    "connect_error",
+    "consume_error",
+    "declare_error",
+    "is_connection_lost",
+    "publish_error",
+]
 
 _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for (\w+) '([^']+)'")
 _NOT_FOUND_EXCHANGE = re.compile(r"no exchange '([^']*)'")
@@ -43,8 +51,23 @@ _LOST = (
 )
 
 
-def connect_error(exc: BaseException, redacted_url: str) -> BrokerError:
-    """Translate a failure to open a connection (either client)."""
+def connect_error(
+    exc: BaseException, redacted_url: str, *, publishing: bool = False
+) -> BrokerError:
+    """Translate a failure to open a connection (either client).
+
+    With `publishing`, the error is also a PublishError, so that `except PublishError`
+    around `notify()` catches every way a message can fail to reach the broker.
+    """
+    error = _connect_error(exc, redacted_url)
+    if not publishing:
+        return error
+    if isinstance(error, AuthenticationFailed):
+        return PublishRefused(str(error))
+    return PublishUnreachable(str(error))
+
+
+def _connect_error(exc: BaseException, redacted_url: str) -> BrokerError:
     text = _text(exc)
     if isinstance(
         exc, pika.exceptions.ProbableAuthenticationError | pika.exceptions.ProbableAccessDeniedError
@@ -108,6 +131,18 @@ def declare_error(exc: BaseException) -> BrokerError:
     return BrokerError(f"declaring topology failed: {_cause(exc)}")
 
 
+def consume_error(exc: BaseException, queue: str) -> BrokerError:
+    """Translate a refused basic.consume (or the channel set-up before it)."""
+    if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+        return BrokerError(
+            f"the broker refused to consume queue {queue!r} ({_text(exc)}): another client "
+            "may hold it exclusively, or the user lacks read permission on it"
+        )
+    if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
+        return BrokerError(f"queue {queue!r} does not exist (deleted while starting?)")
+    return BrokerError(f"consuming queue {queue!r} failed: {_cause(exc)}")
+
+
 def publish_error(
     exc: BaseException, *, exchange: str, routing_key: str, message_id: str
 ) -> PublishError:
@@ -149,7 +184,7 @@ def publish_error(
             "published. Start the listener's runner once, or run `amqp-listener declare MODULE`",
             message_id=message_id,
         )
-    if "PRECONDITION_FAILED" in text or "406" in text:
+    if "PRECONDITION_FAILED" in text or _reply_code(exc) == 406:
         return PublishError(
             f"the broker refused message {message_id} for {where}: {text}", message_id=message_id
         )
@@ -162,6 +197,15 @@ def publish_error(
     return PublishError(
         f"publishing message {message_id} failed: {_cause(exc)}", message_id=message_id
     )
+
+
+def _reply_code(exc: BaseException) -> int | None:
+    """The AMQP reply code of a channel or connection close, when `exc` carries one."""
+    for arg in exc.args:
+        if isinstance(arg, int):
+            return arg
+    match = re.match(r"\(?(\d{3})\)?", _text(exc))
+    return int(match.group(1)) if match else None
 
 
 def _broker_refused(exc: BaseException) -> bool:

@@ -169,11 +169,15 @@ class AsyncPublisher:
                         },
                     )
                 except Exception as exc:
-                    raise connect_error(exc, self.settings.redacted_url) from exc
+                    raise connect_error(exc, self.settings.redacted_url, publishing=True) from exc
             assert self._connection is not None
-            self._channel = await self._connection.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
+            try:
+                self._channel = await self._connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+            except Exception as exc:
+                # The connection died between the check and the channel: nothing was sent.
+                raise connect_error(exc, self.settings.redacted_url, publishing=True) from exc
             return self._channel
 
 

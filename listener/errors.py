@@ -12,7 +12,9 @@
         ├── Unroutable                 no queue is bound for the exchange and routing key
         ├── PublishNacked              the broker refused to take responsibility (basic.nack)
         ├── PublishTimeout             no confirm in time: outcome unknown
-        └── PublishConnectionLost      the connection died before the confirm: outcome unknown
+        ├── PublishConnectionLost      the connection died before the confirm: outcome unknown
+        ├── PublishUnreachable         no connection for publishing (also a BrokerUnreachable)
+        └── PublishRefused             the login was refused (also an AuthenticationFailed)
 
     Retry(delay=...)   raise in handle(): try again after `delay` seconds (counts as an attempt)
     Reject(reason)     raise in handle(): park the message now, no more attempts
@@ -34,7 +36,9 @@ __all__ = [
     "PublishConnectionLost",
     "PublishError",
     "PublishNacked",
+    "PublishRefused",
     "PublishTimeout",
+    "PublishUnreachable",
     "Reject",
     "Retry",
     "TopologyMismatch",
@@ -120,6 +124,14 @@ class PublishConnectionLost(PublishError):
     """Raised when the connection died before the confirm came. The outcome is unknown."""
 
 
+class PublishUnreachable(PublishError, BrokerUnreachable):
+    """Raised by a publish when no connection could be opened: the message was not sent."""
+
+
+class PublishRefused(PublishError, AuthenticationFailed):
+    """Raised by a publish when the broker refused the login or vhost: not sent."""
+
+
 class Retry(Exception):
     """Raise this in `handle()` to try the message again after `delay` seconds.
 
@@ -127,8 +139,9 @@ class Retry(Exception):
     """
 
     def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
-        if delay is not None and delay < 0:
-            raise ValueError(f"Retry delay must be >= 0 seconds, got {delay!r}")
+        # 2**32-1 ms is the longest TTL RabbitMQ accepts for the delay queue.
+        if delay is not None and not 0 <= delay <= 4_294_967:
+            raise ValueError(f"Retry delay must be 0 to 4294967 seconds, got {delay!r}")
         super().__init__(reason)
         self.delay = delay
         self.reason = reason

@@ -239,11 +239,15 @@ def _check_policy(cls: type[Listener]) -> None:
         not isinstance(delays, Sequence)
         or isinstance(delays, str)
         or not all(
-            isinstance(d, int | float) and not isinstance(d, bool) and d >= 0 for d in delays
+            isinstance(d, int | float) and not isinstance(d, bool) and 0 <= d <= topology.MAX_DELAY
+            for d in delays
         )
     ):
         raise _error(
-            cls, "retry_delays", f"must be a sequence of seconds >= 0, got {cls.retry_delays!r}"
+            cls,
+            "retry_delays",
+            f"must be a sequence of seconds from 0 to {topology.MAX_DELAY:g}, "
+            f"got {cls.retry_delays!r}",
         )
     cls.retry_delays = tuple(float(d) for d in delays)
 
@@ -277,4 +281,7 @@ def _check_handle(cls: type[Listener], settings: Settings) -> None:
             f"message annotation {annotation!r} is not a type pydantic can validate: {exc}",
         ) from None
     cls.message_type = annotation
-    cls.is_async = inspect.iscoroutinefunction(handle)
+    inner = inspect.unwrap(handle)
+    if inspect.isasyncgenfunction(inner) or inspect.isgeneratorfunction(inner):
+        raise _error(cls, "handle", "must not be a generator (it contains 'yield')")
+    cls.is_async = inspect.iscoroutinefunction(handle) or inspect.iscoroutinefunction(inner)

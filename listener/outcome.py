@@ -66,13 +66,8 @@ class Failure:
         name = exc_type.__qualname__
         if exc_type.__module__ not in ("builtins", "__main__"):
             name = f"{exc_type.__module__}.{name}"
-        if isinstance(exc, pydantic.ValidationError):
-            # Its str() repeats the input values, which may be secrets: keep locations only.
-            message = error_summary(exc)
-            text = "".join(traceback.format_tb(exc.__traceback__)) + f"{name}: {message}\n"
-        else:
-            message = str(exc)
-            text = "".join(traceback.format_exception(exc))
+        message = _safe_str(exc)
+        text = "".join(_format_chain(exc, set()))
         return cls(kind, name, _clip(message, _MAX_MESSAGE_CHARS), _tail(text), delay, reason)
 
 
@@ -169,6 +164,37 @@ def failure_headers(
     if failure.traceback:
         headers["x-exception-traceback"] = failure.traceback
     return headers
+
+
+def _safe_str(exc: BaseException) -> str:
+    if isinstance(exc, pydantic.ValidationError):
+        # Its str() repeats the input values, which may be secrets: keep locations only.
+        return error_summary(exc)
+    try:
+        return str(exc)
+    except Exception:  # a broken __str__ must not break the failure path
+        return f"<{type(exc).__name__} whose str() failed>"
+
+
+def _format_chain(exc: BaseException, seen: set[int]) -> list[str]:
+    """Like traceback.format_exception, with every message made safe by `_safe_str`."""
+    seen.add(id(exc))
+    parts: list[str] = []
+    if exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        parts += _format_chain(exc.__cause__, seen)
+        parts.append("\nThe above exception was the direct cause of the following exception:\n\n")
+    elif (
+        exc.__context__ is not None
+        and not exc.__suppress_context__
+        and id(exc.__context__) not in seen
+    ):
+        parts += _format_chain(exc.__context__, seen)
+        parts.append("\nDuring handling of the above exception, another exception occurred:\n\n")
+    if exc.__traceback__ is not None:
+        parts.append("Traceback (most recent call last):\n")
+        parts += traceback.format_tb(exc.__traceback__)
+    parts.append(f"{type(exc).__module__}.{type(exc).__qualname__}: {_safe_str(exc)}\n")
+    return parts
 
 
 def _counter(headers: Mapping[str, Any] | None, name: str) -> int:

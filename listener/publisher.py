@@ -197,7 +197,7 @@ class Publisher:
         try:
             slot = _ThreadChannel(pika.BlockingConnection(parameters))
         except Exception as exc:
-            raise connect_error(exc, self.settings.redacted_url) from exc
+            raise connect_error(exc, self.settings.redacted_url, publishing=True) from exc
         self._local.slot = slot
         with self._lock:
             self._open.add(slot)

@@ -69,9 +69,12 @@ class Settings(BaseSettings):
         try:
             parts = urlsplit(value.get_secret_value())
             parts.port  # noqa: B018 - urlsplit checks the port only when it is read
-        except ValueError as exc:
-            # The message names the problem ("Port out of range"), never the URL itself.
-            raise ValueError(f"the broker URL cannot be parsed: {exc}") from None
+        except ValueError:
+            # urllib's own message may quote a piece of the password: say nothing of it.
+            raise ValueError(
+                "the broker URL cannot be parsed; check the port, and percent-encode special "
+                "characters (like / # @ :) in the user name and password"
+            ) from None
         if parts.scheme not in ("amqp", "amqps"):
             raise ValueError(
                 "the broker URL must start with amqp:// or amqps://, "

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 __all__ = [
     "DELIVERY_LIMIT",
+    "MAX_DELAY",
     "QueueSpec",
     "QueueType",
     "Topology",
@@ -30,6 +31,7 @@ __all__ = [
     "default_queue_name",
     "delay_queue",
     "delay_queue_name",
+    "delay_tier",
     "describe",
     "snake_case",
 ]
@@ -103,6 +105,48 @@ def delay_queue(queue: str, delay: float, queue_type: QueueType) -> QueueSpec:
         **_safe_dead_lettering(queue_type),
     }
     return QueueSpec(delay_queue_name(queue, delay), arguments)
+
+
+#: The longest delay RabbitMQ can hold a message for: x-message-ttl is a 32-bit count of ms.
+MAX_DELAY = (2**32 - 1) / 1000
+#: Delays outside a listener's `retry_delays` (from `Retry(delay=...)`) are rounded *up* to
+#: one of these, so that jittered or computed delays cannot create a queue per millisecond.
+_LADDER = (
+    0.1,
+    0.2,
+    0.5,
+    1,
+    2,
+    5,
+    10,
+    15,
+    30,
+    60,
+    120,
+    300,
+    600,
+    900,
+    1800,
+    3600,
+    7200,
+    14400,
+    21600,
+    43200,
+    86400,
+)
+
+
+def delay_tier(delay: float, declared: Iterable[float]) -> float:
+    """The delay queue's delay for a requested `delay`: the same if declared, else the next
+    step up the ladder (never shorter than asked)."""
+    wanted = _milliseconds(delay)
+    if any(_milliseconds(d) == wanted for d in declared):
+        return wanted / 1000
+    for step in _LADDER:
+        if step * 1000 >= wanted:
+            return float(step)
+    days = -(-wanted // 86_400_000)
+    return min(days * 86_400.0, MAX_DELAY)
 
 
 def describe(

@@ -447,7 +447,9 @@ async def test_retry_with_a_delay_waits_in_its_own_delay_queue_then_is_handled_a
             if len(calls) == 1:
                 raise listener.Retry(delay=0.3)
 
-    delay_queue = f"{Later.queue}.retry.300ms"
+    # Delays outside retry_delays are rounded up to a fixed ladder (0.3 s -> 0.5 s), so that
+    # computed delays cannot create a queue per millisecond.
+    delay_queue = f"{Later.queue}.retry.500ms"
     rabbit.queues.add(delay_queue)
     async with run_worker(Later) as worker:
         assert not rabbit.exists(delay_queue)  # declared on first use only
@@ -456,7 +458,7 @@ async def test_retry_with_a_delay_waits_in_its_own_delay_queue_then_is_handled_a
         await eventually(lambda: worker.consumers[0].counts["handled"] == 1)
         assert rabbit.exists(delay_queue)
 
-    assert 0.3 <= calls[1] - calls[0] < 4  # not the listener's own 5s delay
+    assert 0.5 <= calls[1] - calls[0] < 4  # the 0.5 s tier, not the listener's own 5 s delay
     assert rabbit.count(f"{Later.queue}.dead") == 0
     assert rabbit.count(delay_queue) == 0
 

@@ -6,13 +6,15 @@ the consumer and the worker see only amqp-listener's own errors.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aio_pika
 import aio_pika.abc
 
-from listener._amqp_errors import connect_error, declare_error, publish_error
+from listener._amqp_errors import connect_error, consume_error, declare_error, publish_error
 from listener.apublisher import connection_alive
 from listener.settings import Settings
 from listener.topology import QueueSpec, Topology
@@ -48,6 +50,7 @@ class Transport:
         self.connection = connection
         self.settings = settings
         self._publish_channel: aio_pika.abc.AbstractChannel | None = None
+        self._publish_lock = asyncio.Lock()
 
     @classmethod
     async def connect(cls, settings: Settings, *, name: str) -> Transport:
@@ -72,9 +75,9 @@ class Transport:
 
         Raises:
             TopologyMismatch: a queue exists with other arguments.
+            BrokerError: any other refusal, translated.
         """
-        channel = await self.connection.channel(publisher_confirms=False)
-        try:
+        async with self._scratch_channel() as channel:
             await channel.declare_exchange(
                 topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
             )
@@ -82,30 +85,42 @@ class Transport:
                 await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
             queue = await channel.get_queue(topology.queue.name, ensure=False)
             await queue.bind(topology.exchange, topology.binding_key)
-        except Exception as exc:
-            raise declare_error(exc) from exc
-        finally:
-            if not channel.is_closed:
-                await channel.close()
 
     async def declare_queue(self, spec: QueueSpec) -> None:
         """Declare one queue (a delay queue first used by `Retry(delay=...)`)."""
-        channel = await self.connection.channel(publisher_confirms=False)
-        try:
+        async with self._scratch_channel() as channel:
             await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+
+    async def consume(self, queue_name: str, prefetch: int, callback: Callback) -> Subscription:
+        """Start consuming `queue_name` with manual acks and per-consumer prefetch.
+
+        Raises:
+            BrokerError: the broker refused (an exclusive consumer holds the queue, ...).
+        """
+        try:
+            channel = await self.connection.channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=prefetch)
+            queue = await channel.get_queue(queue_name, ensure=False)
+            tag = await queue.consume(callback, no_ack=False)
+        except Exception as exc:
+            raise consume_error(exc, queue_name) from exc
+        return Subscription(channel, queue, tag)
+
+    @contextlib.asynccontextmanager
+    async def _scratch_channel(self) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+        # A channel of its own: a refused declare closes the channel it was sent on.
+        try:
+            channel = await self.connection.channel(publisher_confirms=False)
+        except Exception as exc:
+            raise declare_error(exc) from exc
+        try:
+            yield channel
         except Exception as exc:
             raise declare_error(exc) from exc
         finally:
             if not channel.is_closed:
-                await channel.close()
-
-    async def consume(self, queue_name: str, prefetch: int, callback: Callback) -> Subscription:
-        """Start consuming `queue_name` with manual acks and per-consumer prefetch."""
-        channel = await self.connection.channel(publisher_confirms=False)
-        await channel.set_qos(prefetch_count=prefetch)
-        queue = await channel.get_queue(queue_name, ensure=False)
-        tag = await queue.consume(callback, no_ack=False)
-        return Subscription(channel, queue, tag)
+                with contextlib.suppress(Exception):
+                    await channel.close()
 
     async def publish_to_queue(self, queue_name: str, message: aio_pika.Message) -> None:
         """Publish to a queue by name, mandatory, and wait for the confirm.
@@ -123,17 +138,23 @@ class Transport:
                 exc, exchange="", routing_key=queue_name, message_id=str(message.message_id)
             ) from exc
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the connection; give up waiting after `timeout` (a peer that stopped
+        answering must not hold the worker's exit)."""
         if not self.connection.is_closed:
-            await self.connection.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.connection.close(), timeout)
 
     def on_close(self, callback: Callable[[BaseException | None], Any]) -> None:
         """Call `callback(exc)` when the connection closes, for any reason."""
         self.connection.close_callbacks.add(lambda _conn, exc=None: callback(exc))
 
     async def _confirm_channel(self) -> aio_pika.abc.AbstractChannel:
-        channel = self._publish_channel
-        if channel is None or channel.is_closed or self.is_closed:
-            channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-            self._publish_channel = channel
-        return channel
+        async with self._publish_lock:  # concurrent moves must share one channel, not race
+            channel = self._publish_channel
+            if channel is None or channel.is_closed or self.is_closed:
+                channel = await self.connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+                self._publish_channel = channel
+            return channel

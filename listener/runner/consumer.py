@@ -32,7 +32,7 @@ from listener.runner.execution import (
     run_async,
     run_sync,
 )
-from listener.topology import delay_queue
+from listener.topology import delay_queue, delay_tier
 
 if TYPE_CHECKING:
     from listener.listener import Listener
@@ -79,9 +79,7 @@ class Consumer:
         self._instance = listener()
         self._on_fatal = on_fatal
         self._threads = (
-            None
-            if listener.is_async
-            else HandlerThreads(listener.concurrency, f"{listener.__name__}-handler")
+            None if listener.is_async else HandlerThreads(f"{listener.__name__}-handler")
         )
         self._known_queues: set[str] = {spec.name for spec in listener.topology(settings).queues}
         self.in_flight: set[asyncio.Task[None]] = set()
@@ -113,18 +111,26 @@ class Consumer:
                 return
             await self._process(message)
         except asyncio.CancelledError:
-            # The grace period is over and the worker is stopping: not the handler's
-            # failure. Hand the message back before the connection closes.
+            # The grace period is over and the worker is stopping (or the connection died
+            # and took the channel's tasks with it): not the handler's failure. Hand the
+            # message back before the connection closes.
             task.uncancel()
             await self._hand_back(message)
             raise
+        except Exception:
+            # A bug or a broker refusal outside the outcome table (a failing declare, say).
+            # Never leave the delivery hanging: it would hold a prefetch slot for good.
+            log.exception(
+                "%s: unexpected error while handling message %s; it goes back to its queue",
+                self.listener.__name__,
+                message.message_id,
+            )
+            await asyncio.sleep(_SETTLE_RETRY_PAUSE)
+            if not await self._hand_back(message):
+                await self._requeue(message)
         finally:
             self.in_flight.discard(task)
             self.settling.discard(task)
-
-    def stop_threads(self) -> None:
-        if self._threads is not None:
-            self._threads.shutdown()
 
     async def _process(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         listener = self.listener
@@ -240,8 +246,8 @@ class Consumer:
             )
         )
         if isinstance(decision, RetryLater):
-            target = await self._delay_target(decision.delay)
-            verb = f"retry in {decision.delay:g}s"
+            target, delay = await self._delay_target(decision.delay)
+            verb = f"retry in {delay:g}s"
         else:
             assert isinstance(decision, Park)
             headers["x-parked-reason"] = decision.reason
@@ -308,15 +314,16 @@ class Consumer:
             self._known_queues.update(spec.name for spec in topology.queues)
             await self.transport.publish_to_queue(target, copy)
 
-    async def _delay_target(self, delay: float) -> str:
+    async def _delay_target(self, delay: float) -> tuple[str, float]:
         if delay <= 0:
-            return self.listener.queue
+            return self.listener.queue, 0.0
+        delay = delay_tier(delay, self.listener.retry_delays)
         spec = delay_queue(self.listener.queue, delay, self.settings.queue_type)
         if spec.name not in self._known_queues:
             # A Retry(delay=...) outside retry_delays: its queue is declared on first use.
             await self.transport.declare_queue(spec)
             self._known_queues.add(spec.name)
-        return spec.name
+        return spec.name, delay
 
     async def _ack(self, message: aio_pika.abc.AbstractIncomingMessage, message_id: str) -> None:
         try:
@@ -331,17 +338,20 @@ class Consumer:
                 type(exc).__name__,
             )
 
-    async def _hand_back(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    async def _hand_back(self, message: aio_pika.abc.AbstractIncomingMessage) -> bool:
         """Return a message that got no outcome (the worker is stopping) to its queue.
 
         A confirmed copy then an ack, rather than a requeue: RabbitMQ counts a requeued or
         unacked-at-close delivery in `x-delivery-count`, which the framework reads as "the
         worker died", and a deploy is not a death. If the copy cannot be made, the message is
         left unacked and the broker requeues it when the connection closes.
+
+        Returns:
+            False when the message is still unsettled on a live channel.
         """
         message_id = message.message_id or new_message_id()
-        if _channel_closed(message):
-            return
+        if message.processed or _channel_closed(message):
+            return True  # settled already, or the broker has it back already
         try:
             await self._move(message, message_id, self.listener.queue, _carried_headers(message))
         except Exception as exc:
@@ -351,13 +361,15 @@ class Consumer:
                 message_id,
                 type(exc).__name__,
             )
-            return
+            return False
         await self._ack(message, message_id)
+        return True
 
     async def _requeue(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         # If the channel is gone the broker has requeued it already.
-        with contextlib.suppress(Exception):
-            await message.nack(requeue=True)
+        if not message.processed:
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
 
 
 class _LeaveUnacked(Exception):

@@ -2,17 +2,18 @@
 
 An async handler that outlives its timeout is cancelled. A sync handler cannot be stopped
 from outside (Python has no safe way to kill a thread), so when it outlives its timeout the
-attempt counts as failed at once, its thread is *abandoned* (it runs on until `handle`
-returns, and its result is thrown away) and a new thread takes its place, so the listener
-keeps its full concurrency. Abandoned threads are daemon threads: they never keep the
-process from exiting, and `stuck` counts them for the supervisor to recycle the worker.
+attempt counts as failed at once and its thread is *abandoned*: it runs on until `handle`
+returns, and its result is thrown away. Each attempt gets a thread of its own (prefetch
+already bounds how many run at once), so an abandoned thread never holds up the next
+message. Abandoned threads are daemon threads: they never keep the process from exiting,
+and `stuck` counts them so that a supervisor can recycle the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
+import inspect
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -35,77 +36,98 @@ class HandlerExited(Exception):
         self.original = original
 
 
-_Job = tuple[Callable[[Any], Any], Any, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
-
-
 class HandlerThreads:
-    """A pool of daemon threads for synchronous handlers that replaces stuck threads."""
+    """Starts a daemon thread per sync attempt and counts the ones left running."""
 
-    def __init__(self, size: int, name: str) -> None:
-        self._size = size
+    def __init__(self, name: str) -> None:
         self._name = name
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._threads = 0
-        self._idle = 0
-        self._retiring = 0  # abandoned threads that should exit once their handler returns
+        self._started = 0
         self.stuck = 0
 
     def __repr__(self) -> str:
-        return f"<HandlerThreads {self._name} threads={self._threads} stuck={self.stuck}>"
+        return f"<HandlerThreads {self._name} started={self._started} stuck={self.stuck}>"
 
-    def submit(self, fn: Callable[[Any], Any], arg: Any) -> asyncio.Future[Any]:
-        """Run `fn(arg)` on a pool thread; the returned future resolves on the loop."""
+    async def run(self, fn: Callable[[Any], Any], arg: Any, timeout: float) -> Any:
+        """Run `fn(arg)` on a new thread and wait up to `timeout` seconds for it.
+
+        Raises:
+            AttemptTimedOut: past the timeout; the thread is abandoned.
+            HandlerExited: `fn` raised SystemExit or KeyboardInterrupt.
+            asyncio.CancelledError: the wait was cancelled; the thread is abandoned.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        with self._lock:
-            spawn = self._idle == 0 and self._threads - self.stuck < self._size
-            if spawn:
-                self._threads += 1
-            else:
-                self._idle -= 1 if self._idle else 0
-        if spawn:
-            threading.Thread(
-                target=self._work, name=f"{self._name}-{self._threads}", daemon=True
-            ).start()
-        self._jobs.put((fn, arg, future, loop))
-        return future
+        state = _Attempt()
+        self._started += 1
+        thread = threading.Thread(
+            target=self._work,
+            args=(fn, arg, future, loop, state),
+            name=f"{self._name}-{self._started}",
+            daemon=True,
+        )
+        thread.start()
+        try:
+            async with asyncio.timeout(timeout) as deadline:
+                return await future
+        except TimeoutError:
+            if deadline.expired():
+                self._abandon(state)
+                raise AttemptTimedOut(
+                    f"handle() ran longer than its {timeout:g}s timeout; its thread was abandoned"
+                ) from None
+            raise
+        except asyncio.CancelledError:
+            self._abandon(state)
+            raise
 
-    def abandon(self) -> None:
-        """Count one thread as stuck and let a fresh one take its place."""
+    def _abandon(self, state: _Attempt) -> None:
         with self._lock:
-            self.stuck += 1
-            self._retiring += 1
+            if not state.finished:
+                state.abandoned = True
+                self.stuck += 1
 
-    def shutdown(self) -> None:
-        """Let idle threads exit; busy (or stuck) ones exit when their handler returns."""
+    def _work(
+        self,
+        fn: Callable[[Any], Any],
+        arg: Any,
+        future: asyncio.Future[Any],
+        loop: asyncio.AbstractEventLoop,
+        state: _Attempt,
+    ) -> None:
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = fn(arg)
+            if inspect.isawaitable(result):
+                # A coroutine returned by a handler that did not look async (a decorator
+                # hid it): nothing would ever run it, so the attempt must not count as done.
+                close = getattr(result, "close", None)
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        close()
+                error = TypeError(
+                    "handle() returned an awaitable: it is async but does not look it (a "
+                    "decorator without functools.wraps?); declare it with async def"
+                )
+        except (SystemExit, KeyboardInterrupt) as exc:
+            error = HandlerExited(exc)
+        except BaseException as exc:
+            error = exc
         with self._lock:
-            count = self._threads
-        for _ in range(count):
-            self._jobs.put(None)
+            state.finished = True
+            if state.abandoned:
+                self.stuck -= 1
+                return  # nobody waits for this result any more
+        _resolve(loop, future, result, error)
 
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            fn, arg, future, loop = job
-            try:
-                result = fn(arg)
-            except (SystemExit, KeyboardInterrupt) as exc:
-                _resolve(loop, future, None, HandlerExited(exc))
-            except BaseException as exc:
-                _resolve(loop, future, None, exc)
-            else:
-                _resolve(loop, future, result, None)
-            with self._lock:
-                if future.cancelled() and self._retiring:
-                    # This thread was abandoned and a replacement already runs: leave.
-                    self._retiring -= 1
-                    self.stuck -= 1
-                    self._threads -= 1
-                    return
-                self._idle += 1
+
+class _Attempt:
+    __slots__ = ("abandoned", "finished")
+
+    def __init__(self) -> None:
+        self.abandoned = False
+        self.finished = False
 
 
 def _resolve(
@@ -115,7 +137,7 @@ def _resolve(
     exc: BaseException | None,
 ) -> None:
     def settle() -> None:
-        if future.done():  # cancelled by a time-out: nobody waits for this result
+        if future.done():  # cancelled or timed out meanwhile: nobody waits for it
             return
         if exc is not None:
             future.set_exception(exc)
@@ -143,15 +165,5 @@ async def run_async(handler: Callable[[Any], Awaitable[Any]], message: Any, time
 async def run_sync(
     threads: HandlerThreads, handler: Callable[[Any], Any], message: Any, timeout: float
 ) -> None:
-    """Run a sync handler on `threads`; past `timeout` abandon its thread and fail the attempt."""
-    future = threads.submit(handler, message)
-    try:
-        async with asyncio.timeout(timeout) as deadline:
-            await future
-    except TimeoutError:
-        if deadline.expired():
-            threads.abandon()
-            raise AttemptTimedOut(
-                f"handle() ran longer than its {timeout:g}s timeout; its thread was abandoned"
-            ) from None
-        raise
+    """Run a sync handler on its own thread; past `timeout` abandon it and fail the attempt."""
+    await threads.run(handler, message, timeout)

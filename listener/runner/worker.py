@@ -1,9 +1,10 @@
-"""A worker process: one connection, a consumer per listener, reconnects, graceful drain."""
+"""A worker process: one connection, a consumer per listener, recovery, graceful drain."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -23,12 +24,12 @@ __all__ = ["Worker"]
 
 log = logging.getLogger("listener.worker")
 
-#: Reconnect back-off after a lost connection: doubles from the first value up to the cap,
+#: Back-off after a lost connection or consumer: doubles from the first value up to the cap,
 #: with jitter so that many workers do not reconnect in lock-step.
 _BACKOFF_FIRST = 0.5
 _BACKOFF_CAP = 15.0
-#: How long cancelled handlers get to unwind after the grace period before the connection
-#: closes under them.
+#: How long cancelled handlers get to unwind (and hand their messages back) after the grace
+#: period, and how long a basic.cancel may wait for its answer during the drain.
 _CANCEL_WAIT = 2.0
 
 
@@ -53,13 +54,17 @@ class Worker:
         self.install_signals = install_signals
         self.exit_code = 0
         self.consumers: list[Consumer] = []
-        self._subscriptions: list[Subscription] = []
-        self._transport: Transport | None = None
-        self._stop: asyncio.Event | None = None
-        self._lost: asyncio.Event | None = None
-        self._closing = False
-        self._connection_name = "amqp-listener worker"
         self.ready = False
+        self._subscriptions: dict[Consumer, Subscription] = {}
+        self._resubscribing: dict[Consumer, asyncio.Task[None]] = {}
+        self._transport: Transport | None = None
+        self._stop = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._closing = False
+        # Named after its queues, so that an operator can tell connections apart in the
+        # management UI (and close one on purpose).
+        queues = ",".join(cls.queue for cls in self.listeners)
+        self._connection_name = f"amqp-listener worker pid={os.getpid()} [{queues[:180]}]"
 
     def __repr__(self) -> str:
         totals = {"handled": 0, "retried": 0, "parked": 0}
@@ -72,7 +77,7 @@ class Worker:
 
     def request_stop(self, reason: str = "requested") -> None:
         """Begin a graceful stop (safe to call more than once)."""
-        if self._stop is not None and not self._stop.is_set():
+        if not self._stop.is_set():
             log.info(
                 "stopping (%s): no new messages; in-flight ones get %gs to finish",
                 reason,
@@ -86,41 +91,33 @@ class Worker:
         Raises:
             BrokerUnreachable, AuthenticationFailed, TopologyMismatch: at start-up.
         """
-        loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        self._lost = asyncio.Event()
         if self.install_signals:
-            signals.install(loop, lambda name: self.request_stop(f"received {name}"))
-        # Named after its queues, so an operator can tell the connections apart in the
-        # management UI and close one of them on purpose.
-        queues = ",".join(cls.queue for cls in self.listeners)
-        self._connection_name = f"amqp-listener worker pid={os.getpid()} [{queues[:180]}]"
-        transport = await self._connect_at_start()
-        for cls in self.listeners:
-            self.consumers.append(
-                Consumer(cls, transport, settings=self.settings, on_fatal=self._fatal)
+            signals.install(
+                asyncio.get_running_loop(), lambda name: self.request_stop(f"received {name}")
             )
+        transport = await self._connect_at_start()
+        if transport is None:  # stopped while the broker was still out of reach
+            return self.exit_code
+        self.consumers = [
+            Consumer(cls, transport, settings=self.settings, on_fatal=self._fatal)
+            for cls in self.listeners
+        ]
         try:
             await self._start(transport)
         except BaseException:
             await transport.close()
             raise
         while not self._stop.is_set():
-            stop_wait = asyncio.ensure_future(self._stop.wait())
-            lost_wait = asyncio.ensure_future(self._lost.wait())
-            await asyncio.wait({stop_wait, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
-            stop_wait.cancel()
-            lost_wait.cancel()
+            await _first_of(self._stop, self._lost)
             if self._stop.is_set():
                 break
             self.ready = False
-            reconnected = await self._reconnect()
-            if reconnected is None:
+            if await self._reconnect() is None:
                 break
         await self._drain()
         return self.exit_code
 
-    async def _connect_at_start(self) -> Transport:
+    async def _connect_at_start(self) -> Transport | None:
         attempts = 1 if self.fail_fast else self.settings.connect_attempts
         delay = 1.0
         for attempt in range(1, attempts + 1):
@@ -139,26 +136,20 @@ class Worker:
                     exc,
                     wait,
                 )
-                await asyncio.sleep(wait)
+                if await _stopped_within(self._stop, wait):
+                    return None
                 delay = min(delay * 2, _BACKOFF_CAP)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _start(self, transport: Transport) -> None:
-        assert self._lost is not None
         self._lost.clear()
         self._transport = transport
         for consumer in self.consumers:
             consumer.transport = transport
             await transport.declare(consumer.listener.topology(self.settings))
-        self._subscriptions = []
+        self._subscriptions = {}
         for consumer in self.consumers:
-            subscription = await transport.consume(
-                consumer.listener.queue, consumer.listener.concurrency, consumer.on_message
-            )
-            subscription.channel.close_callbacks.add(self._on_channel_closed)
-            underlay = await subscription.channel.get_underlay_channel()
-            underlay.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
-            self._subscriptions.append(subscription)
+            await self._subscribe(consumer, transport)
         transport.on_close(self._on_connection_closed)
         self.ready = True
         names = ", ".join(
@@ -169,35 +160,94 @@ class Worker:
             "worker pid=%d consuming on %s: %s", os.getpid(), self.settings.redacted_url, names
         )
 
+    async def _subscribe(self, consumer: Consumer, transport: Transport) -> None:
+        listener = consumer.listener
+        subscription = await transport.consume(
+            listener.queue, listener.concurrency, consumer.on_message
+        )
+        self._subscriptions[consumer] = subscription
+        subscription.channel.close_callbacks.add(
+            functools.partial(self._on_channel_closed, consumer, subscription)
+        )
+        underlay = await subscription.channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(
+            functools.partial(self._on_consumer_cancelled, consumer, subscription)
+        )
+
     def _on_connection_closed(self, exc: BaseException | None) -> None:
-        if not self._closing and self._lost is not None:
+        if not self._closing:
             log.warning("connection to the broker lost (%s)", _describe(exc))
             self._lost.set()
 
-    def _on_channel_closed(self, _channel: object, exc: BaseException | None = None) -> None:
-        # A consumer channel closed by the broker (consumer_timeout, queue deleted, ...)
-        # would leave a live connection consuming nothing: start over on a new connection.
-        if not self._closing and self._lost is not None and not self._lost.is_set():
+    def _on_channel_closed(
+        self, consumer: Consumer, subscription: Subscription, _channel: object, exc: object = None
+    ) -> None:
+        # A consumer channel closed by the broker (consumer_timeout, a refused ack, ...)
+        # would leave that listener consuming nothing.
+        if self._subscriptions.get(consumer) is subscription and not self._closing:
             log.warning(
-                "a consumer channel was closed by the broker (%s); reconnecting", _describe(exc)
+                "%s: its channel was closed by the broker (%s); subscribing again",
+                consumer.listener.__name__,
+                _describe(exc if isinstance(exc, BaseException) else None),
             )
-            self._lost.set()
+            self._resubscribe_later(consumer)
 
-    def _on_consumer_cancelled(self, frame: object) -> None:
-        # The broker cancelled a consumer (its queue was deleted, a node went away): a live
-        # connection that consumes nothing is the worst state to be in. Start over: the
-        # topology is declared again and every queue consumed afresh.
-        if not self._closing and self._lost is not None and not self._lost.is_set():
-            log.warning("the broker cancelled a consumer (%s); reconnecting", frame)
-            self._lost.set()
+    def _on_consumer_cancelled(
+        self, consumer: Consumer, subscription: Subscription, _frame: object
+    ) -> None:
+        # The broker cancelled the consumer (its queue was deleted, a node went away).
+        if self._subscriptions.get(consumer) is subscription and not self._closing:
+            log.warning(
+                "%s: the broker cancelled its consumer on %s; declaring and subscribing again",
+                consumer.listener.__name__,
+                consumer.listener.queue,
+            )
+            self._resubscribe_later(consumer)
+
+    def _resubscribe_later(self, consumer: Consumer) -> None:
+        if consumer not in self._resubscribing:
+            self._resubscribing[consumer] = asyncio.ensure_future(self._resubscribe(consumer))
+
+    async def _resubscribe(self, consumer: Consumer) -> None:
+        """Give one listener a fresh channel and consumer; the others are left alone."""
+        delay = _BACKOFF_FIRST
+        try:
+            while not (self._closing or self._lost.is_set() or self._stop.is_set()):
+                transport = self._transport
+                if transport is None or transport.is_closed:
+                    self._lost.set()
+                    return
+                old = self._subscriptions.pop(consumer, None)
+                if old is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(old.channel.close(), _CANCEL_WAIT)
+                try:
+                    await transport.declare(consumer.listener.topology(self.settings))
+                    await self._subscribe(consumer, transport)
+                except Exception as exc:
+                    wait = delay * random.uniform(0.5, 1.5)
+                    log.warning(
+                        "%s: subscribing again failed (%s); next try in %.1fs",
+                        consumer.listener.__name__,
+                        exc,
+                        wait,
+                    )
+                    if await _stopped_within(self._stop, wait):
+                        return
+                    delay = min(delay * 2, _BACKOFF_CAP)
+                    continue
+                log.info(
+                    "%s: consuming %s again", consumer.listener.__name__, consumer.listener.queue
+                )
+                return
+        finally:
+            self._resubscribing.pop(consumer, None)
 
     async def _reconnect(self) -> Transport | None:
-        assert self._stop is not None
         old = self._transport
         if old is not None:
             self._closing = True
-            with contextlib.suppress(Exception):
-                await old.close()
+            await old.close(timeout=_CANCEL_WAIT)
             self._closing = False
         delay = _BACKOFF_FIRST
         while not self._stop.is_set():
@@ -207,12 +257,11 @@ class Worker:
                 await self._start(transport)
             except Exception as exc:
                 if transport is not None:
-                    with contextlib.suppress(Exception):
-                        await transport.close()
+                    await transport.close(timeout=_CANCEL_WAIT)
                 wait = delay * random.uniform(0.5, 1.5)
                 log.warning("reconnecting failed (%s); next try in %.1fs", exc, wait)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=wait)
+                if await _stopped_within(self._stop, wait):
+                    return None
                 delay = min(delay * 2, _BACKOFF_CAP)
                 continue
             log.info("reconnected to %s", self.settings.redacted_url)
@@ -226,12 +275,14 @@ class Worker:
     async def _drain(self) -> None:
         self._closing = True
         self.ready = False
+        for task in list(self._resubscribing.values()):
+            task.cancel()
         for consumer in self.consumers:
             consumer.accepting = False
-        for subscription in self._subscriptions:
-            # A closed channel delivers nothing more anyway.
+        for subscription in self._subscriptions.values():
+            # Bounded: a broker that stopped answering must not eat the grace period.
             with contextlib.suppress(Exception):
-                await subscription.cancel()
+                await asyncio.wait_for(subscription.cancel(), _CANCEL_WAIT)
         pending = {task for consumer in self.consumers for task in consumer.in_flight}
         if pending:
             log.info(
@@ -242,7 +293,7 @@ class Worker:
             _done, pending = await asyncio.wait(pending, timeout=self.settings.grace_period)
         if pending:
             log.warning(
-                "%d message(s) did not finish within %gs; they go back to the queue unacked",
+                "%d message(s) did not finish within %gs; they go back to the queue",
                 len(pending),
                 self.settings.grace_period,
             )
@@ -251,11 +302,24 @@ class Worker:
                 task.cancel()
             await asyncio.wait(pending, timeout=_CANCEL_WAIT)
         if self._transport is not None:
-            with contextlib.suppress(Exception):
-                await self._transport.close()
-        for consumer in self.consumers:
-            consumer.stop_threads()
+            await self._transport.close(timeout=_CANCEL_WAIT)
         log.info("worker pid=%d stopped: %r", os.getpid(), self)
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to `seconds`, waking early if `stop` is set; returns whether it was."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    return stop.is_set()
 
 
 def _describe(exc: BaseException | None) -> str:
