@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 failed (broker or runtime), 2 usage or configuration error
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import os
@@ -27,6 +28,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+class LogLevel(enum.StrEnum):
+    """How much the runner logs."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
 
 UrlOption = Annotated[
     str | None,
@@ -89,12 +100,14 @@ def run(
     fail_fast: Annotated[
         bool, typer.Option("--fail-fast", help="Exit at once if the broker is unreachable.")
     ] = False,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    log_level: Annotated[
+        LogLevel, typer.Option(case_sensitive=False, help="How much the runner logs.")
+    ] = LogLevel.INFO,
 ) -> None:
     """Host the listeners in MODULES and consume until stopped (SIGTERM/SIGINT drain)."""
     from listener.runner import run_worker
 
-    _configure_logging(log_level)
+    _configure_logging(log_level.value)
     settings = _settings(url)
     if grace is not None:
         settings = settings.model_copy(update={"grace_period": grace})
