@@ -16,6 +16,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from listener import registry
+from listener._cli_operate import dead_app, status
 from listener.errors import BrokerError, ConfigurationError, ListenerError, PublishError
 from listener.settings import Settings, get_settings
 
@@ -172,6 +173,14 @@ def publish(
     typer.echo(message_id)
 
 
+app.command()(status)
+app.add_typer(dead_app, name="dead")
+
+
 def main() -> None:
     """Console-script entry point."""
+    # Modules named on the command line are looked up from the current directory first,
+    # as `python -m` does.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     app()

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
+    "DELAY_LADDER",
     "DELIVERY_LIMIT",
     "MAX_DELAY",
+    "PEEK_LIMIT",
     "QueueSpec",
     "QueueType",
     "Topology",
@@ -107,11 +109,15 @@ def delay_queue(queue: str, delay: float, queue_type: QueueType) -> QueueSpec:
     return QueueSpec(delay_queue_name(queue, delay), arguments)
 
 
+#: The delivery limit of `<queue>.dead`: it only keeps peeked messages in their place (see
+#: `_dead_arguments`); no operator peeks two billion times.
+PEEK_LIMIT = 2**31 - 1
+
 #: The longest delay RabbitMQ can hold a message for: x-message-ttl is a 32-bit count of ms.
 MAX_DELAY = (2**32 - 1) / 1000
 #: Delays outside a listener's `retry_delays` (from `Retry(delay=...)`) are rounded *up* to
 #: one of these, so that jittered or computed delays cannot create a queue per millisecond.
-_LADDER = (
+DELAY_LADDER = (
     0.1,
     0.2,
     0.5,
@@ -142,7 +148,7 @@ def delay_tier(delay: float, declared: Iterable[float]) -> float:
     wanted = _milliseconds(delay)
     if any(_milliseconds(d) == wanted for d in declared):
         return wanted / 1000
-    for step in _LADDER:
+    for step in DELAY_LADDER:
         if step * 1000 >= wanted:
             return float(step)
     days = -(-wanted // 86_400_000)
@@ -171,7 +177,7 @@ def describe(
         exchange=exchange,
         binding_key=binding_key,
         queue=QueueSpec(queue, main_arguments),
-        dead=QueueSpec(dead_queue_name(queue), _type_arguments(queue_type)),
+        dead=QueueSpec(dead_queue_name(queue), _dead_arguments(queue_type)),
         delays=tuple(delay_queue(queue, ms / 1000, queue_type) for ms in delays),
     )
 
@@ -184,6 +190,15 @@ def _type_arguments(queue_type: QueueType) -> dict[str, Any]:
     # Classic is the broker's default; naming it explicitly would make an existing queue
     # declared without the argument look inequivalent.
     return {"x-queue-type": "quorum"} if queue_type == "quorum" else {}
+
+
+def _dead_arguments(queue_type: QueueType) -> dict[str, Any]:
+    # A quorum queue without a delivery limit puts a message that is handed back (as
+    # `amqp-listener dead list` does after peeking) at the *back*; with one, near the head,
+    # where it was. The limit is out of reach, so nothing is ever dropped for it.
+    if queue_type != "quorum":
+        return {}
+    return {**_type_arguments(queue_type), "x-delivery-limit": PEEK_LIMIT}
 
 
 def _safe_dead_lettering(queue_type: QueueType) -> dict[str, Any]:
