@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import json
 import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import pydantic
 import pytest
 from pydantic import BaseModel
+from support.proxy import TcpProxy
 
 import listener
-from listener import Listener
+from listener import Listener, Settings
 from listener.apublisher import default_async_publisher
 
 
@@ -809,3 +812,341 @@ async def test_a_stop_past_the_grace_period_does_not_use_up_an_attempt(
     dead = rabbit.drain(f"{OneShot.queue}.dead")
     assert dead == [], f"parked instead of handled: {headers_of(dead[0][0])}"
     assert handled == [6]
+
+
+# -- how handle() is declared ---------------------------------------------------------------------
+
+
+def _plain_decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A decorator that knows nothing of async, as logging and metrics helpers often are."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+async def test_an_async_handle_behind_a_plain_wrapping_decorator_is_awaited_and_acked(
+    unique, rabbit, run_worker
+):
+    seen: list[int] = []
+
+    class Decorated(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.decorated"
+
+        @_plain_decorator
+        async def handle(self, message: Item) -> None:
+            await asyncio.sleep(0)
+            seen.append(message.n)
+
+    assert Decorated.is_async
+    async with run_worker(Decorated) as worker:
+        await Decorated.anotify(n=1)
+        await eventually(lambda: worker.consumers[0].counts["handled"] == 1)
+        await settle(rabbit, Decorated)
+
+    assert seen == [1]  # the body ran: the coroutine was awaited, not dropped
+    assert worker.consumers[0].counts == {"handled": 1, "retried": 0, "parked": 0, "failed": 0}
+    assert rabbit.count(f"{Decorated.queue}.dead") == 0
+
+
+async def test_a_sync_handle_that_returns_a_coroutine_fails_and_is_parked_not_acked(
+    unique, rabbit, run_worker
+):
+    ran: list[int] = []
+
+    class HiddenAsync(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.hidden_async"
+        max_attempts = 2
+        retry_delays = (0.1,)
+
+        # What a decorator without functools.wraps leaves behind: a plain function that
+        # returns the coroutine of the real, async, handler.
+        def handle(self, message: Item) -> Any:
+            return self._really(message)
+
+        async def _really(self, message: Item) -> None:
+            ran.append(message.n)
+
+    assert not HiddenAsync.is_async
+    async with run_worker(HiddenAsync) as worker:
+        await HiddenAsync.anotify(n=3)
+        properties, body = await parked(rabbit, HiddenAsync)
+        await settle(rabbit, HiddenAsync)
+
+    headers = headers_of(properties)
+    assert headers["x-parked-reason"] == "failed"
+    assert headers["x-attempts"] == 2
+    assert headers["x-exception-type"] == "TypeError"
+    assert "awaitable" in headers["x-exception-message"]
+    assert json.loads(body) == {"n": 3}
+    assert ran == []  # the coroutine was closed, never run half-way
+    assert worker.consumers[0].counts["handled"] == 0
+
+
+def test_a_handle_declared_with_yield_is_refused_when_the_class_is_created(unique):
+    with pytest.raises(listener.ListenerDefinitionError, match="handle"):
+
+        class SyncGenerator(Listener):
+            subscribes_to = f"{unique}.key"
+            queue = f"{unique}.sync_generator"
+
+            def handle(self, message: Item) -> Any:
+                yield message
+
+    with pytest.raises(listener.ListenerDefinitionError, match="handle"):
+
+        class AsyncGenerator(Listener):
+            subscribes_to = f"{unique}.key"
+            queue = f"{unique}.async_generator"
+
+            async def handle(self, message: Item) -> Any:
+                yield message
+
+    with pytest.raises(listener.ListenerDefinitionError, match="handle"):
+
+        class DecoratedGenerator(Listener):
+            subscribes_to = f"{unique}.key"
+            queue = f"{unique}.decorated_generator"
+
+            @_plain_decorator
+            def handle(self, message: Item) -> Any:
+                yield message
+
+
+# -- connection blips -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy() -> Iterator[TcpProxy]:
+    """A TCP proxy to the broker, for a worker whose connection the test breaks."""
+    running = TcpProxy()
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def through(proxy: TcpProxy, **overrides: Any) -> Settings:
+    """Worker settings that connect through `proxy`."""
+    values: dict[str, Any] = {"grace_period": 5, "confirm_timeout": 5, "connect_attempts": 1}
+    values.update(overrides)
+    return Settings(url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F", **values)
+
+
+async def test_a_connection_reset_during_a_sync_handler_does_not_wedge_the_listener(
+    unique, rabbit, run_worker, proxy
+):
+    first_started = threading.Event()
+    release_first = threading.Event()
+    finished: list[int] = []
+
+    class Blipped(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.blipped"
+        concurrency = 1
+        timeout = 8
+        retry_delays = (0.1,)
+
+        def handle(self, message: Item) -> None:
+            if not first_started.is_set():
+                first_started.set()
+                release_first.wait(8)  # still running while the connection is replaced
+            finished.append(message.n)
+
+    try:
+        async with run_worker(Blipped, worker_settings=through(proxy)) as worker:
+            before = worker._transport
+            await Blipped.anotify(n=1)
+            assert await asyncio.to_thread(first_started.wait, 5)
+            proxy.reset()  # a broker blip while the sync handler runs
+            await eventually(lambda: worker._transport is not before and worker.ready)
+            # Message 1 comes back (never acked); it and the next one are handled although
+            # the first attempt's thread is still busy.
+            await eventually(lambda: finished == [1])
+            await Blipped.anotify(n=2)
+            await eventually(lambda: finished == [1, 2])
+            release_first.set()
+            await eventually(lambda: finished == [1, 2, 1])  # the abandoned call returns late
+            await settle(rabbit, Blipped)
+    finally:
+        release_first.set()
+
+    assert rabbit.count(Blipped.queue) == 0
+    assert rabbit.count(f"{Blipped.queue}.dead") == 0
+
+
+async def test_a_stop_with_the_connection_blackholed_returns_within_the_grace_period(
+    unique, rabbit, run_worker, proxy
+):
+    class Cut(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.cut"
+
+        async def handle(self, message: Item) -> None: ...
+
+    # A heartbeat longer than the test: only the drain's own bounds can end the wait.
+    quick = through(proxy, grace_period=1, heartbeat=60)
+    async with run_worker(Cut, worker_settings=quick):
+        proxy.blackhole()  # the broker stops answering; the socket stays open
+        stopping = time.monotonic()
+    took = time.monotonic() - stopping
+
+    assert took < 10, f"run() returned {took:.1f}s after the stop request (grace 1s)"
+
+
+# -- Retry with odd delays ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delay", [10**10, float("inf"), float("nan"), -1])
+def test_a_retry_delay_the_broker_cannot_hold_is_refused_when_the_retry_is_made(delay):
+    with pytest.raises(ValueError, match="Retry delay"):
+        listener.Retry(delay=delay)
+
+
+def test_the_longest_retry_delay_the_broker_can_hold_is_accepted():
+    assert listener.Retry(delay=4_294_967).delay == 4_294_967
+    assert listener.Retry(delay=0).delay == 0
+
+
+@pytest.mark.parametrize("delay", [float("inf"), float("nan")], ids=["inf", "nan"])
+async def test_retry_with_a_non_finite_delay_is_an_ordinary_failure_and_the_worker_goes_on(
+    unique, rabbit, run_worker, delay
+):
+    handled: list[int] = []
+
+    class Unbounded(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.unbounded"
+        concurrency = 1
+        max_attempts = 2
+        retry_delays = (0.1,)
+
+        async def handle(self, message: Item) -> None:
+            if message.n == 1:
+                raise listener.Retry(delay=delay)
+            handled.append(message.n)
+
+    async with run_worker(Unbounded) as worker:
+        await Unbounded.anotify(n=1)
+        properties, _body = await parked(rabbit, Unbounded)
+        await Unbounded.anotify(n=2)
+        await eventually(lambda: handled == [2])
+        await eventually(lambda: worker.consumers[0].counts["handled"] == 1)
+
+    headers = headers_of(properties)
+    assert headers["x-parked-reason"] == "failed"
+    assert headers["x-exception-type"] == "ValueError"
+    assert "Retry delay" in headers["x-exception-message"]
+    assert headers["x-attempts"] == 2  # retried on the listener's own delays, then parked
+    assert worker.consumers[0].counts["parked"] == 1
+
+
+async def test_a_retry_delay_outside_retry_delays_is_rounded_up_to_the_next_step_of_the_ladder(
+    unique, rabbit, run_worker
+):
+    calls: list[int] = []
+
+    class Rounded(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.rounded"
+        max_attempts = 3
+        retry_delays = (1,)
+
+        async def handle(self, message: Item) -> None:
+            calls.append(message.n)
+            raise listener.Retry(delay=7)
+
+    ten_seconds = f"{Rounded.queue}.retry.10s"
+    rabbit.queues.update({ten_seconds, f"{Rounded.queue}.retry.7s"})
+    async with run_worker(Rounded) as worker:
+        await Rounded.anotify(n=1)
+        await eventually(lambda: worker.consumers[0].counts["retried"] == 1)
+        await eventually(lambda: rabbit.count(ten_seconds) == 1)
+
+    assert calls == [1]  # waiting its 10 s, never sooner
+    assert not rabbit.exists(f"{Rounded.queue}.retry.7s")
+    assert rabbit.count(f"{Rounded.queue}.retry.1s") == 0
+    assert rabbit.count(Rounded.queue) == 0
+    properties, _body = rabbit.get(ten_seconds)
+    assert headers_of(properties)["x-attempts"] == 1
+
+
+# -- failures that are awkward to describe --------------------------------------------------------
+
+
+class Card(BaseModel):
+    number: int
+
+
+#: A stored record that fails validation; its value must never reach a parked message's headers.
+CARD_ON_FILE = {"number": "SECRET-4111-1111"}
+
+
+async def test_a_validation_error_raised_from_inside_handle_keeps_the_input_out_of_the_headers(
+    unique, rabbit, run_worker
+):
+    class Payments(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.payments"
+        max_attempts = 1
+
+        async def handle(self, message: Item) -> None:
+            try:
+                Card.model_validate(CARD_ON_FILE)
+            except pydantic.ValidationError as exc:
+                raise ValueError("the card on file is unusable") from exc
+
+    async with run_worker(Payments):
+        await Payments.anotify(n=1)
+        properties, _body = await parked(rabbit, Payments)
+
+    headers = headers_of(properties)
+    assert headers["x-exception-type"] == "ValueError"
+    assert headers["x-exception-message"] == "the card on file is unusable"
+    text = headers["x-exception-traceback"]
+    assert "ValidationError" in text  # the cause is still told...
+    assert "number" in text  # ...by the field it concerns...
+    assert "SECRET-4111" not in text  # ...never by the value
+    assert "SECRET-4111" not in headers["x-exception-message"]
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("this exception cannot be printed")
+
+
+async def test_an_exception_whose_str_raises_is_still_parked_and_the_worker_goes_on(
+    unique, rabbit, run_worker
+):
+    handled: list[int] = []
+
+    class Awkward(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.awkward"
+        concurrency = 1
+        max_attempts = 1
+
+        def handle(self, message: Item) -> None:
+            if message.n == 1:
+                raise Unprintable()
+            handled.append(message.n)
+
+    async with run_worker(Awkward) as worker:
+        await Awkward.anotify(n=1)
+        properties, body = await parked(rabbit, Awkward)
+        await Awkward.anotify(n=2)
+        await eventually(lambda: handled == [2])
+        await eventually(lambda: worker.consumers[0].counts["handled"] == 1)
+
+    headers = headers_of(properties)
+    assert headers["x-parked-reason"] == "failed"
+    assert "Unprintable" in headers["x-exception-type"]
+    assert "str() failed" in headers["x-exception-message"]
+    assert "raise Unprintable()" in headers["x-exception-traceback"]
+    assert json.loads(body) == {"n": 1}
+    assert rabbit.count(Awkward.queue) == 0

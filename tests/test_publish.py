@@ -23,8 +23,10 @@ from support.proxy import TcpProxy
 
 import listener
 from listener import AsyncPublisher, Listener, Publisher, Settings
+from listener import publisher as publisher_module
 from listener.apublisher import default_async_publisher
 from listener.publisher import default_publisher
+from listener.settings import get_settings
 
 
 class CopyRequest(BaseModel):
@@ -354,6 +356,83 @@ async def test_an_async_connection_cut_during_the_handshake_is_unreachable(uniqu
     with pytest.raises(listener.BrokerUnreachable):
         await publisher.publish(f"{unique}.key", {"n": 1})
     await publisher.aclose()
+
+
+# -- connect failures are publish failures too ---------------------------------------------------
+
+#: (URL, the PublishError subclass, the BrokerError it also is). The password is never shown.
+CONNECT_FAILURES = [
+    pytest.param(
+        "amqp://guest:n0t-the-pw@127.0.0.1:1/%2F",
+        listener.PublishUnreachable,
+        listener.BrokerUnreachable,
+        id="unreachable",
+    ),
+    pytest.param(
+        "amqp://guest:n0t-the-pw@127.0.0.1:5672/%2F",
+        listener.PublishRefused,
+        listener.AuthenticationFailed,
+        id="wrong-password",
+    ),
+]
+
+
+@pytest.fixture
+def default_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """`default_url(url)` points notify(), publish() and their async twins at `url`; the
+    process-wide publisher and settings are restored after the test."""
+    monkeypatch.setattr(publisher_module, "_default", None)
+
+    def use(url: str) -> None:
+        monkeypatch.setenv("AMQP_URL", url)
+        get_settings.cache_clear()
+
+    yield use
+    created = publisher_module._default
+    if created is not None:
+        created.close()
+    get_settings.cache_clear()  # the environment is restored next; read it afresh
+
+
+def assert_publish_connect_failure(
+    error: BaseException, publish_class: type, broker_class: type
+) -> None:
+    assert isinstance(error, listener.PublishError), type(error).__mro__
+    assert isinstance(error, broker_class), type(error).__mro__
+    assert isinstance(error, publish_class), type(error).__mro__
+    assert "n0t-the-pw" not in str(error)
+
+
+@pytest.mark.parametrize("send", ["notify", "publish"])
+@pytest.mark.parametrize(("url", "publish_class", "broker_class"), CONNECT_FAILURES)
+def test_a_broker_that_cannot_be_reached_or_refuses_the_login_is_a_publish_error_for_notify(
+    unique, copier, default_url, send, url, publish_class, broker_class
+):
+    default_url(url)
+
+    with pytest.raises(listener.PublishError) as caught:
+        if send == "notify":
+            copier.notify(case_id=1, src="a", dst="b")
+        else:
+            listener.publish(f"{unique}.key", {"n": 1})
+
+    assert_publish_connect_failure(caught.value, publish_class, broker_class)
+
+
+@pytest.mark.parametrize("send", ["anotify", "apublish"])
+@pytest.mark.parametrize(("url", "publish_class", "broker_class"), CONNECT_FAILURES)
+async def test_a_broker_that_cannot_be_reached_or_refuses_the_login_is_a_publish_error_for_anotify(
+    unique, copier, default_url, loop_publisher_closed, send, url, publish_class, broker_class
+):
+    default_url(url)
+
+    with pytest.raises(listener.PublishError) as caught:
+        if send == "anotify":
+            await copier.anotify(case_id=1, src="a", dst="b")
+        else:
+            await listener.apublish(f"{unique}.key", {"n": 1})
+
+    assert_publish_connect_failure(caught.value, publish_class, broker_class)
 
 
 # -- network faults through the proxy -------------------------------------------------------------
