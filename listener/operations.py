@@ -1,13 +1,15 @@
 """What an operator asks of the broker: how are the queues, what is parked and why,
 send it back, throw it away. Plain data in, plain data out; the CLI formats it.
 
-AMQP cannot browse a queue, so parked messages are *peeked*: taken without an ack, read,
-then handed back with `basic.nack(requeue=True)` (or by the broker when the connection
-closes, if the command is killed). The dead-letter queue is declared with a delivery limit
-that can never be reached (`topology.PEEK_LIMIT`), which makes RabbitMQ put a handed-back
-message where it was rather than at the back: peeking loses nothing and reorders nothing.
-It does leave `redelivered` set and counts the peeks in `x-delivery-count`; a replay sends a
-fresh copy without either.
+AMQP cannot browse a queue, so parked messages are *peeked*: the whole queue is taken
+without acks, read, and handed back at once with `basic.nack(requeue=True)` (or by the
+broker when the connection closes, if the command is killed). The dead-letter queue is
+declared with a delivery limit that can never be reached (`topology.PEEK_LIMIT`): RabbitMQ
+then serves handed-back messages first, in the order they came back, so a complete peek
+keeps the queue's order, and messages parked meanwhile stay behind the older ones. A peek
+killed half-way loses nothing but may rotate the queue; listings are sorted by parking
+time in any case. A peek leaves `redelivered` set and counts in `x-delivery-count`; a replay
+sends a fresh copy without either.
 
 A replay publishes a copy to the listener's queue, waits for the broker's confirm, and only
 then acks the parked message: killed half-way, a replay may leave a message both replayed
@@ -247,41 +249,26 @@ class Operator:
     ) -> ReplayResult:
         """Send parked messages back to the listener's queue, each with a fresh attempt count.
 
-        A parked message is acked (removed) only after its copy was confirmed.
+        Without `ids`, the oldest first (up to `limit`). A parked message is acked (removed)
+        only after its copy was confirmed.
         """
-        result = ReplayResult()
-        wanted = set(ids)
-        channel = self._confirm_channel()
+        channel = self._peek_channel()
         with self._peeking(target.dead_queue) as messages:
-            for tag, parked in messages:
-                if limit is not None and len(result.done) >= limit:
-                    break
-                if wanted and parked.message_id not in wanted:
-                    continue
+            chosen, result = _choose(list(messages), ids, limit)
+            for tag, parked in chosen:
                 self._publish_replay(channel, target.queue, parked)
                 channel.basic_ack(tag)
                 result.done.append(parked.message_id)
-                if wanted and wanted <= set(result.done):
-                    break
-        result.not_found = sorted(wanted - set(result.done))
         return result
 
     def purge(self, target: Target, *, ids: Sequence[str] = ()) -> ReplayResult:
         """Delete parked messages: those named by `ids`, or all of them."""
-        result = ReplayResult()
-        if not ids:
-            with self._peeking(target.dead_queue) as messages:
-                for tag, parked in messages:
-                    self._peek_channel().basic_ack(tag)
-                    result.done.append(parked.message_id)
-            return result
-        wanted = set(ids)
+        channel = self._peek_channel()
         with self._peeking(target.dead_queue) as messages:
-            for tag, parked in messages:
-                if parked.message_id in wanted:
-                    self._peek_channel().basic_ack(tag)
-                    result.done.append(parked.message_id)
-        result.not_found = sorted(wanted - set(result.done))
+            chosen, result = _choose(list(messages), ids, None)
+            for tag, parked in chosen:
+                channel.basic_ack(tag)
+                result.done.append(parked.message_id)
         return result
 
     # -- plumbing -------------------------------------------------------------------------
@@ -394,6 +381,26 @@ def _parked(properties: pika.spec.BasicProperties, body: bytes) -> Parked:
         properties=kept,
         body=body,
     )
+
+
+def _choose(
+    taken: list[tuple[int, Parked]], ids: Sequence[str], limit: int | None
+) -> tuple[list[tuple[int, Parked]], ReplayResult]:
+    """The messages a replay or purge acts on: those named, or the oldest (up to `limit`).
+
+    The whole queue is always taken first and everything else handed back together: a
+    quorum queue keeps handed-back messages in the order they come back, so only a
+    complete hand-back leaves the queue in its order.
+    """
+    result = ReplayResult()
+    ordered = sorted(taken, key=lambda item: item[1].parked_at)
+    if ids:
+        wanted = set(ids)
+        chosen = [item for item in ordered if item[1].message_id in wanted]
+        result.not_found = sorted(wanted - {parked.message_id for _, parked in chosen})
+    else:
+        chosen = ordered
+    return (chosen[:limit] if limit is not None else chosen), result
 
 
 def _broker_reason(headers: dict[str, Any]) -> str:

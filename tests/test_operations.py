@@ -1,0 +1,326 @@
+"""The operator's view: status, and parked messages listed, shown, replayed and purged,
+against the real broker, through the library and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pika
+import pytest
+from pydantic import BaseModel
+
+import listener
+from listener import Listener
+from listener.operations import Operator
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).with_name("amqp-listener"))
+
+
+class Job(BaseModel):
+    n: int
+    mode: str = "ok"
+
+
+def cli(*args: str, url: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMQP_LISTENER_")}
+    env.update(AMQP_URL=url, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+        input=stdin,
+        check=False,
+    )
+
+
+def make_listener(unique: str, *, healed: list[bool]) -> type[Listener]:
+    class Flaky(Listener):
+        subscribes_to = f"{unique}.job"
+        queue = f"{unique}.flaky"
+        max_attempts = 2
+        retry_delays = (0.1,)
+        timeout = 0.5
+
+        async def handle(self, message: Job) -> None:
+            if healed[0]:
+                return
+            if message.mode == "raise":
+                raise FileNotFoundError(f"no such file: case {message.n}")
+            if message.mode == "reject":
+                raise listener.Reject("bad request")
+            if message.mode == "hang":
+                await asyncio.sleep(5)
+
+    return Flaky
+
+
+async def park_one_of_each(unique, rabbit, run_worker, healed) -> tuple[type[Listener], list[str]]:
+    """Park five messages, one per reason, oldest first; returns their ids in that order."""
+    cls = make_listener(unique, healed=healed)
+    dead = f"{cls.queue}.dead"
+    ids: list[str] = []
+    async with run_worker(cls):
+        for n, mode in enumerate(("raise", "reject", "hang"), start=1):
+            ids.append(await cls.anotify(n=n, mode=mode))
+            await _wait_depth(rabbit, dead, len(ids))
+        # Foreign publishers: bad JSON and a body that fails the model.
+        for n, body in ((4, b'{"n": '), (5, b'{"n": "four"}')):
+            rabbit.publish(
+                unique, "job", body, message_id=f"foreign-{n}", content_type="application/json"
+            )
+            ids.append(f"foreign-{n}")
+            await _wait_depth(rabbit, dead, len(ids))
+    return cls, ids
+
+
+async def _wait_depth(rabbit, queue: str, depth: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if rabbit.count(queue) >= depth:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{queue} did not reach {depth} message(s)")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def operator(settings):
+    with Operator(settings) as op:
+        yield op
+
+
+async def test_parked_messages_are_listed_oldest_first_with_reason_and_exception(
+    unique, rabbit, run_worker, operator
+):
+    cls, ids = await park_one_of_each(unique, rabbit, run_worker, healed=[False])
+    parked = operator.parked(operator.target(cls.queue))
+
+    assert [p.message_id for p in parked] == ids
+    assert [p.reason for p in parked] == [
+        "failed",
+        "rejected",
+        "timeout",
+        "decode_error",
+        "validation_error",
+    ]
+    assert parked[0].exception_type == "FileNotFoundError"
+    assert parked[0].exception_message == "no such file: case 1"
+    assert parked[0].attempts == 2
+    assert parked[1].exception_message == "bad request"
+    assert parked[3].attempts == 1
+    assert all(p.listener == cls.name() for p in parked)
+
+
+async def test_peeking_twice_neither_removes_nor_reorders(unique, rabbit, run_worker, operator):
+    cls, ids = await park_one_of_each(unique, rabbit, run_worker, healed=[False])
+    target = operator.target(cls.queue)
+    first = [p.message_id for p in operator.parked(target)]
+    second = [p.message_id for p in operator.parked(target)]
+
+    assert first == second == ids
+    # The queue itself is in the same order: read it raw.
+    raw = [properties.message_id for properties, _ in rabbit.drain(f"{cls.queue}.dead")]
+    assert raw == ids
+
+
+async def test_filters_select_by_id_exception_and_age(unique, rabbit, run_worker, operator):
+    cls, ids = await park_one_of_each(unique, rabbit, run_worker, healed=[False])
+    target = operator.target(cls.queue)
+    import datetime as dt
+
+    assert [p.message_id for p in operator.parked(target, ids=[ids[2]])] == [ids[2]]
+    assert [p.message_id for p in operator.parked(target, exception="FileNotFound")] == [ids[0]]
+    assert operator.parked(target, older_than=dt.timedelta(hours=1)) == []
+    assert len(operator.parked(target)) == 5
+
+
+async def test_replaying_sends_fresh_copies_back_and_removes_only_those(
+    unique, rabbit, run_worker, operator
+):
+    cls, ids = await park_one_of_each(unique, rabbit, run_worker, healed=[False])
+    target = operator.target(cls.queue)
+
+    result = operator.replay(target, ids=[ids[0], ids[2], "no-such-id"])
+
+    assert result.done == [ids[0], ids[2]]
+    assert result.not_found == ["no-such-id"]
+    copies = rabbit.drain(cls.queue)
+    assert sorted(p.message_id for p, _ in copies) == sorted([ids[0], ids[2]])
+    for properties, body in copies:
+        headers = properties.headers or {}
+        assert headers["x-replays"] == 1
+        assert "x-attempts" not in headers and "x-parked-reason" not in headers
+        assert headers["x-original-exchange"] == unique
+        assert json.loads(body)["n"] in (1, 3)
+    left = [p.message_id for p in operator.parked(target)]
+    assert left == [ids[1], ids[3], ids[4]]
+
+
+async def test_replayed_messages_of_every_reason_are_handled_once_the_cause_is_fixed(
+    unique, rabbit, run_worker, operator
+):
+    healed = [False]
+    cls, ids = await park_one_of_each(unique, rabbit, run_worker, healed=healed)
+    healed[0] = True
+    seen = []
+
+    async with run_worker(cls) as worker:
+        result = operator.replay(operator.target(cls.queue))
+        assert result.done == ids
+        deadline = time.monotonic() + 15
+        while sum(c.counts["handled"] + c.counts["parked"] for c in worker.consumers) < 5:
+            assert time.monotonic() < deadline, "replayed messages were not all handled"
+            await asyncio.sleep(0.05)
+        seen = [c.counts for c in worker.consumers]
+
+    # The three that failed in the handler now succeed; the two undecodable ones are parked
+    # again at once (their bodies are still bad), with their replay counted.
+    assert seen[0]["handled"] == 3
+    again = operator.parked(operator.target(cls.queue))
+    assert sorted(p.message_id for p in again) == ["foreign-4", "foreign-5"]
+    assert all(p.replays == 1 for p in again)
+
+
+async def test_a_replay_that_fails_half_way_loses_nothing(unique, rabbit, run_worker, operator):
+    cls, ids = await park_one_of_each(unique, rabbit, run_worker, healed=[False])
+    target = operator.target(cls.queue)
+    # Take the listener's queue away: the first replay is returned unroutable.
+    rabbit.delete_queue(cls.queue)
+
+    with pytest.raises(listener.Unroutable):
+        operator.replay(target)
+
+    assert [p.message_id for p in operator.parked(target)] == ids
+
+
+async def test_purging_by_id_removes_only_those(unique, rabbit, run_worker, operator):
+    cls, ids = await park_one_of_each(unique, rabbit, run_worker, healed=[False])
+    target = operator.target(cls.queue)
+
+    result = operator.purge(target, ids=[ids[1], ids[3]])
+
+    assert result.done == [ids[1], ids[3]]
+    assert [p.message_id for p in operator.parked(target)] == [ids[0], ids[2], ids[4]]
+    assert operator.purge(target).done == [ids[0], ids[2], ids[4]]
+    assert operator.parked(target) == []
+
+
+def test_an_unknown_target_is_a_usage_error_and_creates_nothing(unique, rabbit, amqp_url):
+    result = cli("dead", "list", f"{unique}.nothing", url=amqp_url)
+
+    assert result.returncode == 2
+    assert "no dead-letter queue" in result.stderr
+    assert not rabbit.exists(f"{unique}.nothing.dead")
+    assert not rabbit.exists(f"{unique}.nothing")
+
+
+async def test_the_cli_lists_shows_replays_and_purges_with_json(
+    unique, rabbit, run_worker, amqp_url
+):
+    cls, ids = await park_one_of_each(unique, rabbit, run_worker, healed=[False])
+    target = cls.queue
+
+    listed = cli("dead", "list", target, "--json", url=amqp_url)
+    assert listed.returncode == 0, listed.stderr
+    document = json.loads(listed.stdout)
+    assert [m["id"] for m in document["messages"]] == ids
+    assert document["messages"][0]["exception"] == "FileNotFoundError"
+
+    shown = cli("dead", "show", target, ids[0], "--json", url=amqp_url)
+    assert shown.returncode == 0, shown.stderr
+    one = json.loads(shown.stdout)
+    assert json.loads(one["body"]) == {"n": 1, "mode": "raise"}
+    assert "FileNotFoundError" in one["headers"]["x-exception-traceback"]
+
+    table = cli("dead", "show", target, ids[3], url=amqp_url)
+    assert table.returncode == 0 and '{"n": ' in table.stdout and "decode_error" in table.stdout
+
+    missing = cli("dead", "show", target, "nope", url=amqp_url)
+    assert missing.returncode == 1
+
+    refused = cli("dead", "purge", target, url=amqp_url, stdin="")
+    assert refused.returncode == 2
+    assert rabbit.count(f"{cls.queue}.dead") == 5
+
+    replayed = cli("dead", "replay", target, "--limit", "2", "--json", url=amqp_url)
+    assert replayed.returncode == 0, replayed.stderr
+    assert json.loads(replayed.stdout)["replayed"] == ids[:2]
+
+    purged = cli("dead", "purge", target, "--yes", "--json", url=amqp_url)
+    assert json.loads(purged.stdout)["purged"] == ids[2:]
+
+
+async def test_status_counts_ready_waiting_and_parked(
+    unique, rabbit, run_worker, amqp_url, tmp_path
+):
+    cls, _ids = await park_one_of_each(unique, rabbit, run_worker, healed=[False])
+    module = tmp_path / f"{unique}_app.py"
+    module.write_text(
+        "from listener import Listener\n"
+        "class Flaky(Listener):\n"
+        f"    subscribes_to = '{unique}.job'\n"
+        f"    queue = '{cls.queue}'\n"
+        "    retry_delays = (0.1,)\n"
+        "    def handle(self, message): ...\n"
+    )
+    rabbit.publish(unique, "job", b'{"n": 9}', content_type="application/json")
+    rabbit.publish("", f"{cls.queue}.retry.100ms", b'{"n": 10}')
+
+    env_path = f"{tmp_path}{os.pathsep}{ROOT}"
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [CLI, "status", f"{unique}_app", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "AMQP_URL": amqp_url, "PYTHONPATH": env_path},
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)["listeners"]
+    assert row["queue"] == cls.queue
+    assert row["parked"] == 5
+    assert row["ready"] >= 1
+    assert row["consumers"] == 0
+
+
+def test_a_killed_listing_leaves_every_parked_message_in_place(unique, rabbit, amqp_url):
+    dead = f"{unique}.bulk.dead"
+    rabbit.declare_queue(dead, **{"x-queue-type": "quorum", "x-delivery-limit": 2**31 - 1})
+    channel = rabbit._ch()
+    channel.confirm_delivery()
+    for n in range(3000):
+        channel.basic_publish(
+            "", dead, b"{}", pika.BasicProperties(message_id=f"m{n:04d}", delivery_mode=2)
+        )
+
+    env = {**os.environ, "AMQP_URL": amqp_url, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [CLI, "dead", "list", f"{unique}.bulk", "--json"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    time.sleep(0.8)  # long enough to be reading, too short to finish 3000 peeks
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+
+    # The broker takes back what the killed command held: every message is there, once.
+    # (Their order may rotate: a killed peek returns its part of the queue at the head.)
+    deadline = time.monotonic() + 10
+    while rabbit.count(dead) < 3000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ids = [properties.message_id for properties, _ in rabbit.drain(dead)]
+    assert sorted(ids) == [f"m{n:04d}" for n in range(3000)]
