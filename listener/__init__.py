@@ -26,6 +26,7 @@ from listener.errors import (
     Unroutable,
 )
 from listener.listener import Listener
+from listener.middleware import Delivery, Middleware, add_middleware
 from listener.publisher import Publisher, publish
 from listener.settings import Settings
 
@@ -37,10 +38,12 @@ __all__ = [
     "BrokerError",
     "BrokerUnreachable",
     "ConfigurationError",
+    "Delivery",
     "InvalidMessage",
     "Listener",
     "ListenerDefinitionError",
     "ListenerError",
+    "Middleware",
     "PublishConnectionLost",
     "PublishError",
     "PublishNacked",
@@ -54,6 +57,7 @@ __all__ = [
     "TopologyMismatch",
     "Unroutable",
     "__version__",
+    "add_middleware",
     "apublish",
     "publish",
 ]

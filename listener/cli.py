@@ -101,12 +101,21 @@ def run(
     fail_fast: Annotated[
         bool, typer.Option("--fail-fast", help="Exit at once if the broker is unreachable.")
     ] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            "-w",
+            min=1,
+            help="Worker processes, under one supervisor that restarts any that die.",
+        ),
+    ] = 1,
     log_level: Annotated[
         LogLevel, typer.Option(case_sensitive=False, help="How much the runner logs.")
     ] = LogLevel.INFO,
 ) -> None:
     """Host the listeners in MODULES and consume until stopped (SIGTERM/SIGINT drain)."""
-    from listener.runner import run_worker
+    from listener.runner import run as run_listeners
 
     _configure_logging(log_level.value)
     settings = _settings(url)
@@ -114,9 +123,11 @@ def run(
         settings = settings.model_copy(update={"grace_period": grace})
     listeners = _listeners(modules, listener)
     try:
-        code = run_worker(listeners, settings, fail_fast=fail_fast)
+        code = run_listeners(listeners, settings, workers=workers, fail_fast=fail_fast)
     except BrokerError as exc:
         _fail(str(exc), 1)
+    except ConfigurationError as exc:
+        _fail(str(exc), 2)
     raise typer.Exit(code)
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pika
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,7 +24,9 @@ APP = "tests.apps.gated"
 UNREACHABLE_URL = "amqp://guest:guest@127.0.0.1:1/%2F"
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     """Run `amqp-listener ARGS` from the repo root and wait for it."""
     return subprocess.run(
         [EXECUTABLE, *args],
@@ -31,7 +34,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         env=env,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=timeout,
     )
 
 
@@ -128,6 +131,32 @@ def test_a_broker_url_that_is_not_amqp_exits_2_without_showing_the_password(
     assert "p4ss" not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("command", ["run", "publish"])
+@pytest.mark.parametrize(
+    ("where", "url", "secrets"),
+    [
+        ("env", "amqp://app:s3cr3t/Pa55@rabbit:5672/", ("s3cr3t", "Pa55")),
+        ("flag", "amqp://app:hunter2#x@host/", ("hunter2",)),
+        ("env", "amqp://app:hunter2#x@host/", ("hunter2",)),
+        ("flag", "amqp://app:s3cr3t/Pa55@rabbit:5672/", ("s3cr3t", "Pa55")),
+    ],
+    ids=["env-slash", "flag-hash", "env-hash", "flag-slash"],
+)
+def test_a_url_with_an_unencoded_password_exits_2_without_any_part_of_it(
+    app_env, command, where, url, secrets
+):
+    args = [APP] if command == "run" else ["somewhere.key", '{"n": 1}']
+    env = {**app_env, "AMQP_URL": url} if where == "env" else app_env
+    flag = ["--url", url] if where == "flag" else []
+
+    result = cli(command, *args, *flag, env=env)
+
+    for secret in secrets:
+        assert secret not in result.stdout + result.stderr
+    assert result.returncode == 2, result.stderr
+    assert "percent-encode" in error_line(result)
+
+
 def test_an_unreachable_broker_with_fail_fast_exits_1_at_once_with_one_line(app_env):
     started = time.monotonic()
     result = cli("run", APP, "--fail-fast", env={**app_env, "AMQP_URL": UNREACHABLE_URL})
@@ -193,6 +222,32 @@ def test_a_virtual_host_that_does_not_exist_exits_1_at_once_naming_the_vhost_che
     line = error_line(result)
     assert "refused access to the virtual host" in line
     assert "guest:***@" in line
+
+
+def test_a_queue_held_by_an_exclusive_consumer_exits_1_with_one_line_naming_it(
+    broker_env, amqp_url
+):
+    # Classic queues: RabbitMQ 3.10 lets a quorum queue's consumers share it even when one
+    # asks for exclusive use.
+    env = {**broker_env, "AMQP_LISTENER_QUEUE_TYPE": "classic"}
+    declared = cli("declare", APP, env=env)
+    assert declared.returncode == 0, declared.stderr
+    queue = broker_env["APP_QUEUE"]
+    holder = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        holder.channel().basic_consume(queue, lambda *_: None, exclusive=True)
+
+        started = time.monotonic()
+        result = cli("run", APP, env=env, timeout=15)
+        took = time.monotonic() - started
+    finally:
+        holder.close()
+
+    assert result.returncode == 1, result.stderr
+    line = error_line(result)  # one line: no traceback
+    assert repr(queue) in line
+    assert "exclusive" in line
+    assert took < 10
 
 
 # -- declare -----------------------------------------------------------------------------------

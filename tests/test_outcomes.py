@@ -478,7 +478,7 @@ async def test_retry_counts_as_an_attempt_and_parks_after_max_attempts(unique, r
             calls.append(message.n)
             raise listener.Retry(delay=0.05, reason="not yet")
 
-    rabbit.queues.add(f"{Again.queue}.retry.50ms")
+    rabbit.queues.add(f"{Again.queue}.retry.100ms")  # 0.05 s rounds up to the 0.1 s step
     async with run_worker(Again):
         await Again.anotify(n=9)
         properties, body = await parked(rabbit, Again)

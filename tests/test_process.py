@@ -277,6 +277,26 @@ def test_a_signal_while_idle_exits_0_promptly(app, signum):
     assert "Traceback" not in runner.stderr
 
 
+def test_a_signal_while_retrying_an_unreachable_broker_exits_0_promptly(app):
+    runner = app.start(
+        ready=False,
+        AMQP_URL="amqp://guest:guest@127.0.0.1:1/%2F",
+        AMQP_LISTENER_CONNECT_ATTEMPTS="10",
+    )
+    runner.wait_log("broker not reachable (attempt 1 of 10)")
+
+    sent = time.monotonic()
+    runner.send(signal.SIGTERM)
+    code = runner.wait_exit(10)
+    took = time.monotonic() - sent
+
+    assert code == 0, runner.stderr
+    assert took < 5, f"exited {took:.1f}s after SIGTERM, still sleeping between connect attempts"
+    assert "attempt 3 of 10" not in runner.stderr
+    assert "Traceback" not in runner.stderr
+    assert "amqp-listener: error" not in runner.stderr
+
+
 # -- workers that die --------------------------------------------------------------------------
 
 

@@ -87,3 +87,50 @@ async def test_a_connection_closed_by_the_broker_is_reopened_and_consuming_resum
         )
         await Reconnecting.anotify({"n": 2})
         await _wait_until(lambda: seen == [2], "the message to be handled after reconnecting")
+
+
+async def test_deleting_one_listeners_queue_leaves_the_other_listeners_handler_running(
+    unique, rabbit, run_worker
+):
+    busy_started = asyncio.Event()
+    busy_events: list[str] = []
+    other_seen: list[int] = []
+
+    class Busy(Listener):
+        subscribes_to = f"{unique}.busy"
+        queue = f"{unique}.busy"
+
+        async def handle(self, message: dict[str, int]) -> None:
+            busy_events.append("started")
+            busy_started.set()
+            try:
+                await asyncio.sleep(1.5)
+            except asyncio.CancelledError:
+                busy_events.append("cancelled")
+                raise
+            busy_events.append("finished")
+
+    class Other(Listener):
+        subscribes_to = f"{unique}.other"
+        queue = f"{unique}.other"
+
+        async def handle(self, message: dict[str, int]) -> None:
+            other_seen.append(message["n"])
+
+    async with run_worker(Busy, Other) as worker:
+        connection = worker._transport
+        await Busy.anotify({"n": 1})
+        await asyncio.wait_for(busy_started.wait(), 10)
+        rabbit.delete_queue(Other.queue)  # the broker cancels Other's consumer only
+
+        await _wait_until(lambda: "finished" in busy_events, "Busy's handler to finish")
+        await _wait_until(lambda: rabbit.consumers(Other.queue) == 1, "Other to consume again")
+        await Other.anotify({"n": 2})
+        await _wait_until(lambda: other_seen == [2], "Other's message to be handled")
+        busy = next(c for c in worker.consumers if c.listener is Busy)
+        await _wait_until(lambda: busy.counts["handled"] == 1, "Busy's message to be acked")
+        assert worker._transport is connection  # one listener's trouble is not everyone's
+
+    assert busy_events == ["started", "finished"]  # never cancelled, never redelivered
+    assert rabbit.count(Busy.queue) == 0
+    assert rabbit.count(f"{Busy.queue}.dead") == 0

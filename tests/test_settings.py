@@ -52,6 +52,40 @@ def test_a_bad_url_flag_is_a_configuration_error_without_the_password():
     assert SECRET not in str(caught.value)
 
 
+#: URLs whose unencoded special characters in the password make urllib read part of the
+#: password as a port: its error message would quote it.
+UNENCODED_PASSWORD_URLS = [
+    pytest.param("amqp://app:s3cr3t/Pa55@rabbit:5672/", ("s3cr3t", "Pa55"), id="slash"),
+    pytest.param("amqp://app:hunter2#x@host/", ("hunter2",), id="hash"),
+]
+
+
+@pytest.mark.parametrize(("url", "secrets"), UNENCODED_PASSWORD_URLS)
+def test_a_url_with_an_unencoded_password_is_refused_without_any_part_of_it(
+    monkeypatch, url, secrets
+):
+    monkeypatch.setenv("AMQP_URL", url)
+    with pytest.raises(ConfigurationError) as caught:
+        get_settings()
+    text = f"{caught.value} {caught.value!r}"
+    for secret in secrets:
+        assert secret not in text
+    assert "AMQP_URL" in text
+    assert "percent-encode" in text  # says what to do about it
+    assert caught.value.__cause__ is None
+    assert caught.value.__suppress_context__
+
+
+@pytest.mark.parametrize(("url", "secrets"), UNENCODED_PASSWORD_URLS)
+def test_a_url_flag_with_an_unencoded_password_is_refused_without_any_part_of_it(url, secrets):
+    with pytest.raises(ConfigurationError) as caught:
+        Settings().with_url(url)
+    text = f"{caught.value} {caught.value!r}"
+    for secret in secrets:
+        assert secret not in text
+    assert "percent-encode" in text
+
+
 def test_an_unknown_queue_type_is_refused(monkeypatch):
     monkeypatch.setenv("AMQP_LISTENER_QUEUE_TYPE", "bogus")
     with pytest.raises(ConfigurationError, match="queue_type"):

@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ import aiormq.exceptions
 from listener import outcome
 from listener.codec import DecodeFailure, new_message_id
 from listener.errors import PublishError, Reject, Retry, Unroutable
+from listener.middleware import Chain, Delivery, installed_middleware
 from listener.outcome import Ack, Failure, Park, RetryLater
 from listener.runner.execution import (
     AttemptTimedOut,
@@ -72,10 +74,12 @@ class Consumer:
         *,
         settings: Settings,
         on_fatal: Callable[[str], None],
+        chain: Chain | None = None,
     ) -> None:
         self.listener = listener
         self.transport = transport
         self.settings = settings
+        self.chain = chain or Chain(installed_middleware())
         self._instance = listener()
         self._on_fatal = on_fatal
         self._threads = (
@@ -140,31 +144,52 @@ class Consumer:
         headers = message.headers or {}
         done = outcome.attempts_made(headers)
         lost = outcome.deliveries_lost(headers)
-        attempt = done + lost + 1
-        failure: Failure | None
-        if lost and done + lost >= listener.max_attempts:
-            attempt = done + lost  # no attempt runs on this delivery
-            failure = Failure(
-                "lost",
-                "listener.WorkerLost",
-                f"the worker died or lost its connection during {lost} delivery(ies) "
-                "of this message",
-            )
-        else:
-            try:
-                failure = await self._attempt(message, message_id)
-            except _LeaveUnacked:
-                return
-        decision = outcome.decide(
-            failure,
-            attempt=attempt,
-            max_attempts=listener.max_attempts,
-            retry_delays=listener.retry_delays,
+        exhausted = bool(lost) and done + lost >= listener.max_attempts
+        # On an exhausted delivery no attempt runs: it is parked as it stands.
+        attempt = done + lost if exhausted else done + lost + 1
+        delivery = Delivery(
+            listener,
+            message_id,
+            attempt,
+            headers,
+            message.exchange or "",
+            message.routing_key or "",
+            bool(message.redelivered),
         )
-        task = asyncio.current_task()
-        assert task is not None
-        self.settling.add(task)
-        await self._settle(message, message_id, decision, failure)
+        self.chain.before("before_handle", delivery)
+        failure: Failure | None = None
+        result = "returned"
+        try:
+            if exhausted:
+                failure = Failure(
+                    "lost",
+                    "listener.WorkerLost",
+                    f"the worker died or lost its connection during {lost} delivery(ies) "
+                    "of this message",
+                )
+            else:
+                try:
+                    failure = await self._attempt(message, message_id)
+                except _LeaveUnacked:
+                    return
+            decision = outcome.decide(
+                failure,
+                attempt=attempt,
+                max_attempts=listener.max_attempts,
+                retry_delays=listener.retry_delays,
+            )
+            task = asyncio.current_task()
+            assert task is not None
+            self.settling.add(task)
+            result = await self._settle(message, message_id, decision, failure, delivery)
+        finally:
+            self.chain.after(
+                "after_handle",
+                delivery,
+                outcome=result,
+                failure=failure,
+                duration=time.monotonic() - delivery.started,
+            )
 
     async def _attempt(
         self, message: aio_pika.abc.AbstractIncomingMessage, message_id: str
@@ -215,13 +240,17 @@ class Consumer:
         message_id: str,
         decision: outcome.Outcome,
         failure: Failure | None,
-    ) -> None:
-        """Carry out `decision`. The only place that acks, retries or parks a delivery."""
+        delivery: Delivery,
+    ) -> str:
+        """Carry out `decision`. The only place that acks, retries or parks a delivery.
+
+        Returns what became of it: `handled`, `retried`, `parked` or `returned`.
+        """
         listener = self.listener
         if isinstance(decision, Ack):
             await self._ack(message, message_id)
             self.counts["handled"] += 1
-            return
+            return "handled"
         assert failure is not None
         if _channel_closed(message):
             # The connection died during the attempt: the broker has already put the
@@ -232,7 +261,7 @@ class Consumer:
                 listener.__name__,
                 message_id,
             )
-            return
+            return "returned"
         headers = _carried_headers(message)
         headers.update(
             outcome.failure_headers(
@@ -245,16 +274,15 @@ class Consumer:
                 now=dt.datetime.now(dt.UTC),
             )
         )
+        delay = 0.0
         if isinstance(decision, RetryLater):
             target, delay = await self._delay_target(decision.delay)
-            verb = f"retry in {delay:g}s"
         else:
             assert isinstance(decision, Park)
             headers["x-parked-reason"] = decision.reason
             if failure.reason and failure.kind == "reject":
                 headers["x-exception-message"] = failure.reason
             target = f"{listener.queue}.dead"
-            verb = f"parked ({decision.reason})"
         try:
             await self._move(message, message_id, target, headers)
         except PublishError as exc:
@@ -269,20 +297,15 @@ class Consumer:
             )
             await asyncio.sleep(_SETTLE_RETRY_PAUSE)
             await self._requeue(message)
-            return
+            return "returned"
         await self._ack(message, message_id)
-        self.counts["retried" if isinstance(decision, RetryLater) else "parked"] += 1
-        level = logging.WARNING if isinstance(decision, RetryLater) else logging.ERROR
-        log.log(
-            level,
-            "%s: message %s attempt %d failed with %s: %s -> %s",
-            listener.__name__,
-            message_id,
-            decision.attempts,
-            failure.exception_type,
-            failure.message,
-            verb,
-        )
+        if isinstance(decision, RetryLater):
+            self.counts["retried"] += 1
+            self.chain.after("on_retry", delivery, delay=delay, failure=failure)
+            return "retried"
+        self.counts["parked"] += 1
+        self.chain.after("on_park", delivery, reason=decision.reason, failure=failure)
+        return "parked"
 
     async def _move(
         self,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import threading
 from collections.abc import Awaitable, Callable
@@ -60,9 +61,11 @@ class HandlerThreads:
         future: asyncio.Future[Any] = loop.create_future()
         state = _Attempt()
         self._started += 1
+        # The handler sees the context of the attempt (what middleware set, a trace span).
+        context = contextvars.copy_context()
         thread = threading.Thread(
-            target=self._work,
-            args=(fn, arg, future, loop, state),
+            target=context.run,
+            args=(self._work, fn, arg, future, loop, state),
             name=f"{self._name}-{self._started}",
             daemon=True,
         )

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from listener.errors import AuthenticationFailed, BrokerUnreachable
+from listener.middleware import Chain, Middleware, installed_middleware
 from listener.runner import signals
 from listener.runner.amqp_transport import Subscription, Transport
 from listener.runner.consumer import Consumer
@@ -47,8 +48,10 @@ class Worker:
         *,
         fail_fast: bool = False,
         install_signals: bool = True,
+        middleware: Sequence[Middleware] | None = None,
     ) -> None:
         self.listeners = list(listeners)
+        self.chain = Chain(installed_middleware() if middleware is None else middleware)
         self.settings = settings
         self.fail_fast = fail_fast
         self.install_signals = install_signals
@@ -99,7 +102,7 @@ class Worker:
         if transport is None:  # stopped while the broker was still out of reach
             return self.exit_code
         self.consumers = [
-            Consumer(cls, transport, settings=self.settings, on_fatal=self._fatal)
+            Consumer(cls, transport, settings=self.settings, on_fatal=self._fatal, chain=self.chain)
             for cls in self.listeners
         ]
         try:
@@ -152,6 +155,7 @@ class Worker:
             await self._subscribe(consumer, transport)
         transport.on_close(self._on_connection_closed)
         self.ready = True
+        self.chain.before("on_worker_start", self)
         names = ", ".join(
             f"{c.listener.__name__} ({c.listener.queue}, concurrency {c.listener.concurrency})"
             for c in self.consumers
@@ -184,6 +188,9 @@ class Worker:
     ) -> None:
         # A consumer channel closed by the broker (consumer_timeout, a refused ack, ...)
         # would leave that listener consuming nothing.
+        transport = self._transport
+        if transport is None or transport.is_closed:
+            return  # the whole connection went: _on_connection_closed deals with it
         if self._subscriptions.get(consumer) is subscription and not self._closing:
             log.warning(
                 "%s: its channel was closed by the broker (%s); subscribing again",
@@ -303,6 +310,7 @@ class Worker:
             await asyncio.wait(pending, timeout=_CANCEL_WAIT)
         if self._transport is not None:
             await self._transport.close(timeout=_CANCEL_WAIT)
+        self.chain.after("on_worker_stop", self)
         log.info("worker pid=%d stopped: %r", os.getpid(), self)
 
 
