@@ -14,6 +14,7 @@ import sys
 from typing import Annotated, Any, NoReturn
 
 import typer
+from pythonjsonlogger.json import JsonFormatter
 
 from listener import registry
 from listener._cli_operate import dead_app, status
@@ -38,6 +39,13 @@ class LogLevel(enum.StrEnum):
     INFO = "INFO"
     WARNING = "WARNING"
     ERROR = "ERROR"
+
+
+class LogFormat(enum.StrEnum):
+    """How log lines are written."""
+
+    TEXT = "text"
+    JSON = "json"
 
 
 UrlOption = Annotated[
@@ -65,10 +73,20 @@ def _settings(url: str | None) -> Settings:
         _fail(str(exc), 2)
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, log_format: str = "text") -> None:
     # Only the command configures logging; the library itself never touches the root logger.
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    if log_format == "json":
+        # One JSON object per line; the outcome lines carry their fields (listener,
+        # message_id, attempt, duration_ms, outcome, exception_type) as keys.
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -113,11 +131,14 @@ def run(
     log_level: Annotated[
         LogLevel, typer.Option(case_sensitive=False, help="How much the runner logs.")
     ] = LogLevel.INFO,
+    log_format: Annotated[
+        LogFormat, typer.Option(case_sensitive=False, help="text for people, json for machines.")
+    ] = LogFormat.TEXT,
 ) -> None:
     """Host the listeners in MODULES and consume until stopped (SIGTERM/SIGINT drain)."""
     from listener.runner import run as run_listeners
 
-    _configure_logging(log_level.value)
+    _configure_logging(log_level.value, log_format.value)
     settings = _settings(url)
     if grace is not None:
         settings = settings.model_copy(update={"grace_period": grace})
