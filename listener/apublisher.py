@@ -22,6 +22,7 @@ import aio_pika.abc
 from listener import codec, routing
 from listener._amqp_errors import connect_error, publish_error
 from listener.settings import Settings, get_settings
+from listener.tracing import inject_trace_context
 
 __all__ = [
     "AsyncPublisher",
@@ -118,7 +119,7 @@ class AsyncPublisher:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message_id,
             timestamp=dt.datetime.now(dt.UTC),
-            headers=headers,
+            headers=inject_trace_context(headers),
         )
         try:
             exchange = (

@@ -23,6 +23,7 @@ from listener import codec, routing
 from listener._amqp_errors import connect_error, is_connection_lost, publish_error
 from listener.errors import PublishTimeout
 from listener.settings import Settings, get_settings
+from listener.tracing import inject_trace_context
 
 __all__ = ["Publisher", "default_publisher", "publish"]
 
@@ -146,7 +147,7 @@ class Publisher:
                 delivery_mode=pika.spec.PERSISTENT_DELIVERY_MODE,
                 message_id=codec.new_message_id(),
                 timestamp=codec.now_timestamp(),
-                headers=dict(headers) if headers else None,
+                headers=inject_trace_context(dict(headers) if headers else None),
             )
         message_id = str(properties.message_id)
         slot = self._slot()

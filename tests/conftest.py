@@ -21,6 +21,7 @@ import pytest
 
 from listener import registry
 from listener.listener import Listener
+from listener.middleware import Middleware
 from listener.runner.worker import Worker
 from listener.settings import Settings
 
@@ -183,11 +184,15 @@ async def run_worker(
 
     @contextlib.asynccontextmanager
     async def start(
-        *listeners: type[Listener], worker_settings: Settings | None = None
+        *listeners: type[Listener],
+        worker_settings: Settings | None = None,
+        middleware: list[Middleware] | None = None,
     ) -> AsyncIterator[Worker]:
         for cls in listeners:
             rabbit.track(cls)
-        worker = Worker(listeners, worker_settings or settings, install_signals=False)
+        worker = Worker(
+            listeners, worker_settings or settings, install_signals=False, middleware=middleware
+        )
         task = asyncio.create_task(worker.run())
         deadline = time.monotonic() + 15
         while not worker.ready:
