@@ -29,7 +29,7 @@ import pika.adapters.blocking_connection
 import pika.exceptions
 import pika.spec
 
-from listener import registry, topology
+from listener import outcome, registry, topology
 from listener._amqp_errors import connect_error, publish_error
 from listener.errors import ConfigurationError
 from listener.listener import Listener
@@ -46,26 +46,21 @@ __all__ = [
 
 #: Headers a replay drops: the failure record of the attempts before, and the broker's
 #: counters. The body, the message id and the other properties are kept.
-_RESET_ON_REPLAY = frozenset(
-    {
-        "x-attempts",
-        "x-parked-reason",
-        "x-exception-type",
-        "x-exception-message",
-        "x-exception-traceback",
-        "x-first-failure-at",
-        "x-last-failure-at",
-        "x-host",
-        "x-pid",
-        "x-delivery-count",
-        "x-death",
-        "x-first-death-exchange",
-        "x-first-death-queue",
-        "x-first-death-reason",
-        "x-last-death-exchange",
-        "x-last-death-queue",
-        "x-last-death-reason",
-    }
+_RESET_ON_REPLAY = (
+    frozenset(
+        {
+            "x-attempts",
+            "x-parked-reason",
+            "x-exception-type",
+            "x-exception-message",
+            "x-exception-traceback",
+            "x-first-failure-at",
+            "x-last-failure-at",
+            "x-host",
+            "x-pid",
+        }
+    )
+    | outcome.BROKER_HEADERS
 )
 REPLAYS_HEADER = "x-replays"
 

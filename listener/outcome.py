@@ -24,6 +24,7 @@ from listener.codec import error_summary
 
 __all__ = [
     "ATTEMPTS_HEADER",
+    "BROKER_HEADERS",
     "Ack",
     "Failure",
     "Outcome",
@@ -37,6 +38,20 @@ __all__ = [
 ]
 
 ATTEMPTS_HEADER = "x-attempts"
+#: Headers RabbitMQ itself writes (delivery counting, dead-lettering history). Copies the
+#: framework makes leave them out: the broker starts them afresh for the copy.
+BROKER_HEADERS = frozenset(
+    {
+        "x-delivery-count",
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
 #: A forged or corrupt attempt header larger than this is read as this: it parks the message
 #: early (safe: parked messages can be replayed) and never loops.
 _MAX_COUNTER = 1_000_000

@@ -46,19 +46,6 @@ __all__ = ["Consumer"]
 log = logging.getLogger("listener.worker")
 
 _HOST = socket.gethostname()
-#: Properties copied from the original when a message is retried or parked. `expiration`
-#: is left out (a parked message must not expire) and `user_id` too (the broker rejects a
-#: user_id other than the publishing connection's own).
-_BROKER_HEADERS = (
-    "x-delivery-count",
-    "x-death",
-    "x-first-death-exchange",
-    "x-first-death-queue",
-    "x-first-death-reason",
-    "x-last-death-exchange",
-    "x-last-death-queue",
-    "x-last-death-reason",
-)
 #: Wait before handing a message back when it could not be moved, so that a broker that
 #: keeps refusing does not turn into a hot redelivery loop.
 _SETTLE_RETRY_PAUSE = 1.0
@@ -314,6 +301,9 @@ class Consumer:
         target: str,
         headers: dict[str, Any],
     ) -> None:
+        # The copy keeps the body and properties byte for byte, except `expiration` (a parked
+        # message must not expire; it is kept in a header) and `user_id` (the broker refuses a
+        # user_id other than the publishing connection's own).
         copy = aio_pika.Message(
             message.body,
             headers=headers,
@@ -408,7 +398,7 @@ def _channel_closed(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
 
 
 def _carried_headers(message: aio_pika.abc.AbstractIncomingMessage) -> dict[str, Any]:
-    headers = {k: v for k, v in (message.headers or {}).items() if k not in _BROKER_HEADERS}
+    headers = {k: v for k, v in (message.headers or {}).items() if k not in outcome.BROKER_HEADERS}
     headers.setdefault("x-original-exchange", message.exchange or "")
     headers.setdefault("x-original-routing-key", message.routing_key or "")
     if message.expiration is not None:
