@@ -1,15 +1,19 @@
-"""The runner as a real process: signals, drains, kill -9, handlers that exit or kill.
+"""The runner as a real process: signals, drains, kill -9, handlers that exit.
 
 Each test starts `amqp-listener run tests.apps.gated` as a subprocess against the real
-broker. The handler reports progress through marker files (see tests/apps/gated.py), so the
-tests wait on events, never on fixed sleeps; the test itself plays the supervisor when a
-worker has to be restarted.
+broker. That process is the supervisor; the handlers run in the one worker it forks (the
+default `--workers 1`), so the worker's pid comes from the handler's marker files or from its
+"worker pid=N consuming on" log line, never from the subprocess. The handler reports progress
+through marker files (see tests/apps/gated.py), so the tests wait on events, never on fixed
+sleeps. Several workers, crash loops and their back-off are tested in tests/test_supervisor.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXECUTABLE = os.path.join(os.path.dirname(sys.executable), "amqp-listener")
 APP = "tests.apps.gated"
 RETRY_QUEUE_SUFFIX = ".retry.100ms"  # the app's retry_delays = (0.1,)
+CONSUMING = re.compile(r"worker pid=(\d+) consuming on")
 
 T = TypeVar("T")
 
@@ -42,8 +47,18 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str) -> T:
         time.sleep(0.02)
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X")
+
+
 class Runner:
-    """One `amqp-listener run` process; its stdout and stderr go to files."""
+    """One `amqp-listener run` process (the supervisor); its stdout and stderr go to files."""
 
     def __init__(self, process: subprocess.Popen[bytes], out: Path, err: Path) -> None:
         self.process = process
@@ -65,6 +80,18 @@ class Runner:
 
     def send(self, signum: int) -> None:
         self.process.send_signal(signum)
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the workers that logged they consume, in order."""
+        return [int(pid) for pid in CONSUMING.findall(self.stderr)]
+
+    def wait_workers(self, count: int, timeout: float = 10.0) -> list[int]:
+        """Wait until `count` workers (the first and its replacements) logged they consume."""
+        return wait_until(
+            lambda: (pids := self.worker_pids()) and len(pids) >= count and pids,
+            timeout,
+            f"{count} worker(s) consuming under pid {self.pid}",
+        )
 
     def wait_exit(self, timeout: float) -> int:
         try:
@@ -171,9 +198,14 @@ class GatedApp:
 
     def kill_all(self) -> None:
         for runner in self.runners:
+            workers = runner.worker_pids()
             if not runner.exited:
                 runner.process.kill()
                 runner.process.wait(10)
+            for pid in workers:  # they die with the supervisor; this is belt and braces
+                if alive(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -222,7 +254,7 @@ def test_a_second_signal_during_the_drain_exits_at_once_and_hands_the_message_ba
 ):
     runner = app.start("--grace", "30")
     app.publish(1, "wait")
-    app.wait_marked("started", 1)
+    [worker] = app.wait_marked("started", 1)
     runner.send(signum)
     runner.wait_log("waiting up to 30s for 1 in-flight message(s)")
 
@@ -233,6 +265,7 @@ def test_a_second_signal_during_the_drain_exits_at_once_and_hands_the_message_ba
     assert code == 128 + signum, runner.stderr
     assert time.monotonic() - sent < 3
     assert f"second signal ({signum.name})" in runner.stderr
+    assert not alive(worker), "the worker outlived its supervisor"
     properties, body = rabbit.wait_message(app.queue, timeout=5)
     assert json.loads(body)["n"] == 1
     assert delivery_count(properties) == 1, properties.headers
@@ -244,19 +277,25 @@ def test_a_second_signal_during_the_drain_exits_at_once_and_hands_the_message_ba
 def test_a_signal_mid_message_lets_the_handler_finish_and_acks_it(app, rabbit, signum):
     runner = app.start("--grace", "15")
     app.publish(1, "wait")
-    [pid] = app.wait_marked("started", 1)
-    assert pid == runner.pid
+    [worker] = app.wait_marked("started", 1)
+    assert runner.worker_pids() == [worker]
+    assert worker != runner.pid  # the handler runs in the supervisor's child
 
     runner.send(signum)
     runner.wait_log("waiting up to 15s for 1 in-flight message(s)")
+    assert alive(worker)
     app.release(1)
     code = runner.wait_exit(10)
 
     assert code == 0, runner.stderr
-    assert app.marked("done", 1) == [runner.pid]
-    assert f"stopping (received {signum.name})" in runner.stderr
-    assert f"worker pid={runner.pid} stopped" in runner.stderr
+    assert app.marked("done", 1) == [worker]
+    # The supervisor heard the signal; the worker hears the SIGTERM it forwards.
+    assert f"supervisor received {signum.name}: stopping 1 worker(s)" in runner.stderr
+    assert "stopping (received SIGTERM)" in runner.stderr
+    assert f"worker pid={worker} stopped: exited with code 0" in runner.stderr
+    assert "1 worker(s) stopped cleanly" in runner.stderr
     assert "handled=1" in runner.stderr
+    assert not alive(worker)
     assert "did not finish" not in runner.stderr
     assert "Traceback" not in runner.stderr
     assert rabbit.count(app.queue) == 0
@@ -266,6 +305,7 @@ def test_a_signal_mid_message_lets_the_handler_finish_and_acks_it(app, rabbit, s
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_while_idle_exits_0_promptly(app, signum):
     runner = app.start()
+    [worker] = runner.worker_pids()
 
     sent = time.monotonic()
     runner.send(signum)
@@ -273,8 +313,11 @@ def test_a_signal_while_idle_exits_0_promptly(app, signum):
 
     assert code == 0, runner.stderr
     assert time.monotonic() - sent < 3
-    assert f"worker pid={runner.pid} stopped" in runner.stderr
+    assert f"supervisor received {signum.name}" in runner.stderr
+    assert f"worker pid={worker} stopped: exited with code 0" in runner.stderr
+    assert "1 worker(s) stopped cleanly" in runner.stderr
     assert "Traceback" not in runner.stderr
+    assert not alive(worker)
 
 
 def test_a_signal_while_retrying_an_unreachable_broker_exits_0_promptly(app):
@@ -298,75 +341,67 @@ def test_a_signal_while_retrying_an_unreachable_broker_exits_0_promptly(app):
 
 
 # -- workers that die --------------------------------------------------------------------------
+# A message that kills its worker on every delivery (parked as worker_lost after max_attempts
+# deaths while the supervisor keeps restarting) is tested in tests/test_supervisor.py.
 
 
-def test_a_message_whose_worker_is_killed_is_redelivered_and_finished_by_the_next(app, rabbit):
-    first = app.start()
-    app.publish(1, "wait")
-    assert app.wait_marked("started", 1) == [first.pid]
-
-    first.process.kill()
-    assert first.wait_exit(10) == -signal.SIGKILL
-    app.release(1)
-    second = app.start()
-
-    assert app.wait_marked("done", 1) == [second.pid]
-    assert sorted(app.marked("started", 1)) == sorted([first.pid, second.pid])
-    second.send(signal.SIGTERM)
-    assert second.wait_exit(10) == 0, second.stderr
-    assert rabbit.count(app.queue) == 0
-    assert rabbit.count(app.dead) == 0
-
-
-def test_a_message_that_kills_every_worker_is_parked_after_max_attempts_deaths(app, rabbit):
-    # One message at a time, so the good message is never in flight when a worker dies.
-    settings = {"APP_MAX_ATTEMPTS": "2", "APP_CONCURRENCY": "1"}
-    app.declare()
-    app.publish(1, "die")
-    app.publish(2, "ok")
-
-    deaths = 0
-    survivor: Runner | None = None
-    for _ in range(5):  # more than enough runs: a looping poison message would exhaust them
-        runner = app.start(ready=False, **settings)
-        wait_until(lambda r=runner: r.exited or app.marked("done", 2), 15, "a death or message 2")
-        if not runner.exited:
-            survivor = runner
-            break
-        assert runner.process.returncode == -signal.SIGKILL, runner.stderr
-        deaths += 1
-
-    assert survivor is not None, f"no worker survived {deaths} runs: the poison message loops"
-    assert deaths == 2
-    assert len(app.marked("started", 1)) == 2  # the third delivery was parked unhandled
-    properties, body = rabbit.wait_message(app.dead, timeout=5)
-    headers = properties.headers or {}
-    assert json.loads(body) == {"n": 1, "action": "die"}
-    assert properties.message_id == "job-1"
-    assert headers.get("x-parked-reason") == "worker_lost", headers
-    assert headers.get("x-listener") == f"{APP}:Gated"
-    assert "died" in str(headers.get("x-exception-message")), headers
-    assert app.marked("done", 2) == [survivor.pid]
-    survivor.send(signal.SIGTERM)
-    assert survivor.wait_exit(10) == 0, survivor.stderr
-    assert "parked (worker_lost)" in survivor.stderr
-    assert rabbit.count(app.queue) == 0
-    assert rabbit.count(app.dead) == 0
-
-
-def test_sys_exit_in_a_handler_stops_the_worker_with_1_and_leaves_the_message_unacked(app, rabbit):
+def test_a_worker_killed_mid_message_is_restarted_and_the_replacement_finishes_it(app, rabbit):
     runner = app.start()
-    app.publish(1, "exit")
+    app.publish(1, "wait")
+    [victim] = app.wait_marked("started", 1)
+    assert runner.worker_pids() == [victim]
+    assert victim != runner.pid
 
-    code = runner.wait_exit(15)
+    os.kill(victim, signal.SIGKILL)
+    runner.wait_log(f"worker pid={victim} died: killed by SIGKILL")
+    app.release(1)
 
-    assert code == 1, runner.stderr
-    assert app.marked("started", 1) == [runner.pid]
+    [replacement] = app.wait_marked("done", 1)
+    assert replacement not in (victim, runner.pid)
+    assert app.marked("started", 1) == sorted([victim, replacement])
+    assert runner.wait_workers(2) == [victim, replacement]
+    assert not runner.exited
+    runner.send(signal.SIGTERM)
+    assert runner.wait_exit(10) == 0, runner.stderr
+    assert rabbit.count(app.queue) == 0
+    assert rabbit.count(app.dead) == 0
+
+
+def test_sys_exit_in_a_handler_lets_the_other_messages_finish_then_its_worker_is_replaced(
+    app, rabbit
+):
+    # max_attempts 1: the message the handler exited on comes back unacked, so the
+    # replacement finds one unfinished delivery and parks it at once (worker_lost); had the
+    # exit been counted as a failed attempt, the exiting worker would have parked it (failed).
+    runner = app.start("--grace", "15", APP_MAX_ATTEMPTS="1")
+    app.publish(1, "wait")
+    [worker] = app.wait_marked("started", 1)
+    app.publish(2, "exit")
+    assert app.wait_marked("started", 2) == [worker]
+
+    runner.wait_log("waiting up to 15s for 1 in-flight message(s)")
+    assert alive(worker), "the worker did not wait for its other in-flight message"
+    app.release(1)
+    runner.wait_log(f"worker pid={worker} died: exited with code 1")
+
+    properties, body = rabbit.wait_message(app.dead, timeout=10)
+    headers = properties.headers or {}
+    assert json.loads(body) == {"n": 2, "action": "exit"}
+    assert properties.message_id == "job-2"
+    assert headers.get("x-parked-reason") == "worker_lost", headers
+    assert app.marked("started", 2) == [worker]  # parked without running the handler again
     assert "SystemExit" in runner.stderr
-    assert f"worker pid={runner.pid} stopped" in runner.stderr
-    properties, body = rabbit.wait_message(app.queue, timeout=5)
-    assert json.loads(body) == {"n": 1, "action": "exit"}
-    assert "x-attempts" not in (properties.headers or {})  # not treated as a failed attempt
+    [first, replacement] = runner.wait_workers(2)
+    assert first == worker
+    app.publish(3)
+    assert app.wait_marked("done", 3) == [replacement]
+    assert app.marked("done", 1) == [worker]  # finished and acked once, by the exiting worker
+    assert app.marked("started", 1) == [worker]
+    assert runner.stderr.count("died:") == 1, runner.stderr
+    assert not runner.exited
+    runner.send(signal.SIGTERM)
+    assert runner.wait_exit(10) == 0, runner.stderr
+    assert rabbit.count(app.queue) == 0
     assert rabbit.count(app.dead) == 0
 
 
