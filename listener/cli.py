@@ -134,6 +134,17 @@ def run(
     log_format: Annotated[
         LogFormat, typer.Option(case_sensitive=False, help="text for people, json for machines.")
     ] = LogFormat.TEXT,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            help="Serve Prometheus metrics of all workers on this port, all interfaces "
+            "(0: a free port, logged). Default: off.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Host the listeners in MODULES and consume until stopped (SIGTERM/SIGINT drain)."""
     from listener.runner import run as run_listeners
@@ -142,9 +153,22 @@ def run(
     settings = _settings(url)
     if grace is not None:
         settings = settings.model_copy(update={"grace_period": grace})
+    endpoint = None
+    if metrics_port is not None:
+        from listener.metrics import MultiprocessEndpoint
+
+        # Before the modules are imported: prometheus_client picks its multiprocess mode
+        # when it is first imported (see listener.metrics).
+        endpoint = MultiprocessEndpoint(metrics_port)
+        try:
+            endpoint.open()
+        except ConfigurationError as exc:
+            _fail(str(exc), 2)
     listeners = _listeners(modules, listener)
     try:
-        code = run_listeners(listeners, settings, workers=workers, fail_fast=fail_fast)
+        code = run_listeners(
+            listeners, settings, workers=workers, fail_fast=fail_fast, metrics=endpoint
+        )
     except BrokerError as exc:
         _fail(str(exc), 1)
     except ConfigurationError as exc:

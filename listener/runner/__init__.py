@@ -19,6 +19,7 @@ from listener.settings import Settings
 
 if TYPE_CHECKING:
     from listener.listener import Listener
+    from listener.metrics import MultiprocessEndpoint
 
 __all__ = ["Worker", "run", "run_worker"]
 
@@ -31,8 +32,12 @@ def run(
     *,
     workers: int = 1,
     fail_fast: bool = False,
+    metrics: MultiprocessEndpoint | None = None,
 ) -> int:
     """Host `listeners` in `workers` supervised worker processes until stopped.
+
+    With `metrics` (an opened endpoint), every worker counts into it and one process serves
+    the sum of all of them.
 
     Returns the process exit code: 0 after a clean stop, 1 when a worker did not stop cleanly,
     128+signum after a second signal or SIGQUIT. Call it from the main thread, with no event
@@ -40,17 +45,21 @@ def run(
 
     Raises:
         BrokerUnreachable, AuthenticationFailed, TopologyMismatch: at start-up, once.
-        ConfigurationError: `workers` is below 1, or above 1 where processes cannot be
-            supervised (not Linux).
+        ConfigurationError: `workers` is below 1, or above 1 (or metrics are asked for)
+            where processes cannot be supervised (not Linux).
     """
     if workers < 1:
         raise ConfigurationError(f"--workers must be at least 1, not {workers}")
     if not supervisor.supported():
-        if workers > 1:
-            raise ConfigurationError("--workers above 1 needs Linux (fork and prctl)")
+        if workers > 1 or metrics is not None:
+            raise ConfigurationError(
+                "--workers above 1 and --metrics-port need Linux (fork and prctl)"
+            )
         log.warning("worker processes cannot be supervised on this platform; running one")
         return run_worker(listeners, settings, fail_fast=fail_fast)
-    return supervisor.supervise(listeners, settings, workers=workers, fail_fast=fail_fast)
+    return supervisor.supervise(
+        listeners, settings, workers=workers, fail_fast=fail_fast, metrics=metrics
+    )
 
 
 def run_worker(

@@ -64,6 +64,12 @@ restarts and stops workers. Why it is built this way:
   the end.) A worker's stdin is /dev/null: a background process group must not read the
   terminal.
 
+- **Metrics** (`--metrics-port`): the workers count into prometheus_client's multiprocess
+  files, and a small serving process, forked and supervised like a worker (restarted with
+  back-off if it dies, killed at the end), answers scrapes with the sum of all workers. The
+  supervisor itself runs no server thread: see `listener.metrics` for why, and for the
+  order in which the pieces are set up.
+
 `Worker` itself is unchanged and still runs in-process (tests and embedders use it that way).
 The supervisor needs Linux (`fork`, `sigtimedwait`, `prctl`); elsewhere `run` hosts a single
 worker in-process, unsupervised.
@@ -87,12 +93,14 @@ from typing import TYPE_CHECKING
 
 from listener import errors
 from listener.errors import AuthenticationFailed, BrokerError, BrokerUnreachable, ConfigurationError
+from listener.middleware import installed_middleware
 from listener.runner.amqp_transport import Transport
 from listener.runner.worker import Worker
 from listener.settings import Settings
 
 if TYPE_CHECKING:
     from listener.listener import Listener
+    from listener.metrics import MultiprocessEndpoint
 
 __all__ = ["Supervisor", "supervise", "supported"]
 
@@ -139,17 +147,25 @@ def supervise(
     *,
     workers: int = 1,
     fail_fast: bool = False,
+    metrics: MultiprocessEndpoint | None = None,
 ) -> int:
     """Run a supervisor with `workers` worker processes until stopped; returns the exit code.
 
     Call it from the main thread of a process with no running event loop (the CLI does).
+    With `metrics`, the workers count deliveries (`listener.metrics.Metrics`) and a serving
+    process answers scrapes on the endpoint's port; the supervisor closes the endpoint at
+    the end.
 
     Raises:
         BrokerUnreachable, AuthenticationFailed, TopologyMismatch, BrokerError: at start-up,
             from the broker check or from a first worker that could not start.
-        ConfigurationError: `workers` is below 1.
+        ConfigurationError: `workers` is below 1, the platform cannot supervise processes,
+            or the metrics port cannot be bound.
     """
-    return Supervisor(listeners, settings, workers=workers, fail_fast=fail_fast).run()
+    supervisor = Supervisor(
+        listeners, settings, workers=workers, fail_fast=fail_fast, metrics=metrics
+    )
+    return supervisor.run()
 
 
 @dataclass
@@ -178,13 +194,19 @@ class Supervisor:
         *,
         workers: int = 1,
         fail_fast: bool = False,
+        metrics: MultiprocessEndpoint | None = None,
     ) -> None:
         if workers < 1:
             raise ConfigurationError(f"the number of workers must be at least 1, not {workers}")
+        if not supported():
+            raise ConfigurationError("supervised workers need Linux (fork, sigtimedwait, prctl)")
         self.listeners = list(listeners)
         self.settings = settings
         self.fail_fast = fail_fast
+        self.metrics = metrics
         self.slots = [_Slot(number) for number in range(1, workers + 1)]
+        #: The process serving the metrics endpoint (number 0: not a worker place).
+        self.server = _Slot(0)
         self._pid = os.getpid()
         self._mask: set[int | signal.Signals] = set()
         self._up = False  # every slot has had a worker that consumed
@@ -201,20 +223,27 @@ class Supervisor:
         """Check the broker, fork the workers, supervise them until stopped; the exit code."""
         self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
         try:
+            if self.metrics is not None:
+                self.metrics.open()  # a port in use fails here, before the broker is touched
             early = self._check_broker()
             if early is not None:
                 return early
+            if self.metrics is not None:
+                self._spawn_server()
             for slot in self.slots:
                 self._spawn(slot)
             return self._supervise()
         finally:
             self._kill_all()  # only does something when an exception got here
+            self._kill_server()
             for slot in self.slots:
                 _close(slot.status_fd)
                 slot.status_fd = None
             while signal.sigtimedwait(_WATCHED, 0) is not None:
                 pass  # a signal left pending must not hit the caller once unblocked
             signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+            if self.metrics is not None:
+                self.metrics.close()
 
     def _check_broker(self) -> int | None:
         """Connect once and declare every listener's topology, retrying like a lone worker.
@@ -301,6 +330,8 @@ class Supervisor:
                 _close(read_fd)
                 for other in self.slots:
                     _close(other.status_fd)
+                if self.metrics is not None:
+                    self.metrics.release()
                 code = self._worker_main(write_fd)
             finally:
                 _flush()
@@ -349,7 +380,14 @@ class Supervisor:
                 signal.signal(signum, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
-            worker = Worker(self.listeners, self.settings, fail_fast=self.fail_fast)
+            middleware = None
+            if self.metrics is not None:
+                from listener.metrics import Metrics
+
+                middleware = [*installed_middleware(), Metrics()]
+            worker = Worker(
+                self.listeners, self.settings, fail_fast=self.fail_fast, middleware=middleware
+            )
             return asyncio.run(_run_reporting(worker, status_fd))
         except BrokerError as exc:
             # Reported, not logged: the supervisor either ends the start with it (one line)
@@ -386,6 +424,9 @@ class Supervisor:
             for slot in self.slots:
                 if slot.pid is None and slot.restart_at is not None and now >= slot.restart_at:
                     self._spawn(slot)
+            server = self.server
+            if server.pid is None and server.restart_at is not None and now >= server.restart_at:
+                self._spawn_server()
 
     def _sleep_time(self) -> float:
         now = time.monotonic()
@@ -394,7 +435,7 @@ class Supervisor:
         if self._stopping:
             wake = min(wake, self._deadline)
         else:
-            for slot in self.slots:
+            for slot in [*self.slots, self.server]:
                 if slot.pid is None and slot.restart_at is not None:
                     wake = min(wake, slot.restart_at)
         return max(wake - now, 0.0)
@@ -455,11 +496,14 @@ class Supervisor:
             if pid != 0:
                 self._read_report(slot)  # what it wrote before it exited
                 self._exited(slot, status)
+        self._reap_server()
 
     def _exited(self, slot: _Slot, status: int) -> None:
         pid = slot.pid
         assert pid is not None
         slot.pid = None
+        if self.metrics is not None:
+            self.metrics.worker_died(pid)
         lived = time.monotonic() - slot.started_at
         how = _describe(status)
         if self._stopping:
@@ -478,6 +522,98 @@ class Supervisor:
         log.warning(
             "worker pid=%d died: %s after %.1fs; restarting in %.1fs", pid, how, lived, wait
         )
+
+    # -- the metrics endpoint -------------------------------------------------------------
+
+    def _spawn_server(self) -> None:
+        """Fork the process that serves the metrics endpoint (see `listener.metrics`)."""
+        assert self.metrics is not None
+        server = self.server
+        _flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            wait = self._back_off(server, lived=0.0)
+            log.error("could not start the metrics endpoint (%s); trying again in %.1fs", exc, wait)
+            return
+        if pid == 0:  # the serving process: never returns into the caller's stack
+            code = 1
+            try:
+                for slot in self.slots:
+                    _close(slot.status_fd)
+                code = self._server_main()
+            finally:
+                _flush()
+                os._exit(code)
+        first = server.spawns == 0
+        server.pid = pid
+        server.spawns += 1
+        server.started_at = time.monotonic()
+        server.restart_at = None
+        log.log(
+            logging.INFO if first else logging.DEBUG,
+            "metrics endpoint pid=%d serving %s",
+            pid,
+            self.metrics.url,
+        )
+
+    def _server_main(self) -> int:
+        assert self.metrics is not None
+        try:
+            _die_with_parent(self._pid)
+            os.setpgid(0, 0)
+            _stdin_from_devnull()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+            self.metrics.serve()
+        except BaseException:
+            log.exception("metrics endpoint pid=%d crashed", os.getpid())
+        return 1
+
+    def _reap_server(self) -> None:
+        server = self.server
+        if server.pid is None:
+            return
+        try:
+            pid, status = os.waitpid(server.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = server.pid, 0
+        if pid == 0:
+            return
+        server.pid = None
+        if self._stopping:
+            return
+        lived = time.monotonic() - server.started_at
+        wait = self._back_off(server, lived)
+        log.warning(
+            "metrics endpoint pid=%d died: %s after %.1fs; restarting in %.1fs",
+            pid,
+            _describe(status),
+            lived,
+            wait,
+        )
+
+    def _kill_server(self) -> None:
+        """SIGKILL the serving process and reap it (bounded); it holds nothing to save."""
+        server = self.server
+        server.restart_at = None
+        if server.pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server.pid, signal.SIGKILL)
+        deadline = time.monotonic() + _REAP_WAIT
+        while server.pid is not None and time.monotonic() < deadline:
+            try:
+                pid, _status = os.waitpid(server.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid = server.pid
+            if pid != 0:
+                server.pid = None
+            else:
+                signal.sigtimedwait({signal.SIGCHLD}, 0.05)
+        if server.pid is not None:
+            log.error("metrics endpoint pid=%d did not die after SIGKILL", server.pid)
 
     # -- stopping -------------------------------------------------------------------------
 
