@@ -97,29 +97,40 @@ def status(
                         "queue": row.queue,
                         "declared": not row.missing,
                         "ready": row.ready,
+                        "unacked": row.unacked,
                         "consumers": row.consumers,
                         "waiting_retry": row.waiting_retry,
                         "parked": row.parked,
+                        "publish_rate": row.publish_rate,
+                        "ack_rate": row.ack_rate,
+                        "source": row.source,
                     }
                     for row in rows
                 ]
             }
         )
         return
-    table = Table("listener", "queue", "ready", "consumers", "waiting retry", "parked")
+    table = Table("listener", "queue", "ready", "unacked", "consumers", "waiting retry", "parked")
     for row in rows:
         if row.missing:
-            table.add_row(row.listener, row.queue, "not declared", "-", "-", "-")
+            table.add_row(row.listener, row.queue, "not declared", "-", "-", "-", "-")
             continue
         table.add_row(
             row.listener,
             row.queue,
             str(row.ready),
+            "-" if row.unacked is None else str(row.unacked),
             str(row.consumers),
             str(row.waiting_retry),
             str(row.parked if row.parked is not None else "-"),
         )
-    _console().print(table)
+    console = _console()
+    console.print(table)
+    if rows and all(row.source == "amqp" for row in rows):
+        console.print(
+            "unacked counts need the management plugin's API (rabbitmq-plugins enable "
+            "rabbitmq_management, or set AMQP_LISTENER_MANAGEMENT_URL)"
+        )
 
 
 @dead_app.command("list")

@@ -19,6 +19,7 @@ and parked (a duplicate, same `message_id`), never neither.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from listener import outcome, registry, topology
 from listener._amqp_errors import connect_error, publish_error
 from listener.errors import ConfigurationError
 from listener.listener import Listener
+from listener.management import ManagementAPI
 from listener.settings import Settings
 
 __all__ = [
@@ -91,6 +93,10 @@ class QueueStatus:
     waiting_retry: int
     parked: int | None
     missing: bool = False
+    unacked: int | None = None
+    publish_rate: float | None = None
+    ack_rate: float | None = None
+    source: str = "amqp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,26 +198,39 @@ class Operator:
         return target
 
     def status(self, listeners: Sequence[type[Listener]]) -> list[QueueStatus]:
-        """Depths and consumers of each listener's queues (passive declares only)."""
+        """Depths and consumers of each listener's queues: from the management API when it
+        answers (with unacked counts and rates), else from passive declares."""
+        api = ManagementAPI.probe(self.settings)
         rows = []
         for cls in listeners:
+            detail = api.queue(cls.queue) if api is not None else None
             described = cls.topology(self.settings)
             main = self._declare_ok(cls.queue)
             waiting = 0
             for name in self._delay_queue_names(cls):
                 depth = self._depth(name)
                 waiting += depth or 0
-            rows.append(
-                QueueStatus(
-                    listener=cls.name(),
-                    queue=cls.queue,
-                    ready=None if main is None else main.message_count,
-                    consumers=None if main is None else main.consumer_count,
-                    waiting_retry=waiting,
-                    parked=self._depth(described.dead.name),
-                    missing=main is None,
-                )
+            row = QueueStatus(
+                listener=cls.name(),
+                queue=cls.queue,
+                ready=None if main is None else main.message_count,
+                consumers=None if main is None else main.consumer_count,
+                waiting_retry=waiting,
+                parked=self._depth(described.dead.name),
+                missing=main is None,
             )
+            if detail is not None:
+                stats = detail.get("message_stats") or {}
+                row = dataclasses.replace(
+                    row,
+                    ready=detail.get("messages_ready", row.ready),
+                    unacked=detail.get("messages_unacknowledged"),
+                    consumers=detail.get("consumers", row.consumers),
+                    publish_rate=(stats.get("publish_details") or {}).get("rate"),
+                    ack_rate=(stats.get("ack_details") or {}).get("rate"),
+                    source="management",
+                )
+            rows.append(row)
         return rows
 
     # -- parked messages ------------------------------------------------------------------

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         default=5, ge=1, description="Tries to reach the broker at start-up before giving up."
     )
     heartbeat: int = Field(default=30, ge=0, description="AMQP heartbeat interval in seconds.")
+    management_url: str | None = Field(
+        default=None,
+        description="Base URL of the management HTTP API (default: the broker's host, port "
+        "15672); used by `status` for unacked counts when it answers.",
+    )
     max_body_bytes: int = Field(
         default=16 * 1024 * 1024,
         gt=0,

@@ -324,3 +324,70 @@ def test_a_killed_listing_leaves_every_parked_message_in_place(unique, rabbit, a
         time.sleep(0.05)
     ids = [properties.message_id for properties, _ in rabbit.drain(dead)]
     assert sorted(ids) == [f"m{n:04d}" for n in range(3000)]
+
+
+@pytest.fixture
+def management_plugin(amqp_url):
+    """The shared broker with its management plugin on; put back as it was afterwards."""
+    listed = subprocess.run(
+        ["rabbitmq-plugins", "list", "-e", "-m", "rabbitmq_management"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if listed.returncode != 0:
+        pytest.skip(f"rabbitmq-plugins is not usable here: {listed.stderr.strip()[:200]}")
+    was_enabled = "rabbitmq_management" in listed.stdout.split()
+    if not was_enabled:
+        subprocess.run(
+            ["rabbitmq-plugins", "enable", "rabbitmq_management"],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+    try:
+        yield
+    finally:
+        if not was_enabled:
+            subprocess.run(
+                ["rabbitmq-plugins", "disable", "rabbitmq_management"],
+                capture_output=True,
+                timeout=120,
+                check=False,
+            )
+
+
+@pytest.mark.slow
+def test_status_reads_unacked_counts_from_the_management_api_when_it_answers(
+    unique, rabbit, settings, management_plugin
+):
+    class Busy(Listener):
+        subscribes_to = f"{unique}.job"
+        queue = f"{unique}.busy"
+
+        def handle(self, message) -> None: ...
+
+    rabbit.track(Busy)
+    rabbit.declare_exchange(unique)
+    rabbit.declare_queue(Busy.queue, bind=(unique, "job"), **{"x-queue-type": "quorum"})
+    rabbit.declare_queue(f"{Busy.queue}.dead", **{"x-queue-type": "quorum"})
+    for n in range(5):
+        rabbit.publish(unique, "job", json.dumps({"n": n}).encode())
+    holder = pika.BlockingConnection(pika.URLParameters(settings.url.get_secret_value()))
+    try:
+        channel = holder.channel()
+        channel.basic_qos(prefetch_count=3)
+        channel.basic_consume(Busy.queue, lambda *_: None)  # takes 3, never acks
+        deadline = time.monotonic() + 30
+        while True:
+            holder.process_data_events(time_limit=0.2)
+            with Operator(settings) as operator:
+                (row,) = operator.status([Busy])
+            if row.unacked == 3 or time.monotonic() > deadline:
+                break
+    finally:
+        holder.close()
+
+    assert row.source == "management"
+    assert (row.ready, row.unacked, row.consumers) == (2, 3, 1)
