@@ -17,7 +17,7 @@ import typer
 from pythonjsonlogger.json import JsonFormatter
 
 from listener import registry
-from listener._cli_operate import dead_app, status
+from listener._cli_operate import JsonOption, dead_app, status
 from listener.errors import BrokerError, ConfigurationError, ListenerError, PublishError
 from listener.settings import Settings, get_settings
 
@@ -177,7 +177,7 @@ def run(
 
 
 @app.command()
-def declare(modules: ModulesArgument, url: UrlOption = None) -> None:
+def declare(modules: ModulesArgument, url: UrlOption = None, as_json: JsonOption = False) -> None:
     """Declare the exchanges and queues of the listeners in MODULES, then exit."""
     from listener.runner.amqp_transport import Transport
 
@@ -197,10 +197,23 @@ def declare(modules: ModulesArgument, url: UrlOption = None) -> None:
         asyncio.run(declare_all())
     except BrokerError as exc:
         _fail(str(exc), 1)
+    declared = []
     for cls in listeners:
         topology = cls.topology(settings)
-        queues = ", ".join(spec.name for spec in topology.queues)
-        typer.echo(f"{cls.name()}: exchange {topology.exchange!r} -> {queues}")
+        declared.append(
+            {
+                "listener": cls.name(),
+                "exchange": topology.exchange,
+                "binding_key": topology.binding_key,
+                "queues": [spec.name for spec in topology.queues],
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps({"declared": declared}, indent=2))
+        return
+    for item in declared:
+        queues = ", ".join(item["queues"])
+        typer.echo(f"{item['listener']}: exchange {item['exchange']!r} -> {queues}")
 
 
 @app.command()
@@ -208,6 +221,7 @@ def publish(
     address: Annotated[str, typer.Argument(help="exchange.routing_key")],
     body: Annotated[str, typer.Argument(help="The message, as JSON.")],
     url: UrlOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Publish one JSON message by hand and wait for the broker's confirm."""
     from listener.publisher import Publisher
@@ -226,7 +240,9 @@ def publish(
         _fail(str(exc), 1)
     finally:
         publisher.close()
-    typer.echo(message_id)
+    typer.echo(
+        json.dumps({"message_id": message_id, "address": address}) if as_json else message_id
+    )
 
 
 app.command()(status)
