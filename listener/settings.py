@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         default=5, ge=1, description="Tries to reach the broker at start-up before giving up."
     )
     heartbeat: int = Field(default=30, ge=0, description="AMQP heartbeat interval in seconds.")
+    max_stuck_threads: int = Field(
+        default=1,
+        ge=0,
+        description="Sync handler threads abandoned past their timeout that a worker may "
+        "carry before it drains and exits to be replaced (0: never recycle).",
+    )
     management_url: str | None = Field(
         default=None,
         description="Base URL of the management HTTP API (default: the broker's host, port "

@@ -26,6 +26,7 @@ from support.proxy import TcpProxy
 import listener
 from listener import Listener, Settings
 from listener.apublisher import default_async_publisher
+from listener.runner.worker import EXIT_RECYCLE, Worker
 
 
 class Item(BaseModel):
@@ -257,7 +258,7 @@ async def test_an_async_handler_past_its_timeout_is_cancelled_retried_then_parke
 
 
 async def test_a_stuck_sync_handler_times_out_and_the_next_message_is_still_handled(
-    unique, rabbit, run_worker
+    unique, rabbit, run_worker, settings
 ):
     release = threading.Event()
     stuck_calls: list[int] = []
@@ -278,8 +279,10 @@ async def test_a_stuck_sync_handler_times_out_and_the_next_message_is_still_hand
                 return
             handled.append(message.n)
 
+    # Recycling off: this worker carries its stuck threads (see the next test for the default).
+    keep = settings.model_copy(update={"max_stuck_threads": 0})
     try:
-        async with run_worker(Stuck) as worker:
+        async with run_worker(Stuck, worker_settings=keep) as worker:
             await Stuck.anotify(n=1)
             await eventually(lambda: len(stuck_calls) == 1)
             await Stuck.anotify(n=2)
@@ -296,6 +299,50 @@ async def test_a_stuck_sync_handler_times_out_and_the_next_message_is_still_hand
     assert headers["x-attempts"] == 2
     assert stuck_calls == [1, 1]
     assert handled == [2]
+
+
+async def test_a_worker_with_a_stuck_thread_drains_and_stops_to_be_recycled(
+    unique, rabbit, settings
+):
+    release = threading.Event()
+    stuck_started = threading.Event()
+    handled: list[int] = []
+
+    class Stuck(Listener):
+        subscribes_to = f"{unique}.key"
+        queue = f"{unique}.recycled"
+        max_attempts = 2
+        retry_delays = (30,)  # the retry waits in its delay queue while the worker stops
+        timeout = 1.0
+        concurrency = 2
+
+        def handle(self, message: Item) -> None:
+            if message.n == 1:
+                stuck_started.set()
+                release.wait(30)
+                return
+            time.sleep(0.6)  # in flight when the recycle begins: it must finish first
+            handled.append(message.n)
+
+    rabbit.track(Stuck)
+    worker = Worker([Stuck], settings, install_signals=False)
+    run = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: worker.ready)
+        await Stuck.anotify(n=1)
+        await eventually(stuck_started.is_set)
+        await asyncio.sleep(0.7)  # message 2 then runs from 0.7 s to 1.3 s: across the time-out
+        await Stuck.anotify(n=2)
+        code = await asyncio.wait_for(run, 15)
+    finally:
+        release.set()
+
+    assert code == EXIT_RECYCLE
+    assert handled == [2]  # the other in-flight message finished before the exit
+    # The stuck message was retried (it waits in its delay queue), not lost, not parked.
+    properties, _body = rabbit.wait_message(f"{Stuck.queue}.retry.30s", timeout=5)
+    assert headers_of(properties)["x-attempts"] == 1
+    assert rabbit.count(f"{Stuck.queue}.dead") == 0
 
 
 # -- bad input ------------------------------------------------------------------------------------

@@ -613,3 +613,31 @@ def test_killing_the_supervisor_takes_its_workers_down_and_the_message_goes_back
     # 1, or 2 when the other dying worker took the redelivery in its last milliseconds.
     assert delivery_count(properties) >= 1, properties.headers
     assert app.marked("done", 1) == []
+
+
+# -- hung handlers ------------------------------------------------------------------------------
+
+
+def test_a_worker_with_a_hung_sync_handler_is_recycled_and_the_message_parked_once(app, rabbit):
+    supervised = app.start("--workers", "1", ready=1, APP_TIMEOUT="0.5", APP_MAX_ATTEMPTS="2")
+    first = supervised.worker_pids()[0]
+    try:
+        app.publish(1, "wait")  # never released while the run lasts: a hung call
+        # Attempt 1 times out, is retried, and its worker (holding the stuck thread) is
+        # replaced; the replacement's attempt 2 hangs too and parks the message as a time-out.
+        properties, _body = rabbit.wait_message(app.dead, timeout=20)
+        supervised.wait_log("recycled after", count=2)
+        app.publish(2)
+        app.wait_marked("done", 2)
+    finally:
+        app.release(1)
+
+    headers = properties.headers or {}
+    assert headers["x-parked-reason"] == "timeout"
+    assert headers["x-attempts"] == 2
+    assert app.marked("started", 1) and len(app.marked("started", 1)) == 2
+    assert supervised.deaths() == []  # a recycle is not a death: no back-off
+    assert first not in supervised.worker_pids()[1:]
+    supervised.send(signal.SIGTERM)
+    assert supervised.wait_exit(20) == 0
+    assert rabbit.count(app.dead) == 0  # parked exactly once (taken above)

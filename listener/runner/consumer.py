@@ -62,11 +62,13 @@ class Consumer:
         settings: Settings,
         on_fatal: Callable[[str], None],
         chain: Chain | None = None,
+        on_stuck: Callable[[], None] | None = None,
     ) -> None:
         self.listener = listener
         self.transport = transport
         self.settings = settings
         self.chain = chain or Chain(installed_middleware())
+        self._on_stuck = on_stuck
         self._instance = listener()
         self._on_fatal = on_fatal
         self._threads = (
@@ -198,6 +200,8 @@ class Consumer:
         except Reject as exc:
             return Failure.from_exception("reject", exc, reason=exc.reason)
         except AttemptTimedOut as exc:
+            if self._threads is not None and self._on_stuck is not None:
+                self._on_stuck()
             return Failure("timeout", "TimeoutError", str(exc))
         except HandlerExited as exc:
             log.error(

@@ -95,7 +95,7 @@ from listener import errors
 from listener.errors import AuthenticationFailed, BrokerError, BrokerUnreachable, ConfigurationError
 from listener.middleware import installed_middleware
 from listener.runner.amqp_transport import Transport
-from listener.runner.worker import Worker
+from listener.runner.worker import EXIT_RECYCLE, Worker
 from listener.settings import Settings
 
 if TYPE_CHECKING:
@@ -515,6 +515,16 @@ class Supervisor:
             # exclusive consumer, ...) is a start-up error: report it once, like a lone worker.
             self._failure = slot.boot_error
             self._begin_stop(f"worker {slot.number} could not start", quiet=True)
+            return
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_RECYCLE:
+            # It asked to be replaced (stuck handler threads): a planned restart, no back-off.
+            slot.restart_at = time.monotonic()
+            log.warning(
+                "worker pid=%d recycled after %.1fs (handler threads stuck past their "
+                "timeout); starting its replacement",
+                pid,
+                lived,
+            )
             return
         if slot.boot_error is not None:
             how = f"{how} (could not start: {slot.boot_error})"

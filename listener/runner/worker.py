@@ -21,7 +21,7 @@ from listener.settings import Settings
 if TYPE_CHECKING:
     from listener.listener import Listener
 
-__all__ = ["Worker"]
+__all__ = ["EXIT_RECYCLE", "Worker"]
 
 log = logging.getLogger("listener.worker")
 
@@ -32,6 +32,9 @@ _BACKOFF_CAP = 15.0
 #: How long cancelled handlers get to unwind (and hand their messages back) after the grace
 #: period, and how long a basic.cancel may wait for its answer during the drain.
 _CANCEL_WAIT = 2.0
+#: The exit code of a worker that stops to be replaced, not because it failed: it carries
+#: sync handler threads stuck past their timeout, which only a new process gets rid of.
+EXIT_RECYCLE = 3
 
 
 class Worker:
@@ -102,7 +105,14 @@ class Worker:
         if transport is None:  # stopped while the broker was still out of reach
             return self.exit_code
         self.consumers = [
-            Consumer(cls, transport, settings=self.settings, on_fatal=self._fatal, chain=self.chain)
+            Consumer(
+                cls,
+                transport,
+                settings=self.settings,
+                on_fatal=self._fatal,
+                chain=self.chain,
+                on_stuck=self._thread_stuck,
+            )
             for cls in self.listeners
         ]
         try:
@@ -274,6 +284,16 @@ class Worker:
             log.info("reconnected to %s", self.settings.redacted_url)
             return transport
         return None
+
+    def _thread_stuck(self) -> None:
+        limit = self.settings.max_stuck_threads
+        stuck = sum(consumer.stuck_threads for consumer in self.consumers)
+        if limit and stuck >= limit and self.exit_code == 0:
+            # Python cannot kill a thread; a process can be replaced. Drain the others first.
+            self.exit_code = EXIT_RECYCLE
+            self.request_stop(
+                f"{stuck} sync handler thread(s) stuck past their timeout; recycling this worker"
+            )
 
     def _fatal(self, reason: str) -> None:
         self.exit_code = 1
