@@ -436,6 +436,9 @@ def test_the_endpoint_adds_up_every_worker_and_survives_a_killed_one(run, amqp_u
             (t := scrape(port))
             and fleet(t, "messages_handled_total") == 6
             and fleet(t, "messages_parked_total", reason="validation_error") == 1
+            # after_handle (failed, in_flight, duration) runs a moment after on_park
+            and fleet(t, "messages_failed_total") == 1
+            and fleet(t, "messages_in_flight") == 0
             and t
         ),
         15,
