@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, NoReturn, TypeVar
 
+import pika.exceptions
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -63,9 +64,35 @@ def _operate(url: str | None, work: Callable[[Operator], T]) -> T:
     except ConfigurationError as exc:
         _fail(str(exc), 2)
     except (BrokerError, PublishError) as exc:
+        _report_partial(exc)
         _fail(str(exc), 1)
     except ListenerError as exc:
         _fail(str(exc), 2)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        _report_partial(exc)
+        if exc.reply_code == 403:
+            _fail(
+                f"the broker refused access ({exc.reply_text}): the user needs read and write "
+                "permission on the queues, and configure permission on '<queue>.operator-lock'",
+                1,
+            )
+        _fail(f"the broker refused ({exc.reply_code} {exc.reply_text})", 1)
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        _report_partial(exc)
+        _fail(
+            f"the connection to the broker was lost ({type(exc).__name__}); nothing parked is "
+            "lost: the broker takes back what the command held. Run it again",
+            1,
+        )
+
+
+def _report_partial(exc: BaseException) -> None:
+    """Before an error line: the ids a replay had already moved (and removed)."""
+    partial = getattr(exc, "partial_result", None)
+    if partial is not None and partial.done:
+        typer.echo(f"replayed {len(partial.done)} message(s) before the error:")
+        for message_id in partial.done:
+            typer.echo(f"  {message_id}")
 
 
 def _emit_json(document: Any) -> None:

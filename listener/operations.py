@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,12 +32,13 @@ import pika.spec
 
 from listener import outcome, registry, topology
 from listener._amqp_errors import connect_error, publish_error
-from listener.errors import ConfigurationError
+from listener.errors import BrokerError, ConfigurationError
 from listener.listener import Listener
 from listener.management import ManagementAPI
 from listener.settings import Settings
 
 __all__ = [
+    "OperationFailed",
     "Operator",
     "Parked",
     "QueueStatus",
@@ -67,6 +68,11 @@ _RESET_ON_REPLAY = (
 REPLAYS_HEADER = "x-replays"
 
 Channel = pika.adapters.blocking_connection.BlockingChannel
+
+
+class OperationFailed(BrokerError):
+    """An operator command could not do its work (the queue is busy, access refused, the
+    connection was lost); the text says what to check."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +209,12 @@ class Operator:
         api = ManagementAPI.probe(self.settings)
         rows = []
         for cls in listeners:
-            detail = api.queue(cls.queue) if api is not None else None
+            detail = None
+            if api is not None:
+                # The probe answered, but a later call may still fail (rights on this vhost,
+                # a restart): that row falls back to what AMQP can tell.
+                with contextlib.suppress(OSError, ValueError):
+                    detail = api.queue(cls.queue)
             described = cls.topology(self.settings)
             main = self._declare_ok(cls.queue)
             waiting = 0
@@ -255,7 +266,7 @@ class Operator:
                 if older_than is not None and _age(parked, now) < older_than:
                     continue
                 found.append(parked)
-        found.sort(key=lambda p: p.parked_at)
+        found.sort(key=_sort_key)
         return found
 
     def replay(
@@ -267,21 +278,30 @@ class Operator:
         only after its copy was confirmed.
         """
         channel = self._peek_channel()
-        with self._peeking(target.dead_queue) as messages:
-            chosen, result = _choose(list(messages), ids, limit)
-            for tag, parked in chosen:
-                self._publish_replay(channel, target.queue, parked)
-                channel.basic_ack(tag)
-                result.done.append(parked.message_id)
+        result = ReplayResult()
+        try:
+            with self._peeking(target.dead_queue) as messages:
+                chosen = _choose(list(messages), ids, limit, result)
+                for tags, parked in chosen:
+                    # One replay per message id: copies parked twice (a killed move or
+                    # replay) leave together, once the one replay was confirmed.
+                    self._publish_replay(channel, target.queue, parked)
+                    for tag in tags:
+                        channel.basic_ack(tag)
+                    result.done.append(parked.message_id)
+        except Exception as exc:
+            exc.partial_result = result  # type: ignore[attr-defined]
+            raise
         return result
 
     def purge(self, target: Target, *, ids: Sequence[str] = ()) -> ReplayResult:
         """Delete parked messages: those named by `ids`, or all of them."""
         channel = self._peek_channel()
+        result = ReplayResult()
         with self._peeking(target.dead_queue) as messages:
-            chosen, result = _choose(list(messages), ids, None)
-            for tag, parked in chosen:
-                channel.basic_ack(tag)
+            for tags, parked in _choose(list(messages), ids, None, result):
+                for tag in tags:
+                    channel.basic_ack(tag)
                 result.done.append(parked.message_id)
         return result
 
@@ -291,6 +311,7 @@ class Operator:
     def _peeking(self, queue: str) -> Iterator[Iterator[tuple[int, Parked]]]:
         """Yield the messages now in `queue`, unacked; hand back every one not acked."""
         channel = self._peek_channel()
+        unlock = self._lock(queue)
         taken: list[int] = []
 
         def messages() -> Iterator[tuple[int, Parked]]:
@@ -313,6 +334,30 @@ class Operator:
                 # limit keeps the place); if this fails the connection's close does it.
                 with contextlib.suppress(Exception):
                     channel.basic_nack(0, multiple=True, requeue=True)
+            unlock()
+
+    def _lock(self, queue: str) -> Callable[[], None]:
+        """Hold `<queue>.operator-lock`, an exclusive queue (the broker drops it with this
+        connection, if the command dies): two commands peeking one queue at once would each
+        see only part of it. Returns the release."""
+        lock = f"{queue}.operator-lock"
+        channel = self._connection.channel()
+        try:
+            channel.queue_declare(lock, exclusive=True, auto_delete=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 405:
+                raise OperationFailed(
+                    f"another amqp-listener command is working on {queue!r} (it holds "
+                    f"{lock!r}); try again when it is done"
+                ) from None
+            raise
+
+        def release() -> None:
+            with contextlib.suppress(Exception):
+                channel.queue_delete(lock)
+                channel.close()
+
+        return release
 
     def _publish_replay(self, channel: Channel, queue: str, parked: Parked) -> None:
         headers = {k: v for k, v in parked.headers.items() if k not in _RESET_ON_REPLAY}
@@ -385,7 +430,11 @@ def _parked(properties: pika.spec.BasicProperties, body: bytes) -> Parked:
         exception_type=_text(headers.get("x-exception-type")),
         exception_message=_text(headers.get("x-exception-message")),
         listener=_text(headers.get("x-listener")),
-        parked_at=_text(headers.get("x-last-failure-at")) or _stamp(properties.timestamp),
+        parked_at=(
+            _text(headers.get("x-last-failure-at"))
+            or _death_time(headers)
+            or _stamp(properties.timestamp)
+        ),
         first_failure_at=_text(headers.get("x-first-failure-at")),
         host=_text(headers.get("x-host")),
         pid=_int(headers.get("x-pid")),
@@ -398,23 +447,50 @@ def _parked(properties: pika.spec.BasicProperties, body: bytes) -> Parked:
 
 
 def _choose(
-    taken: list[tuple[int, Parked]], ids: Sequence[str], limit: int | None
-) -> tuple[list[tuple[int, Parked]], ReplayResult]:
-    """The messages a replay or purge acts on: those named, or the oldest (up to `limit`).
+    taken: list[tuple[int, Parked]],
+    ids: Sequence[str],
+    limit: int | None,
+    result: ReplayResult,
+) -> list[tuple[list[int], Parked]]:
+    """The messages a replay or purge acts on: those named, or the oldest (up to `limit`),
+    each with the delivery tags of every copy of it (same message id).
 
     The whole queue is always taken first and everything else handed back together: a
     quorum queue keeps handed-back messages in the order they come back, so only a
     complete hand-back leaves the queue in its order.
     """
-    result = ReplayResult()
-    ordered = sorted(taken, key=lambda item: item[1].parked_at)
+    groups: dict[str, tuple[list[int], Parked]] = {}
+    for tag, parked in taken:
+        key = parked.message_id or f"<no id, tag {tag}>"
+        if key in groups:
+            groups[key][0].append(tag)
+        else:
+            groups[key] = ([tag], parked)
+    ordered = sorted(groups.values(), key=lambda group: _sort_key(group[1]))
     if ids:
         wanted = set(ids)
-        chosen = [item for item in ordered if item[1].message_id in wanted]
+        chosen = [group for group in ordered if group[1].message_id in wanted]
         result.not_found = sorted(wanted - {parked.message_id for _, parked in chosen})
     else:
         chosen = ordered
-    return (chosen[:limit] if limit is not None else chosen), result
+    return chosen[:limit] if limit is not None else chosen
+
+
+def _sort_key(parked: Parked) -> tuple[int, str]:
+    # Oldest first; a message with no known parking time goes last, not first.
+    return (0, parked.parked_at) if parked.parked_at else (1, "")
+
+
+def _death_time(headers: dict[str, Any]) -> str:
+    # Dead-lettered by the broker itself: x-death holds when.
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        when = deaths[0].get("time")
+        if isinstance(when, dt.datetime):
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=dt.UTC)
+            return when.isoformat(timespec="milliseconds")
+    return ""
 
 
 def _broker_reason(headers: dict[str, Any]) -> str:

@@ -338,3 +338,27 @@ def test_help_exits_0(args):
 
     assert result.returncode == 0, result.stderr
     assert "Usage:" in result.stdout
+
+
+def test_a_listener_whose_init_raises_stops_the_start_with_one_line(tmp_path, amqp_url):
+    module = tmp_path / "badinit_app.py"
+    module.write_text(
+        "from listener import Listener\n"
+        "class BadInit(Listener):\n"
+        "    subscribes_to = 'badinit_x.k'\n"
+        "    def __init__(self):\n"
+        "        raise RuntimeError('no config file')\n"
+        "    def handle(self, message) -> None: ...\n"
+    )
+    env = {**os.environ, "AMQP_URL": amqp_url, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("amqp-listener")), "run", "badinit_app"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "BadInit() raised RuntimeError: no config file" in line

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 import listener
 from listener import Listener
-from listener.operations import Operator
+from listener.operations import OperationFailed, Operator
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("amqp-listener"))
@@ -469,3 +469,31 @@ def test_declare_and_publish_speak_json_too(unique, rabbit, amqp_url, tmp_path):
     message_id = json.loads(published.stdout)["message_id"]
     properties, _ = rabbit.wait_message(f"{unique}.declared")
     assert properties.message_id == message_id
+
+
+async def test_two_commands_on_one_dead_queue_do_not_share_it(
+    unique, rabbit, run_worker, operator, settings
+):
+    cls, ids = await park_one_of_each(unique, rabbit, run_worker, healed=[False])
+    target = operator.target(cls.queue)
+    with operator._peeking(target.dead_queue) as messages:
+        next(messages)  # the first command holds the queue
+        with Operator(settings) as other, pytest.raises(OperationFailed, match="another"):
+            other.replay(other.target(cls.queue))
+    # Once the first is done, the second sees every message.
+    with Operator(settings) as other:
+        assert [p.message_id for p in other.parked(other.target(cls.queue))] == ids
+
+
+def test_copies_of_one_parked_message_are_replayed_once(unique, rabbit, operator):
+    queue, dead = f"{unique}.twice", f"{unique}.twice.dead"
+    rabbit.declare_queue(queue, **{"x-queue-type": "quorum"})
+    rabbit.declare_queue(dead, **{"x-queue-type": "quorum", "x-delivery-limit": 2**31 - 1})
+    for message_id in ("dup", "dup", "single"):
+        rabbit.publish("", dead, b"{}", message_id=message_id, delivery_mode=2)
+
+    result = operator.replay(operator.target(queue))
+
+    assert sorted(result.done) == ["dup", "single"]
+    assert sorted(p.message_id for p, _ in rabbit.drain(queue)) == ["dup", "single"]
+    assert rabbit.count(dead) == 0

@@ -641,3 +641,19 @@ def test_a_worker_with_a_hung_sync_handler_is_recycled_and_the_message_parked_on
     supervised.send(signal.SIGTERM)
     assert supervised.wait_exit(20) == 0
     assert rabbit.count(app.dead) == 0  # parked exactly once (taken above)
+
+
+def test_sigterm_to_every_process_at_once_still_drains(app, rabbit):
+    # systemd's default KillMode and `pkill` signal every process of the service: a worker
+    # then hears SIGTERM twice (directly and from its supervisor) and must still drain.
+    supervised = app.start("--workers", "1", ready=1)
+    (worker,) = supervised.worker_pids()
+    app.publish(1, "sleep", seconds=1.0)
+    app.wait_marked("started", 1)
+    os.kill(worker, signal.SIGTERM)
+    supervised.send(signal.SIGTERM)
+
+    assert supervised.wait_exit(20) == 0, supervised.stderr
+    assert app.marked("done", 1) == [worker]  # finished, not cut short
+    assert rabbit.count(app.queue) == 0
+    assert rabbit.count(app.dead) == 0

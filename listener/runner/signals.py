@@ -13,16 +13,28 @@ __all__ = ["install"]
 _GRACEFUL = (signal.SIGTERM, signal.SIGINT)
 
 
-def install(loop: asyncio.AbstractEventLoop, on_first: Callable[[str], None]) -> None:
+def install(
+    loop: asyncio.AbstractEventLoop,
+    on_first: Callable[[str], None],
+    *,
+    second_exits: bool = True,
+) -> None:
     """Call `on_first(name)` on the first SIGTERM/SIGINT; exit the process on the second.
 
     The immediate exit skips the drain: the sockets close with the process, and the broker
     puts every unacked message back in its queue, so nothing is lost, only redone.
+
+    With `second_exits=False` (a supervised worker) repeated signals only drain: tools that
+    signal every process of a service (systemd's default KillMode, pkill) would otherwise
+    reach a worker twice, once directly and once through its supervisor, and skip the drain.
+    The supervisor stops a worker at once with SIGKILL, never with a second SIGTERM.
     """
     received: list[int] = []
 
     def handle(signum: int) -> None:
         name = signal.Signals(signum).name
+        if received and not second_exits:
+            return
         if received:
             sys.stderr.write(
                 f"amqp-listener: second signal ({name}): exiting now; unacked "

@@ -251,6 +251,7 @@ class Supervisor:
         Returns None when the workers can start, or an exit code when a signal asked to stop
         while the broker was still out of reach.
         """
+        self._check_listeners()
         attempts = 1 if self.fail_fast else self.settings.connect_attempts
         delay = _CONNECT_FIRST
         for attempt in range(1, attempts + 1):
@@ -276,6 +277,18 @@ class Supervisor:
                 delay = min(delay * 2, _CONNECT_CAP)
         signum = self._wait_for_stop(0)  # a signal that came during the last attempt
         return None if signum is None else self._stopped_before_start(signum)
+
+    def _check_listeners(self) -> None:
+        """Instantiate each listener once: an `__init__` that raises would otherwise kill
+        every worker at start, forever."""
+        for cls in self.listeners:
+            try:
+                cls()
+            except Exception as exc:
+                raise ConfigurationError(
+                    f"{cls.name()}() raised {type(exc).__name__}: {exc}; a listener must be "
+                    "constructible without arguments"
+                ) from exc
 
     async def _declare_all(self) -> None:
         name = f"amqp-listener supervisor pid={self._pid} start-up check"
@@ -386,7 +399,13 @@ class Supervisor:
 
                 middleware = [*installed_middleware(), Metrics()]
             worker = Worker(
-                self.listeners, self.settings, fail_fast=self.fail_fast, middleware=middleware
+                self.listeners,
+                self.settings,
+                fail_fast=self.fail_fast,
+                middleware=middleware,
+                # The supervisor never sends a second SIGTERM to mean "now" (it uses
+                # SIGKILL), so a repeated SIGTERM, from systemd or pkill, only drains.
+                second_signal_exits=False,
             )
             return asyncio.run(_run_reporting(worker, status_fd))
         except BrokerError as exc:
@@ -399,8 +418,12 @@ class Supervisor:
             return 128 + signal.SIGINT
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
+        except BaseException as exc:
             log.exception("worker pid=%d crashed", os.getpid())
+            # Reported too: a first worker that crashes before it is ready ends the start
+            # with this line instead of being restarted forever.
+            message = " ".join(f"{type(exc).__name__}: {exc}".split())
+            _report(status_fd, f"error BrokerError worker crashed while starting: {message}")
             return 1
 
     def _supervise(self) -> int:
@@ -469,7 +492,8 @@ class Supervisor:
             if kind == "ready" and not slot.ready:
                 slot.ready = True
                 self._started(slot)
-            elif kind == "error":
+            elif kind == "error" and not slot.ready:
+                # Only an error before "ready" is a start-up error; a crash later is a death.
                 name, _, message = detail.partition(" ")
                 slot.boot_error = _broker_error(name, message)
 

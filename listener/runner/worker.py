@@ -51,6 +51,7 @@ class Worker:
         *,
         fail_fast: bool = False,
         install_signals: bool = True,
+        second_signal_exits: bool = True,
         middleware: Sequence[Middleware] | None = None,
     ) -> None:
         self.listeners = list(listeners)
@@ -58,6 +59,7 @@ class Worker:
         self.settings = settings
         self.fail_fast = fail_fast
         self.install_signals = install_signals
+        self.second_signal_exits = second_signal_exits
         self.exit_code = 0
         self.consumers: list[Consumer] = []
         self.ready = False
@@ -99,23 +101,26 @@ class Worker:
         """
         if self.install_signals:
             signals.install(
-                asyncio.get_running_loop(), lambda name: self.request_stop(f"received {name}")
+                asyncio.get_running_loop(),
+                lambda name: self.request_stop(f"received {name}"),
+                second_exits=self.second_signal_exits,
             )
         transport = await self._connect_at_start()
         if transport is None:  # stopped while the broker was still out of reach
             return self.exit_code
-        self.consumers = [
-            Consumer(
-                cls,
-                transport,
-                settings=self.settings,
-                on_fatal=self._fatal,
-                chain=self.chain,
-                on_stuck=self._thread_stuck,
-            )
-            for cls in self.listeners
-        ]
         try:
+            # Inside the try: a listener whose __init__ raises must not leak the connection.
+            self.consumers = [
+                Consumer(
+                    cls,
+                    transport,
+                    settings=self.settings,
+                    on_fatal=self._fatal,
+                    chain=self.chain,
+                    on_stuck=self._thread_stuck,
+                )
+                for cls in self.listeners
+            ]
             await self._start(transport)
         except BaseException:
             await transport.close()
