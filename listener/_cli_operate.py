@@ -105,15 +105,23 @@ def _console() -> Console:
 
 
 def status(
-    modules: Annotated[list[str], typer.Argument(help="Modules that define the listeners.")],
+    modules: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Modules that define the listeners; without them, the listener queues the "
+            "management API shows."
+        ),
+    ] = None,
     url: UrlOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Every listener with its queue: ready, consumers, waiting for a retry, parked."""
-    try:
-        listeners = registry.discover(modules)
-    except ListenerError as exc:
-        _fail(str(exc), 2)
+    """Every listener with its queue: ready, unacked, consumers, waiting for a retry, parked."""
+    listeners = None
+    if modules:
+        try:
+            listeners = registry.discover(modules)
+        except ListenerError as exc:
+            _fail(str(exc), 2)
     rows = _operate(url, lambda operator: operator.status(listeners))
     if as_json:
         _emit_json(

@@ -65,6 +65,11 @@ class ManagementAPI:
             raise
         return record
 
+    def queue_names(self) -> list[str]:
+        """Every queue of the vhost."""
+        records = self._get(f"/api/queues/{_quote(self.vhost)}?columns=name")
+        return [str(record["name"]) for record in records if isinstance(record, dict)]
+
     def _get(self, path: str) -> Any:
         request = urllib.request.Request(self.base + path, headers={"Authorization": self._auth})
         with urllib.request.urlopen(request, timeout=_TIMEOUT) as response:

@@ -203,31 +203,46 @@ class Operator:
             )
         return target
 
-    def status(self, listeners: Sequence[type[Listener]]) -> list[QueueStatus]:
+    def status(self, listeners: Sequence[type[Listener]] | None = None) -> list[QueueStatus]:
         """Depths and consumers of each listener's queues: from the management API when it
-        answers (with unacked counts and rates), else from passive declares."""
+        answers (with unacked counts and rates), else from passive declares.
+
+        Without `listeners`, the listener queues the management API shows (every queue with
+        a `<queue>.dead` beside it); without that API, a ConfigurationError.
+        """
         api = ManagementAPI.probe(self.settings)
+        if listeners is None:
+            if api is None:
+                raise ConfigurationError(
+                    "name the modules that define the listeners (AMQP cannot list queues), or "
+                    "enable the management plugin so that status can find them"
+                )
+            names = set(api.queue_names())
+            queues: list[tuple[str, str, tuple[float, ...]]] = [
+                (name, name, ()) for name in sorted(names) if f"{name}.dead" in names
+            ]
+        else:
+            queues = [(cls.name(), cls.queue, cls.retry_delays) for cls in listeners]
         rows = []
-        for cls in listeners:
+        for label, queue, retry_delays in queues:
             detail = None
             if api is not None:
                 # The probe answered, but a later call may still fail (rights on this vhost,
                 # a restart): that row falls back to what AMQP can tell.
                 with contextlib.suppress(OSError, ValueError):
-                    detail = api.queue(cls.queue)
-            described = cls.topology(self.settings)
-            main = self._declare_ok(cls.queue)
+                    detail = api.queue(queue)
+            main = self._declare_ok(queue)
             waiting = 0
-            for name in self._delay_queue_names(cls):
+            for name in self._delay_queue_names(queue, retry_delays):
                 depth = self._depth(name)
                 waiting += depth or 0
             row = QueueStatus(
-                listener=cls.name(),
-                queue=cls.queue,
+                listener=label,
+                queue=queue,
                 ready=None if main is None else main.message_count,
                 consumers=None if main is None else main.consumer_count,
                 waiting_retry=waiting,
-                parked=self._depth(described.dead.name),
+                parked=self._depth(topology.dead_queue_name(queue)),
                 missing=main is None,
             )
             if detail is not None:
@@ -400,9 +415,9 @@ class Operator:
         method = self._declare_ok(queue)
         return None if method is None else int(method.message_count)
 
-    def _delay_queue_names(self, cls: type[Listener]) -> list[str]:
-        declared = {topology.delay_queue_name(cls.queue, d) for d in cls.retry_delays if d > 0}
-        ladder = {topology.delay_queue_name(cls.queue, d) for d in topology.DELAY_LADDER}
+    def _delay_queue_names(self, queue: str, retry_delays: Sequence[float]) -> list[str]:
+        declared = {topology.delay_queue_name(queue, d) for d in retry_delays if d > 0}
+        ladder = {topology.delay_queue_name(queue, d) for d in topology.DELAY_LADDER}
         return sorted(declared | ladder)
 
 

@@ -391,6 +391,21 @@ def test_status_reads_unacked_counts_from_the_management_api_when_it_answers(
 
     assert row.source == "management"
     assert (row.ready, row.unacked, row.consumers) == (2, 3, 1)
+    # Without modules, status finds the listener queues itself (those with a .dead beside).
+    with Operator(settings) as operator:
+        found = {r.queue: r for r in operator.status()}
+    assert Busy.queue in found and f"{Busy.queue}.dead" not in found
+    assert found[Busy.queue].parked == 0
+
+
+def test_status_without_modules_or_management_api_asks_for_the_modules(amqp_url, settings):
+    from listener.management import ManagementAPI
+
+    if ManagementAPI.probe(settings) is not None:
+        pytest.skip("the management API answers on this broker")
+    result = cli("status", url=amqp_url)
+    assert result.returncode == 2
+    assert "name the modules" in result.stderr
 
 
 def test_a_killed_replay_leaves_every_message_parked_or_replayed(unique, rabbit, amqp_url):
