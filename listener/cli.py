@@ -145,14 +145,31 @@ def run(
             show_default=False,
         ),
     ] = None,
+    health_port: Annotated[
+        int | None,
+        typer.Option(
+            "--health-port",
+            min=0,
+            max=65535,
+            help="Serve /livez and /readyz (Kubernetes probes) on this port, all interfaces "
+            "(0: a free port, logged). Default: off (or AMQP_LISTENER_HEALTH_PORT).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Host the listeners in MODULES and consume until stopped (SIGTERM/SIGINT drain)."""
+    """Host the listeners in MODULES and consume until stopped (SIGTERM/SIGINT drain).
+
+    SIGUSR2 pauses consuming, SIGCONT resumes it, SIGHUP reloads the code with a rolling
+    restart of the workers.
+    """
     from listener.runner import run as run_listeners
 
     _configure_logging(log_level.value, log_format.value)
     settings = _settings(url)
     if grace is not None:
         settings = settings.model_copy(update={"grace_period": grace})
+    if health_port is not None:
+        settings = settings.model_copy(update={"health_port": health_port})
     endpoint = None
     if metrics_port is not None:
         from listener.metrics import MultiprocessEndpoint

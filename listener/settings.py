@@ -73,6 +73,20 @@ class Settings(BaseSettings):
         gt=0,
         description="Largest message body the framework publishes or decodes.",
     )
+    consumer_timeout: float = Field(
+        default=1800.0,
+        ge=0,
+        description="The broker's consumer timeout in seconds (RabbitMQ's `consumer_timeout`, "
+        "30 minutes by default; AMQP gives no way to read it): `run` warns at start-up about "
+        "each listener whose `timeout` is not below it. 0: the broker has none.",
+    )
+    health_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Serve /livez and /readyz on this port, all interfaces (0: a free port, "
+        "logged); `run --health-port`. Default: off.",
+    )
 
     @field_validator("url")
     @classmethod

@@ -51,9 +51,9 @@ def run(
     if workers < 1:
         raise ConfigurationError(f"--workers must be at least 1, not {workers}")
     if not supervisor.supported():
-        if workers > 1 or metrics is not None:
+        if workers > 1 or metrics is not None or settings.health_port is not None:
             raise ConfigurationError(
-                "--workers above 1 and --metrics-port need Linux (fork and prctl)"
+                "--workers above 1, --metrics-port and --health-port need Linux (fork and prctl)"
             )
         log.warning("worker processes cannot be supervised on this platform; running one")
         return run_worker(listeners, settings, fail_fast=fail_fast)

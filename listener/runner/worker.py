@@ -1,4 +1,18 @@
-"""A worker process: one connection, a consumer per listener, recovery, graceful drain."""
+"""A worker process: one connection, a consumer per listener, recovery, graceful drain.
+
+Besides stopping, a worker can **pause**: `pause()` (SIGUSR2) cancels its consumers
+(basic.cancel on each consumer's channel, which stays open), so nothing new arrives while the
+messages in flight finish and are acked on that channel as usual; a delivery already on its
+way when the cancel was sent is handed back, as the drain does. `resume()` (SIGCONT) consumes
+again on the same channels (a fresh one where the broker closed it meanwhile). A paused
+worker keeps its connection, so heartbeats flow; a reconnect while paused declares the
+topology and stays paused; the consumer watchdog leaves a paused worker's consumers alone.
+
+**Readiness**: `ready` is true exactly while every listener's consumer is live (started,
+connected, not paused, not stopping, no consumer being re-subscribed). `on_state` hears each
+change as one word, "ready", "paused" (connected, consuming nothing on purpose) or
+"not-ready" followed by the reason; the supervisor forwards it to its health endpoint.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +22,10 @@ import functools
 import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from listener._amqp_errors import consume_error
 from listener.errors import AuthenticationFailed, BrokerUnreachable
 from listener.middleware import Chain, Middleware, installed_middleware
 from listener.runner import signals
@@ -21,7 +36,7 @@ from listener.settings import Settings
 if TYPE_CHECKING:
     from listener.listener import Listener
 
-__all__ = ["EXIT_RECYCLE", "Worker"]
+__all__ = ["EXIT_RECYCLE", "Worker", "warn_consumer_timeouts"]
 
 log = logging.getLogger("listener.worker")
 
@@ -42,6 +57,13 @@ class Worker:
 
     `run()` returns the process exit code: 0 after a clean stop, 1 when a handler made the
     worker exit (SystemExit in a handler).
+
+    Args:
+        paused: start paused (connect and declare, consume nothing until `resume()`).
+        on_state: called with "ready", "paused" or "not-ready <reason>" whenever readiness
+            changes (see the module docstring).
+        warn_timeouts: log a warning at `run()` for each listener whose `timeout` is not
+            below the broker's consumer timeout (a supervisor warns once for all its workers).
     """
 
     def __init__(
@@ -53,6 +75,9 @@ class Worker:
         install_signals: bool = True,
         second_signal_exits: bool = True,
         middleware: Sequence[Middleware] | None = None,
+        paused: bool = False,
+        on_state: Callable[[str], None] | None = None,
+        warn_timeouts: bool = True,
     ) -> None:
         self.listeners = list(listeners)
         self.chain = Chain(installed_middleware() if middleware is None else middleware)
@@ -63,6 +88,18 @@ class Worker:
         self.exit_code = 0
         self.consumers: list[Consumer] = []
         self.ready = False
+        #: Whether consuming is paused (asked for; `ready` says when it took effect).
+        self.paused = paused
+        self.warn_timeouts = warn_timeouts
+        self._on_state = on_state
+        self._state = ""  # the last state told to on_state
+        self._started = False
+        #: Consumers whose basic.consume is in force now.
+        self._consuming: set[Consumer] = set()
+        #: Held while consumers are subscribed or cancelled, so that a pause, a resume, a
+        #: reconnect and a re-subscription never interleave.
+        self._consume_lock = asyncio.Lock()
+        self._pausing: asyncio.Task[None] | None = None
         self._subscriptions: dict[Consumer, Subscription] = {}
         self._resubscribing: dict[Consumer, asyncio.Task[None]] = {}
         self._transport: Transport | None = None
@@ -92,6 +129,28 @@ class Worker:
                 self.settings.grace_period,
             )
             self._stop.set()
+            self._update_ready("stopping")
+
+    def pause(self, reason: str = "requested") -> None:
+        """Stop taking new messages; those in flight finish normally (safe to repeat)."""
+        if self.paused or self._stop.is_set():
+            return
+        self.paused = True
+        in_flight = sum(len(consumer.in_flight) for consumer in self.consumers)
+        log.info(
+            "pausing (%s): no new messages until resumed; %d in-flight message(s) finish",
+            reason,
+            in_flight,
+        )
+        self._apply_pause()
+
+    def resume(self, reason: str = "requested") -> None:
+        """Consume again after `pause()` (safe to repeat)."""
+        if not self.paused or self._stop.is_set():
+            return
+        self.paused = False
+        log.info("resuming (%s): consuming again", reason)
+        self._apply_pause()
 
     async def run(self) -> int:
         """Connect, declare, consume until stopped, drain. Returns the exit code.
@@ -104,7 +163,11 @@ class Worker:
                 asyncio.get_running_loop(),
                 lambda name: self.request_stop(f"received {name}"),
                 second_exits=self.second_signal_exits,
+                on_pause=lambda name: self.pause(f"received {name}"),
+                on_resume=lambda name: self.resume(f"received {name}"),
             )
+        if self.warn_timeouts:
+            warn_consumer_timeouts(self.listeners, self.settings)
         transport = await self._connect_at_start()
         if transport is None:  # stopped while the broker was still out of reach
             return self.exit_code
@@ -129,7 +192,7 @@ class Worker:
             await _first_of(self._stop, self._lost)
             if self._stop.is_set():
                 break
-            self.ready = False
+            self._update_ready("connection lost")
             if await self._reconnect() is None:
                 break
         await self._drain()
@@ -160,24 +223,40 @@ class Worker:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _start(self, transport: Transport) -> None:
-        self._lost.clear()
-        self._transport = transport
-        for consumer in self.consumers:
-            consumer.transport = transport
-            await transport.declare(consumer.listener.topology(self.settings))
-        self._subscriptions = {}
-        for consumer in self.consumers:
-            await self._subscribe(consumer, transport)
-        transport.on_close(self._on_connection_closed)
-        self.ready = True
+        async with self._consume_lock:
+            self._lost.clear()
+            self._transport = transport
+            for consumer in self.consumers:
+                consumer.transport = transport
+                await transport.declare(consumer.listener.topology(self.settings))
+            self._subscriptions = {}
+            self._consuming = set()
+            paused = self.paused
+            for consumer in self.consumers:
+                consumer.accepting = not paused
+                if not paused:  # a reconnect while paused stays paused
+                    await self._subscribe(consumer, transport)
+            transport.on_close(self._on_connection_closed)
+        self._started = True
+        if self.paused != paused:
+            self._apply_pause()  # pause() or resume() came while the consumers were set up
         self.chain.before("on_worker_start", self)
         names = ", ".join(
             f"{c.listener.__name__} ({c.listener.queue}, concurrency {c.listener.concurrency})"
             for c in self.consumers
         )
-        log.info(
-            "worker pid=%d consuming on %s: %s", os.getpid(), self.settings.redacted_url, names
-        )
+        if self.paused:
+            log.info(
+                "worker pid=%d connected to %s, paused (consuming nothing until resumed): %s",
+                os.getpid(),
+                self.settings.redacted_url,
+                names,
+            )
+        else:
+            log.info(
+                "worker pid=%d consuming on %s: %s", os.getpid(), self.settings.redacted_url, names
+            )
+        self._update_ready("started")
 
     async def _subscribe(self, consumer: Consumer, transport: Transport) -> None:
         listener = consumer.listener
@@ -185,6 +264,7 @@ class Worker:
             listener.queue, listener.concurrency, consumer.on_message
         )
         self._subscriptions[consumer] = subscription
+        self._consuming.add(consumer)
         subscription.channel.close_callbacks.add(
             functools.partial(self._on_channel_closed, consumer, subscription)
         )
@@ -193,10 +273,114 @@ class Worker:
             functools.partial(self._on_consumer_cancelled, consumer, subscription)
         )
 
+    # -- pause and resume -----------------------------------------------------------------
+
+    def _apply_pause(self) -> None:
+        """Bring the consumers in line with `paused`, in a task (signal handlers are sync)."""
+        if not self._started:
+            return  # _start consumes, or not, as `paused` says then
+        if self._pausing is None or self._pausing.done():
+            self._pausing = asyncio.ensure_future(self._align_consumers())
+        # A task already running loops until the state it reached is the one asked for.
+
+    async def _align_consumers(self) -> None:
+        try:
+            while not (self._closing or self._stop.is_set()):
+                transport = self._transport
+                if transport is None or transport.is_closed or self._lost.is_set():
+                    return  # (re)connecting: _start consumes, or not, as `paused` says then
+                paused = self.paused
+                async with self._consume_lock:
+                    if paused:
+                        await self._cancel_consumers()
+                    else:
+                        await self._consume_again(transport)
+                if self.paused == paused:
+                    return
+        finally:
+            self._update_ready("paused" if self.paused else "resumed")
+
+    async def _cancel_consumers(self) -> None:
+        for task in list(self._resubscribing.values()):
+            task.cancel()
+        for consumer in self.consumers:
+            # A delivery already on its way when the cancel goes out is handed back.
+            consumer.accepting = False
+        for consumer in list(self._consuming):
+            subscription = self._subscriptions.get(consumer)
+            if subscription is not None:
+                try:
+                    await asyncio.wait_for(subscription.cancel(), _CANCEL_WAIT)
+                except Exception as exc:
+                    log.warning(
+                        "%s: cancelling its consumer failed (%s); deliveries still arriving "
+                        "are handed back",
+                        consumer.listener.__name__,
+                        _describe(exc),
+                    )
+            # Only now: a cancel cut short by the drain is sent again by the drain.
+            self._consuming.discard(consumer)
+
+    async def _consume_again(self, transport: Transport) -> None:
+        for consumer in self.consumers:
+            consumer.accepting = True
+            if consumer in self._consuming:
+                continue
+            subscription = self._subscriptions.get(consumer)
+            try:
+                if subscription is not None and not subscription.channel.is_closed:
+                    # The same channel: the messages still in flight on it keep their acks.
+                    try:
+                        subscription.tag = await subscription.queue.consume(
+                            consumer.on_message, no_ack=False
+                        )
+                    except Exception as exc:
+                        raise consume_error(exc, consumer.listener.queue) from exc
+                    self._consuming.add(consumer)
+                else:
+                    self._subscriptions.pop(consumer, None)
+                    await self._subscribe(consumer, transport)
+            except Exception as exc:
+                log.warning(
+                    "%s: consuming again failed (%s); retrying on a fresh channel",
+                    consumer.listener.__name__,
+                    exc,
+                )
+                self._resubscribe_later(consumer)
+
+    def _update_ready(self, reason: str) -> None:
+        """Recompute `ready` and tell `on_state` when the state changed."""
+        live = (
+            self._started
+            and not self._closing
+            and not self._stop.is_set()
+            and not self._lost.is_set()
+            and self._transport is not None
+            and not self._transport.is_closed
+        )
+        self.ready = (
+            live
+            and not self.paused
+            and not self._resubscribing
+            and all(consumer in self._consuming for consumer in self.consumers)
+        )
+        if self.ready:
+            state = "ready"
+        elif live and self.paused:
+            state = "paused"
+        else:
+            state = f"not-ready {reason}"
+        if state.split(" ", 1)[0] == self._state.split(" ", 1)[0]:
+            return
+        self._state = state
+        if self._on_state is not None:
+            self._on_state(state)
+
     def _on_connection_closed(self, exc: BaseException | None) -> None:
         if not self._closing:
             log.warning("connection to the broker lost (%s)", _describe(exc))
             self._lost.set()
+            self._update_ready("connection lost")
 
     def _on_channel_closed(
         self, consumer: Consumer, subscription: Subscription, _channel: object, exc: object = None
@@ -207,10 +391,20 @@ class Worker:
         if transport is None or transport.is_closed:
             return  # the whole connection went: _on_connection_closed deals with it
         if self._subscriptions.get(consumer) is subscription and not self._closing:
+            self._consuming.discard(consumer)
+            why = _describe(exc if isinstance(exc, BaseException) else None)
+            if self.paused:
+                log.warning(
+                    "%s: its channel was closed by the broker while paused (%s); resuming "
+                    "subscribes it on a fresh channel",
+                    consumer.listener.__name__,
+                    why,
+                )
+                return
             log.warning(
                 "%s: its channel was closed by the broker (%s); subscribing again",
                 consumer.listener.__name__,
-                _describe(exc if isinstance(exc, BaseException) else None),
+                why,
             )
             self._resubscribe_later(consumer)
 
@@ -219,6 +413,14 @@ class Worker:
     ) -> None:
         # The broker cancelled the consumer (its queue was deleted, a node went away).
         if self._subscriptions.get(consumer) is subscription and not self._closing:
+            self._consuming.discard(consumer)
+            if self.paused:
+                log.warning(
+                    "%s: the broker cancelled its consumer on %s while paused",
+                    consumer.listener.__name__,
+                    consumer.listener.queue,
+                )
+                return
             log.warning(
                 "%s: the broker cancelled its consumer on %s; declaring and subscribing again",
                 consumer.listener.__name__,
@@ -229,6 +431,7 @@ class Worker:
     def _resubscribe_later(self, consumer: Consumer) -> None:
         if consumer not in self._resubscribing:
             self._resubscribing[consumer] = asyncio.ensure_future(self._resubscribe(consumer))
+            self._update_ready(f"{consumer.listener.__name__} lost its consumer")
 
     async def _resubscribe(self, consumer: Consumer) -> None:
         """Give one listener a fresh channel and consumer; the others are left alone."""
@@ -239,13 +442,17 @@ class Worker:
                 if transport is None or transport.is_closed:
                     self._lost.set()
                     return
-                old = self._subscriptions.pop(consumer, None)
-                if old is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(old.channel.close(), _CANCEL_WAIT)
                 try:
-                    await transport.declare(consumer.listener.topology(self.settings))
-                    await self._subscribe(consumer, transport)
+                    async with self._consume_lock:
+                        if self.paused:
+                            return  # resuming subscribes it
+                        old = self._subscriptions.pop(consumer, None)
+                        self._consuming.discard(consumer)
+                        if old is not None:
+                            with contextlib.suppress(Exception):
+                                await asyncio.wait_for(old.channel.close(), _CANCEL_WAIT)
+                        await transport.declare(consumer.listener.topology(self.settings))
+                        await self._subscribe(consumer, transport)
                 except Exception as exc:
                     wait = delay * random.uniform(0.5, 1.5)
                     log.warning(
@@ -263,7 +470,9 @@ class Worker:
                 )
                 return
         finally:
-            self._resubscribing.pop(consumer, None)
+            if self._resubscribing.get(consumer) is asyncio.current_task():
+                del self._resubscribing[consumer]
+            self._update_ready(f"{consumer.listener.__name__} has no consumer")
 
     async def _reconnect(self) -> Transport | None:
         old = self._transport
@@ -306,12 +515,19 @@ class Worker:
 
     async def _drain(self) -> None:
         self._closing = True
-        self.ready = False
+        self._update_ready("stopping")
         for task in list(self._resubscribing.values()):
             task.cancel()
+        if self._pausing is not None and not self._pausing.done():
+            # Let a pause or resume under way finish its step (it stops after it), so that
+            # every consumer it subscribed is known and cancelled below.
+            await asyncio.wait({self._pausing}, timeout=_CANCEL_WAIT)
+            self._pausing.cancel()
         for consumer in self.consumers:
             consumer.accepting = False
-        for subscription in self._subscriptions.values():
+        for consumer, subscription in self._subscriptions.items():
+            if consumer not in self._consuming:
+                continue  # paused: cancelled already
             # Bounded: a broker that stopped answering must not eat the grace period.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(subscription.cancel(), _CANCEL_WAIT)
@@ -337,6 +553,34 @@ class Worker:
             await self._transport.close(timeout=_CANCEL_WAIT)
         self.chain.after("on_worker_stop", self)
         log.info("worker pid=%d stopped: %r", os.getpid(), self)
+
+
+def warn_consumer_timeouts(listeners: Sequence[type[Listener]], settings: Settings) -> int:
+    """Warn about each listener whose `timeout` is not below the broker's consumer timeout.
+
+    RabbitMQ closes the channel of a consumer that holds a delivery unacked longer than its
+    `consumer_timeout` (30 minutes by default since 3.8.15), and the broker does not tell a
+    client its value, hence the `consumer_timeout` setting. A handler allowed to run that
+    long would lose its channel, and with it the acks of every message on it, before its own
+    timeout fired. Returns the number of warnings.
+    """
+    limit = settings.consumer_timeout
+    if not limit:
+        return 0
+    warned = 0
+    for cls in listeners:
+        if cls.timeout >= limit:
+            warned += 1
+            log.warning(
+                "%s: timeout %gs is not below the broker's consumer timeout (%gs): a message "
+                "handled that long has its channel closed by the broker and is delivered "
+                "again; lower the listener's timeout, or raise the broker's consumer_timeout "
+                "and AMQP_LISTENER_CONSUMER_TIMEOUT with it",
+                cls.name(),
+                cls.timeout,
+                limit,
+            )
+    return warned
 
 
 async def _first_of(*events: asyncio.Event) -> None:
