@@ -164,7 +164,7 @@ class AsyncPublisher:
                     self._connection = await aio_pika.connect(
                         self.settings.url.get_secret_value(),
                         heartbeat=self.settings.heartbeat,
-                        timeout=self.settings.confirm_timeout,
+                        timeout=self.settings.connect_timeout,
                         client_properties={
                             "connection_name": f"amqp-listener publisher pid={os.getpid()}"
                         },

@@ -192,10 +192,10 @@ class Publisher:
         parameters = pika.URLParameters(self.settings.url.get_secret_value())
         parameters.heartbeat = self.settings.heartbeat
         parameters.blocked_connection_timeout = self.settings.confirm_timeout
-        # Opening a connection is bounded like a confirm: pika's own defaults (10 s for the
-        # socket, 15 s for the whole handshake) would outlast a short confirm_timeout.
-        parameters.socket_timeout = self.settings.confirm_timeout
-        parameters.stack_timeout = self.settings.confirm_timeout
+        # Opening a connection has its own bound (the handshake takes several round trips, so
+        # it cannot share the confirm's): pika's defaults would be 10 s and 15 s.
+        parameters.socket_timeout = self.settings.connect_timeout
+        parameters.stack_timeout = self.settings.connect_timeout
         parameters.client_properties = {
             "connection_name": f"amqp-listener publisher pid={os.getpid()}"
         }

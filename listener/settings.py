@@ -53,6 +53,11 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a publish waits for the broker's confirm before PublishTimeout.",
     )
+    connect_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds opening one connection (TCP and the AMQP handshake) may take.",
+    )
     connect_attempts: int = Field(
         default=5, ge=1, description="Tries to reach the broker at start-up before giving up."
     )

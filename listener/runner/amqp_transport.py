@@ -21,9 +21,6 @@ from listener.topology import QueueSpec, Topology
 
 __all__ = ["Subscription", "Transport"]
 
-#: Seconds a TCP connect plus the AMQP handshake may take before the try counts as failed.
-_CONNECT_TIMEOUT = 10.0
-
 Callback = Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]]
 
 
@@ -59,7 +56,7 @@ class Transport:
             connection = await aio_pika.connect(
                 settings.url.get_secret_value(),
                 heartbeat=settings.heartbeat,
-                timeout=_CONNECT_TIMEOUT,
+                timeout=settings.connect_timeout,
                 client_properties={"connection_name": name},
             )
         except Exception as exc:

@@ -221,7 +221,7 @@ async def test_a_publish_that_must_connect_through_a_partition_gives_up_within_i
     fault, proxy
 ):
     timeout = 2.0
-    settings = Settings(url=url_of(proxy), confirm_timeout=timeout)
+    settings = Settings(url=url_of(proxy), confirm_timeout=timeout, connect_timeout=timeout)
     sync_publisher, async_publisher = Publisher(settings), AsyncPublisher(settings)
     # TCP connects (the proxy answers) but no byte gets through: the AMQP handshake hangs,
     # as it does behind a partition or a stateful firewall that dropped the route.
@@ -250,5 +250,5 @@ async def test_a_publish_that_must_connect_through_a_partition_gives_up_within_i
     assert async_took < timeout + 1.5
     assert sync_took < timeout + 1.5, (
         f"notify() blocked {sync_took:.1f}s opening its connection although "
-        f"confirm_timeout={timeout:g}s (anotify gave up after {async_took:.1f}s)"
+        f"connect_timeout={timeout:g}s (anotify gave up after {async_took:.1f}s)"
     )
