@@ -243,13 +243,7 @@ class MultiprocessEndpoint:
         """
         if self._socket is not None:
             return
-        try:
-            sock = socket.create_server((self.host, self.port), backlog=64)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise ConfigurationError(
-                f"cannot serve metrics on {self.host}:{self.port}: {reason.lower()}"
-            ) from exc
+        sock = bind_port(self.host, self.port, "metrics")
         self._socket = sock
         self.port = sock.getsockname()[1]
         self.directory = tempfile.mkdtemp(prefix="amqp-listener-metrics-")
@@ -322,3 +316,18 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def __init__(self, sock: socket.socket, handler: type[http.server.BaseHTTPRequestHandler]):
         socketserver.BaseServer.__init__(self, sock.getsockname()[:2], handler)
         self.socket = sock
+
+
+def bind_port(host: str, port: int, purpose: str) -> socket.socket:
+    """A listening socket for an endpoint, bound before any fork.
+
+    Raises:
+        ConfigurationError: the port cannot be bound (in use, not permitted).
+    """
+    try:
+        return socket.create_server((host, port), backlog=64)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigurationError(
+            f"cannot serve {purpose} on {host}:{port}: {reason.lower()}"
+        ) from exc

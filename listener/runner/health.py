@@ -49,8 +49,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from listener.errors import ConfigurationError
-from listener.metrics import _Server
+from listener.metrics import _Server, bind_port
 
 __all__ = ["LIVE_PATH", "READY_PATH", "STALE_AFTER", "HealthEndpoint"]
 
@@ -98,13 +97,7 @@ class HealthEndpoint:
         """
         if self._socket is not None:
             return
-        try:
-            sock = socket.create_server((self.host, self.port), backlog=64)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise ConfigurationError(
-                f"cannot serve health checks on {self.host}:{self.port}: {reason.lower()}"
-            ) from exc
+        sock = bind_port(self.host, self.port, "health checks")
         self._socket = sock
         self.port = sock.getsockname()[1]
         self._read_fd, self._write_fd = os.pipe()
