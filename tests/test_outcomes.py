@@ -22,6 +22,7 @@ import pydantic
 import pytest
 from pydantic import BaseModel
 from support.proxy import TcpProxy
+from support.waiting import eventually
 
 import listener
 from listener import Listener, Settings
@@ -43,15 +44,6 @@ async def _close_the_loops_publisher() -> AsyncIterator[None]:
     """anotify() opens one connection per event loop: close this test's when it ends."""
     yield
     await default_async_publisher().aclose()
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait until `predicate()` holds, polling, or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 async def parked(rabbit: Any, cls: type[Listener], timeout: float = 15.0) -> tuple[Any, bytes]:

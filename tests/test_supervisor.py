@@ -17,12 +17,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pika
 import pytest
+from support.waiting import alive, wait_until
 
 from listener.errors import ConfigurationError
 from listener.runner import run
@@ -36,30 +37,6 @@ APP = "tests.apps.fleet"
 RETRY_QUEUE_SUFFIX = ".retry.100ms"  # the app's retry_delays = (0.1,)
 STARTED = re.compile(r"worker \d+ of \d+ started: pid=(\d+)")
 DIED = re.compile(r"worker pid=(\d+) died: (.+) after [\d.]+s; restarting in ([\d.]+)s")
-
-T = TypeVar("T")
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-def alive(pid: int) -> bool:
-    """Whether process `pid` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state not in ("Z", "X")
 
 
 def delivery_count(properties: Any) -> int:
