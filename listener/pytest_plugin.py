@@ -1,0 +1,1 @@
+"""pytest fixtures for testing listeners without RabbitMQ (see `listener.testing`)."""
