@@ -2,9 +2,11 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+# What ruff checks and formats; bench/ once it exists.
+CODE := listener tests examples $(wildcard bench)
 
 .DEFAULT_GOAL := help
-.PHONY: help install rabbitmq demo test test-fast lint format typecheck check clean
+.PHONY: help install rabbitmq demo examples test test-fast lint format typecheck check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,6 +25,10 @@ rabbitmq: ## start the local RabbitMQ if it is not answering
 demo: install rabbitmq ## run the FileCopier example end to end against the local broker
 	$(BIN)/python -m examples.file_copier.demo
 
+examples: install rabbitmq ## run every example's demo against the local broker
+	$(BIN)/python -m examples.provisioning.demo
+	$(BIN)/python -m examples.web_publisher.demo
+
 test: install rabbitmq ## run the whole test suite (needs RabbitMQ)
 	$(BIN)/pytest
 
@@ -30,12 +36,12 @@ test-fast: install ## run the tests that need no broker and no subprocesses
 	$(BIN)/pytest -m "not slow" tests/test_routing.py tests/test_listener.py tests/test_outcome.py tests/test_codec.py tests/test_topology.py tests/test_exports.py tests/test_settings.py
 
 lint: install ## ruff lint and format check
-	$(BIN)/ruff check listener tests examples
-	$(BIN)/ruff format --check listener tests examples
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
 
 format: install ## apply ruff's formatting and safe fixes
-	$(BIN)/ruff format listener tests examples
-	$(BIN)/ruff check --fix listener tests examples
+	$(BIN)/ruff format $(CODE)
+	$(BIN)/ruff check --fix $(CODE)
 
 typecheck: install ## mypy --strict on the package
 	$(BIN)/mypy
