@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import aio_pika
 import aio_pika.abc
 
-from listener import codec, routing
+from listener import _redirect, codec, routing
 from listener._amqp_errors import connect_error, publish_error
 from listener.settings import Settings, get_settings
 from listener.tracing import inject_trace_context
@@ -200,7 +200,11 @@ _per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncPublisher] 
 
 
 def default_async_publisher() -> AsyncPublisher:
-    """The running event loop's publisher behind `anotify()` and `apublish()`."""
+    """The running event loop's publisher behind `anotify()` and `apublish()` (while a
+    `listener.testing.MemoryBroker` is active, that broker's)."""
+    redirect = _redirect.active
+    if redirect is not None:
+        return redirect.async_publisher
     loop = asyncio.get_running_loop()
     publisher = _per_loop.get(loop)
     if publisher is None:
@@ -230,7 +234,13 @@ _background_lock = threading.Lock()
 
 
 def run_in_background(work: Callable[[AsyncPublisher], Awaitable[T]]) -> T:
-    """Run `work(publisher)` on the background loop and wait for its result (thread-safe)."""
+    """Run `work(publisher)` on the background loop and wait for its result (thread-safe).
+
+    While a `listener.testing.MemoryBroker` is active, `work` runs against that broker.
+    """
+    redirect = _redirect.active
+    if redirect is not None:
+        return redirect.run_batch(work)
     global _background
     with _background_lock:
         if _background is None:

@@ -19,7 +19,7 @@ import pika.adapters.blocking_connection
 import pika.exceptions
 import pika.spec
 
-from listener import codec, routing
+from listener import _redirect, codec, routing
 from listener._amqp_errors import connect_error, is_connection_lost, publish_error
 from listener.errors import PublishTimeout
 from listener.settings import Settings, get_settings
@@ -237,7 +237,11 @@ _default_lock = threading.Lock()
 
 
 def default_publisher() -> Publisher:
-    """The process-wide publisher behind `notify()` and `publish()`."""
+    """The process-wide publisher behind `notify()` and `publish()` (while a
+    `listener.testing.MemoryBroker` is active, that broker's)."""
+    redirect = _redirect.active
+    if redirect is not None:
+        return redirect.publisher
     global _default
     if _default is None:
         with _default_lock:

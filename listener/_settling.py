@@ -1,0 +1,138 @@
+"""The pure half of settling one delivery: its attempt number, its Failure, the copy's headers.
+
+`listener.outcome.decide` says what happens to a delivery; this module holds the other
+decisions around it that do no I/O: which attempt a delivery is, how an exception from
+`handle()` becomes a `Failure`, and which headers the retried or parked copy carries. The
+in-memory broker of `listener.testing` settles with exactly these, so that its parked
+messages look like the runner's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from listener import outcome
+from listener.codec import DecodeFailure
+from listener.errors import Reject, Retry
+from listener.outcome import Failure, Park, RetryLater
+
+__all__ = [
+    "attempt_number",
+    "carried_headers",
+    "check_sync_result",
+    "copy_headers",
+    "decode_failure",
+    "failure_from",
+    "timeout_failure",
+]
+
+
+def attempt_number(headers: Mapping[str, Any], max_attempts: int) -> tuple[int, Failure | None]:
+    """This delivery's attempt number, and a `lost` Failure when no attempt may run.
+
+    Attempts the framework counted (`x-attempts`) plus deliveries whose worker died
+    (`x-delivery-count`). A delivery that workers died on until `max_attempts` is used up
+    is parked as it stands, under the number of the last attempt made.
+    """
+    done = outcome.attempts_made(headers)
+    lost = outcome.deliveries_lost(headers)
+    if lost and done + lost >= max_attempts:
+        return done + lost, Failure(
+            "lost",
+            "listener.WorkerLost",
+            f"the worker died or lost its connection during {lost} delivery(ies) of this message",
+        )
+    return done + lost + 1, None
+
+
+def failure_from(exc: BaseException) -> Failure:
+    """What an exception raised by `handle()` means: a retry, a reject or a failure."""
+    if isinstance(exc, Retry):
+        return Failure.from_exception("retry", exc, delay=exc.delay)
+    if isinstance(exc, Reject):
+        return Failure.from_exception("reject", exc, reason=exc.reason)
+    return Failure.from_exception("error", exc)
+
+
+def decode_failure(exc: DecodeFailure) -> Failure:
+    """A body that never reached `handle()`: parked at once with `exc.reason`."""
+    return Failure("decode", "listener.DecodeFailure", str(exc), reason=exc.reason)
+
+
+def timeout_failure(detail: str) -> Failure:
+    """An attempt that outlived the listener's `timeout`."""
+    return Failure("timeout", "TimeoutError", detail)
+
+
+def check_sync_result(result: Any) -> None:
+    """Refuse an awaitable returned by a sync `handle()` (an async handler in disguise).
+
+    Nothing would ever run it, so the attempt must not count as done.
+
+    Raises:
+        TypeError: `result` is awaitable (it is closed first).
+    """
+    if not inspect.isawaitable(result):
+        return
+    close = getattr(result, "close", None)
+    if close is not None:
+        # Closing is a courtesy; the TypeError below is what matters.
+        with contextlib.suppress(Exception):
+            close()
+    raise TypeError(
+        "handle() returned an awaitable: it is async but does not look it (a "
+        "decorator without functools.wraps?); declare it with async def"
+    )
+
+
+def carried_headers(
+    headers: Mapping[str, Any] | None,
+    *,
+    exchange: str,
+    routing_key: str,
+    expiration: str | None = None,
+) -> dict[str, Any]:
+    """The headers a copy of a delivery keeps: all but the broker's own, plus where the
+    message was first published (kept from the first copy on)."""
+    carried = {k: v for k, v in (headers or {}).items() if k not in outcome.BROKER_HEADERS}
+    carried.setdefault("x-original-exchange", exchange)
+    carried.setdefault("x-original-routing-key", routing_key)
+    if expiration is not None:
+        carried.setdefault("x-original-expiration", str(expiration))
+    return carried
+
+
+def copy_headers(
+    decision: RetryLater | Park,
+    failure: Failure,
+    *,
+    carried: Mapping[str, Any],
+    previous: Mapping[str, Any] | None,
+    listener: str,
+    host: str,
+    pid: int,
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """Every header of the copy moved to a delay queue or parked: `carried` plus what
+    failed, how and where, plus the park reason."""
+    headers = dict(carried)
+    headers.update(
+        outcome.failure_headers(
+            failure,
+            attempts=decision.attempts,
+            previous=previous,
+            listener=listener,
+            host=host,
+            pid=pid,
+            now=now,
+        )
+    )
+    if isinstance(decision, Park):
+        headers["x-parked-reason"] = decision.reason
+        if failure.reason and failure.kind == "reject":
+            headers["x-exception-message"] = failure.reason
+    return headers
