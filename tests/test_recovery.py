@@ -11,8 +11,9 @@ import pytest
 from listener import Listener
 
 
-def _close_connections_naming(text: str) -> int | None:
-    """Have the broker close (CONNECTION_FORCED) every connection whose name holds `text`."""
+def _close_connections_naming(*texts: str, but_not: str | None = None) -> int | None:
+    """Have the broker close (CONNECTION_FORCED) every connection whose name holds all of
+    `texts` (and not `but_not`)."""
     listed = subprocess.run(
         ["rabbitmqctl", "-q", "list_connections", "--no-table-headers", "pid", "client_properties"],
         capture_output=True,
@@ -21,7 +22,11 @@ def _close_connections_naming(text: str) -> int | None:
     )
     if listed.returncode != 0:
         return None
-    pids = [line.split("\t")[0] for line in listed.stdout.splitlines() if text in line]
+    pids = [
+        line.split("\t")[0]
+        for line in listed.stdout.splitlines()
+        if all(text in line for text in texts) and (but_not is None or but_not not in line)
+    ]
     for pid in pids:
         subprocess.run(
             ["rabbitmqctl", "-q", "close_connection", pid, "amqp-listener recovery test"],
@@ -62,9 +67,16 @@ async def test_a_queue_deleted_under_the_worker_is_declared_again_and_consumed(
         await _wait_until(lambda: seen == [1], "the message to be handled")
 
 
+@pytest.mark.parametrize(
+    ("which", "but_not", "expected"),
+    [("(deliveries)", None, 1), ("worker", "(deliveries)", 1), ("worker", None, 2)],
+    ids=["the-deliveries-connection", "the-moves-connection", "both"],
+)
 async def test_a_connection_closed_by_the_broker_is_reopened_and_consuming_resumes(
-    unique, rabbit, run_worker
+    unique, rabbit, run_worker, which, but_not, expected
 ):
+    # A worker holds two connections, one for deliveries and one for declares and moves:
+    # losing either one is losing the broker.
     seen: list[int] = []
 
     class Reconnecting(Listener):
@@ -78,10 +90,12 @@ async def test_a_connection_closed_by_the_broker_is_reopened_and_consuming_resum
         before = worker._transport
         # Close this worker's connection only (it is named after its queue): other suites
         # may be using the same broker.
-        closed = await asyncio.to_thread(_close_connections_naming, Reconnecting.queue)
+        closed = await asyncio.to_thread(
+            _close_connections_naming, Reconnecting.queue, which, but_not=but_not
+        )
         if closed is None:
             pytest.skip("rabbitmqctl is not usable here")
-        assert closed == 1
+        assert closed == expected
         await _wait_until(
             lambda: worker._transport is not before and worker.ready, "the worker to reconnect"
         )

@@ -1,6 +1,9 @@
-"""The worker's side of the wire, on aio-pika: connect, declare, consume, move messages.
+"""The worker's side of the wire: connect, declare, consume, move messages.
 
-Every aio-pika/aiormq exception is translated here (through `listener._amqp_errors`), so
+Two connections per worker, one failure domain: deliveries arrive on a pika asyncio
+connection (see `listener.runner.inbound` for why), while declares and the confirmed
+publishes that move messages go through aio-pika. Losing either counts as losing the
+broker. Every client exception is translated here (through `listener._amqp_errors`), so
 the consumer and the worker see only amqp-listener's own errors.
 """
 
@@ -8,44 +11,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aio_pika
 import aio_pika.abc
+import pika
+import pika.channel
+import pika.connection
+from pika.adapters.asyncio_connection import AsyncioConnection
 
 from listener._amqp_errors import connect_error, consume_error, declare_error, publish_error
 from listener.apublisher import connection_alive
+from listener.runner.inbound import Inbound, Subscription
 from listener.settings import Settings
 from listener.topology import QueueSpec, Topology
 
-__all__ = ["Subscription", "Transport"]
-
-Callback = Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]]
-
-
-class Subscription:
-    """One queue being consumed on its own channel."""
-
-    def __init__(
-        self, channel: aio_pika.abc.AbstractChannel, queue: aio_pika.abc.AbstractQueue, tag: str
-    ) -> None:
-        self.channel = channel
-        self.queue = queue
-        self.tag = tag
-
-    async def cancel(self) -> None:
-        """Stop deliveries (basic.cancel); deliveries already received can still be acked."""
-        if not self.channel.is_closed:
-            await self.queue.cancel(self.tag)
+__all__ = ["Inbound", "Subscription", "Transport"]
 
 
 class Transport:
     """One broker connection of a worker: a confirm channel for moves, a channel per consumer."""
 
-    def __init__(self, connection: aio_pika.abc.AbstractConnection, settings: Settings) -> None:
+    def __init__(
+        self,
+        connection: aio_pika.abc.AbstractConnection,
+        consuming: AsyncioConnection,
+        settings: Settings,
+    ) -> None:
         self.connection = connection
+        self.consuming = consuming
         self.settings = settings
+        self.subscriptions: list[Subscription] = []
+        self._close_callbacks: list[Callable[[BaseException | None], Any]] = []
+        self._lost = False
         self._publish_channel: aio_pika.abc.AbstractChannel | None = None
         self._publish_lock = asyncio.Lock()
 
@@ -61,11 +60,22 @@ class Transport:
             )
         except Exception as exc:
             raise connect_error(exc, settings.redacted_url) from exc
-        return cls(connection, settings)
+        try:
+            consuming = await _open_pika(settings, name)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 5.0)
+            if isinstance(exc, Exception):
+                raise connect_error(exc, settings.redacted_url) from exc
+            raise
+        transport = cls(connection, consuming, settings)
+        connection.close_callbacks.add(lambda _conn, exc=None: transport._on_lost(exc))
+        consuming.add_on_close_callback(lambda _conn, exc: transport._on_lost(exc))
+        return transport
 
     @property
     def is_closed(self) -> bool:
-        return not connection_alive(self.connection)
+        return self._lost or not (connection_alive(self.connection) and self.consuming.is_open)
 
     async def declare(self, topology: Topology) -> None:
         """Declare the exchange, the queues and the binding (idempotent).
@@ -88,20 +98,37 @@ class Transport:
         async with self._scratch_channel() as channel:
             await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
 
-    async def consume(self, queue_name: str, prefetch: int, callback: Callback) -> Subscription:
-        """Start consuming `queue_name` with manual acks and per-consumer prefetch.
+    async def consume(
+        self, queue_name: str, prefetch: int, callback: Callable[[Inbound], None]
+    ) -> Subscription:
+        """Consume `queue_name` on a channel of its own, manual acks, per-consumer prefetch.
 
         Raises:
-            BrokerError: the broker refused (an exclusive consumer holds the queue, ...).
+            BrokerError: the broker refused (no such queue, an exclusive consumer holds it...).
         """
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[pika.channel.Channel] = loop.create_future()
         try:
-            channel = await self.connection.channel(publisher_confirms=False)
-            await channel.set_qos(prefetch_count=prefetch)
-            queue = await channel.get_queue(queue_name, ensure=False)
-            tag = await queue.consume(callback, no_ack=False)
+            if not self.consuming.is_open:
+                raise ConnectionError("the consuming connection is closed")
+            channel = self.consuming.channel(on_open_callback=_resolver(opened))
+            channel.add_on_close_callback(lambda _ch, reason: _fail(opened, reason))
+            await opened
+            subscription = Subscription(channel, queue_name, callback)
+            qos: asyncio.Future[Any] = loop.create_future()
+            channel.basic_qos(prefetch_count=prefetch, callback=_resolver(qos))
+            subscription.on_closed(lambda exc: _fail(qos, exc))
+            await qos
+            await subscription.consume()
         except Exception as exc:
             raise consume_error(exc, queue_name) from exc
-        return Subscription(channel, queue, tag)
+        self.subscriptions.append(subscription)
+        subscription.on_closed(lambda _exc: self._forget(subscription))
+        return subscription
+
+    def _forget(self, subscription: Subscription) -> None:
+        with contextlib.suppress(ValueError):
+            self.subscriptions.remove(subscription)
 
     @contextlib.asynccontextmanager
     async def _scratch_channel(self) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
@@ -136,15 +163,27 @@ class Transport:
             ) from exc
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Close the connection; give up waiting after `timeout` (a peer that stopped
+        """Close both connections; give up waiting after `timeout` (a peer that stopped
         answering must not hold the worker's exit)."""
+        for subscription in list(self.subscriptions):
+            subscription.flush()  # acks marked but not yet sent
+        self._lost = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(_close_pika(self.consuming), timeout)
         if not self.connection.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.connection.close(), timeout)
 
     def on_close(self, callback: Callable[[BaseException | None], Any]) -> None:
-        """Call `callback(exc)` when the connection closes, for any reason."""
-        self.connection.close_callbacks.add(lambda _conn, exc=None: callback(exc))
+        """Call `callback(exc)` once when the broker connection is lost, for any reason."""
+        self._close_callbacks.append(callback)
+
+    def _on_lost(self, exc: BaseException | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        for callback in list(self._close_callbacks):
+            callback(exc)
 
     async def _confirm_channel(self) -> aio_pika.abc.AbstractChannel:
         async with self._publish_lock:  # concurrent moves must share one channel, not race
@@ -155,3 +194,60 @@ class Transport:
                 )
                 self._publish_channel = channel
             return channel
+
+
+async def _open_pika(settings: Settings, name: str) -> AsyncioConnection:
+    """Open the consuming connection; its closing later is reported to the transport."""
+    loop = asyncio.get_running_loop()
+    parameters = pika.URLParameters(settings.url.get_secret_value())
+    parameters.heartbeat = settings.heartbeat
+    parameters.connection_attempts = 1
+    parameters.socket_timeout = settings.connect_timeout
+    parameters.stack_timeout = settings.connect_timeout
+    parameters.client_properties = {"connection_name": f"{name} (deliveries)"}
+    opened: asyncio.Future[None] = loop.create_future()
+
+    def on_open(_conn: pika.connection.Connection) -> None:
+        if not opened.done():
+            opened.set_result(None)
+
+    def on_open_error(_conn: AsyncioConnection, exc: str | Exception) -> None:
+        _fail(opened, exc if isinstance(exc, Exception) else ConnectionError(exc))
+
+    connection = AsyncioConnection(
+        parameters,
+        on_open_callback=on_open,
+        on_open_error_callback=on_open_error,
+        custom_ioloop=loop,
+    )
+    try:
+        await opened
+    except BaseException:
+        await _close_pika(connection)
+        raise
+    return connection
+
+
+async def _close_pika(connection: AsyncioConnection) -> None:
+    if connection.is_closed:
+        return
+    loop = asyncio.get_running_loop()
+    closed: asyncio.Future[None] = loop.create_future()
+    connection.add_on_close_callback(lambda _conn, _exc: _resolver(closed)(None))
+    if not connection.is_closing:
+        with contextlib.suppress(Exception):
+            connection.close()
+    await closed
+
+
+def _resolver(future: asyncio.Future[Any]) -> Callable[[Any], None]:
+    def resolve(value: Any) -> None:
+        if not future.done():
+            future.set_result(value)
+
+    return resolve
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException | None) -> None:
+    if not future.done():
+        future.set_exception(exc or ConnectionError("the channel closed"))

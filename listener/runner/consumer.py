@@ -9,7 +9,6 @@ ack of the original, so a crash between the two can duplicate a message but neve
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import os
@@ -19,8 +18,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
-import aio_pika.abc
-import aiormq.exceptions
 
 from listener import outcome
 from listener.codec import DecodeFailure, new_message_id
@@ -39,6 +36,7 @@ from listener.topology import delay_queue, delay_tier
 if TYPE_CHECKING:
     from listener.listener import Listener
     from listener.runner.amqp_transport import Transport
+    from listener.runner.inbound import Inbound
     from listener.settings import Settings
 
 __all__ = ["Consumer"]
@@ -91,11 +89,19 @@ class Consumer:
         """Sync handler threads abandoned after a time-out and still running."""
         return self._threads.stuck if self._threads else 0
 
-    async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        """The consumer callback: run one delivery to its outcome."""
+    def on_message(self, message: Inbound) -> None:
+        """The consumer callback: run one delivery to its outcome, in a task of its own."""
+        task = asyncio.get_running_loop().create_task(self._run(message))
+        self.in_flight.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.in_flight.discard(task)
+        self.settling.discard(task)
+
+    async def _run(self, message: Inbound) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self.in_flight.add(task)
         try:
             if not self.accepting:
                 # Arrived after the drain began: not started, so handed straight back.
@@ -120,12 +126,9 @@ class Consumer:
             )
             await asyncio.sleep(_SETTLE_RETRY_PAUSE)
             if not await self._hand_back(message):
-                await self._requeue(message)
-        finally:
-            self.in_flight.discard(task)
-            self.settling.discard(task)
+                self._requeue(message)
 
-    async def _process(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    async def _process(self, message: Inbound) -> None:
         listener = self.listener
         # Publishers outside the framework may send no id; parked messages need one, stable
         # from here on (the copies keep it).
@@ -180,9 +183,7 @@ class Consumer:
                 duration=time.monotonic() - delivery.started,
             )
 
-    async def _attempt(
-        self, message: aio_pika.abc.AbstractIncomingMessage, message_id: str
-    ) -> Failure | None:
+    async def _attempt(self, message: Inbound, message_id: str) -> Failure | None:
         listener = self.listener
         try:
             value = listener.codec.decode(
@@ -227,7 +228,7 @@ class Consumer:
 
     async def _settle(
         self,
-        message: aio_pika.abc.AbstractIncomingMessage,
+        message: Inbound,
         message_id: str,
         decision: outcome.Outcome,
         failure: Failure | None,
@@ -239,11 +240,11 @@ class Consumer:
         """
         listener = self.listener
         if isinstance(decision, Ack):
-            await self._ack(message, message_id)
+            self._ack(message, message_id)
             self.counts["handled"] += 1
             return "handled"
         assert failure is not None
-        if _channel_closed(message):
+        if message.channel_closed:
             # The connection died during the attempt: the broker has already put the
             # message back, and moving a copy now would only duplicate it.
             log.warning(
@@ -287,9 +288,9 @@ class Consumer:
                 listener.queue,
             )
             await asyncio.sleep(_SETTLE_RETRY_PAUSE)
-            await self._requeue(message)
+            self._requeue(message)
             return "returned"
-        await self._ack(message, message_id)
+        self._ack(message, message_id)
         if isinstance(decision, RetryLater):
             self.counts["retried"] += 1
             self.chain.after("on_retry", delivery, delay=delay, failure=failure)
@@ -300,7 +301,7 @@ class Consumer:
 
     async def _move(
         self,
-        message: aio_pika.abc.AbstractIncomingMessage,
+        message: Inbound,
         message_id: str,
         target: str,
         headers: dict[str, Any],
@@ -308,19 +309,20 @@ class Consumer:
         # The copy keeps the body and properties byte for byte, except `expiration` (a parked
         # message must not expire; it is kept in a header) and `user_id` (the broker refuses a
         # user_id other than the publishing connection's own).
+        properties = message.properties
         copy = aio_pika.Message(
             message.body,
             headers=headers,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
+            content_type=properties.content_type,
+            content_encoding=properties.content_encoding,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            priority=message.priority,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
+            priority=properties.priority,
+            correlation_id=properties.correlation_id,
+            reply_to=properties.reply_to,
             message_id=message_id,
-            timestamp=message.timestamp,
-            type=message.type,
-            app_id=message.app_id,
+            timestamp=properties.timestamp,
+            type=properties.type,
+            app_id=properties.app_id,
         )
         try:
             await self.transport.publish_to_queue(target, copy)
@@ -342,20 +344,18 @@ class Consumer:
             self._known_queues.add(spec.name)
         return spec.name, delay
 
-    async def _ack(self, message: aio_pika.abc.AbstractIncomingMessage, message_id: str) -> None:
-        try:
-            await message.ack()
-        except Exception as exc:
+    def _ack(self, message: Inbound, message_id: str) -> None:
+        if not message.ack():
             # The channel died since the delivery: its tag means nothing on a new channel, and
             # the broker has already put the message back for redelivery.
             log.warning(
-                "%s: ack for message %s dropped (%s); the broker will deliver it again",
+                "%s: ack for message %s dropped (its channel closed); the broker will deliver "
+                "it again",
                 self.listener.__name__,
                 message_id,
-                type(exc).__name__,
             )
 
-    async def _hand_back(self, message: aio_pika.abc.AbstractIncomingMessage) -> bool:
+    async def _hand_back(self, message: Inbound) -> bool:
         """Return a message that got no outcome (the worker is stopping) to its queue.
 
         A confirmed copy then an ack, rather than a requeue: RabbitMQ counts a requeued or
@@ -367,7 +367,7 @@ class Consumer:
             False when the message is still unsettled on a live channel.
         """
         message_id = message.message_id or new_message_id()
-        if message.processed or _channel_closed(message):
+        if message.processed:
             return True  # settled already, or the broker has it back already
         try:
             await self._move(message, message_id, self.listener.queue, _carried_headers(message))
@@ -379,32 +379,23 @@ class Consumer:
                 type(exc).__name__,
             )
             return False
-        await self._ack(message, message_id)
+        self._ack(message, message_id)
         return True
 
-    async def _requeue(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    def _requeue(self, message: Inbound) -> None:
         # If the channel is gone the broker has requeued it already.
-        if not message.processed:
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+        message.nack(requeue=True)
 
 
 class _LeaveUnacked(Exception):
     """The attempt ended because the worker is stopping: no outcome, the broker redelivers."""
 
 
-def _channel_closed(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
-    """Whether the delivery's channel is gone (aio-pika raises rather than answer False)."""
-    try:
-        return bool(message.channel.is_closed)
-    except aiormq.exceptions.ChannelInvalidStateError:
-        return True
-
-
-def _carried_headers(message: aio_pika.abc.AbstractIncomingMessage) -> dict[str, Any]:
+def _carried_headers(message: Inbound) -> dict[str, Any]:
     headers = {k: v for k, v in (message.headers or {}).items() if k not in outcome.BROKER_HEADERS}
     headers.setdefault("x-original-exchange", message.exchange or "")
     headers.setdefault("x-original-routing-key", message.routing_key or "")
-    if message.expiration is not None:
-        headers.setdefault("x-original-expiration", str(message.expiration))
+    expiration = message.properties.expiration
+    if expiration is not None:
+        headers.setdefault("x-original-expiration", str(expiration))
     return headers

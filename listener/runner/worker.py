@@ -265,15 +265,10 @@ class Worker:
         )
         self._subscriptions[consumer] = subscription
         self._consuming.add(consumer)
-        subscription.channel.close_callbacks.add(
-            functools.partial(self._on_channel_closed, consumer, subscription)
-        )
-        underlay = await subscription.channel.get_underlay_channel()
-        underlay.on_consumer_cancel_callbacks.add(
+        subscription.on_closed(functools.partial(self._on_channel_closed, consumer, subscription))
+        subscription.on_cancelled(
             functools.partial(self._on_consumer_cancelled, consumer, subscription)
         )
-
-    # -- pause and resume -----------------------------------------------------------------
 
     def _apply_pause(self) -> None:
         """Bring the consumers in line with `paused`, in a task (signal handlers are sync)."""
@@ -328,12 +323,10 @@ class Worker:
                 continue
             subscription = self._subscriptions.get(consumer)
             try:
-                if subscription is not None and not subscription.channel.is_closed:
+                if subscription is not None and not subscription.is_closed:
                     # The same channel: the messages still in flight on it keep their acks.
                     try:
-                        subscription.tag = await subscription.queue.consume(
-                            consumer.on_message, no_ack=False
-                        )
+                        await subscription.consume()
                     except Exception as exc:
                         raise consume_error(exc, consumer.listener.queue) from exc
                     self._consuming.add(consumer)
@@ -383,7 +376,7 @@ class Worker:
             self._update_ready("connection lost")
 
     def _on_channel_closed(
-        self, consumer: Consumer, subscription: Subscription, _channel: object, exc: object = None
+        self, consumer: Consumer, subscription: Subscription, exc: BaseException | None
     ) -> None:
         # A consumer channel closed by the broker (consumer_timeout, a refused ack, ...)
         # would leave that listener consuming nothing.
@@ -392,7 +385,7 @@ class Worker:
             return  # the whole connection went: _on_connection_closed deals with it
         if self._subscriptions.get(consumer) is subscription and not self._closing:
             self._consuming.discard(consumer)
-            why = _describe(exc if isinstance(exc, BaseException) else None)
+            why = _describe(exc)
             if self.paused:
                 log.warning(
                     "%s: its channel was closed by the broker while paused (%s); resuming "
@@ -408,9 +401,7 @@ class Worker:
             )
             self._resubscribe_later(consumer)
 
-    def _on_consumer_cancelled(
-        self, consumer: Consumer, subscription: Subscription, _frame: object
-    ) -> None:
+    def _on_consumer_cancelled(self, consumer: Consumer, subscription: Subscription) -> None:
         # The broker cancelled the consumer (its queue was deleted, a node went away).
         if self._subscriptions.get(consumer) is subscription and not self._closing:
             self._consuming.discard(consumer)
@@ -450,7 +441,7 @@ class Worker:
                         self._consuming.discard(consumer)
                         if old is not None:
                             with contextlib.suppress(Exception):
-                                await asyncio.wait_for(old.channel.close(), _CANCEL_WAIT)
+                                await asyncio.wait_for(old.close(), _CANCEL_WAIT)
                         await transport.declare(consumer.listener.topology(self.settings))
                         await self._subscribe(consumer, transport)
                 except Exception as exc:
