@@ -3,23 +3,33 @@
 An async handler that outlives its timeout is cancelled. A sync handler cannot be stopped
 from outside (Python has no safe way to kill a thread), so when it outlives its timeout the
 attempt counts as failed at once and its thread is *abandoned*: it runs on until `handle`
-returns, and its result is thrown away. Each attempt gets a thread of its own (prefetch
-already bounds how many run at once), so an abandoned thread never holds up the next
-message. Abandoned threads are daemon threads: they never keep the process from exiting,
-and `stuck` counts them so that a supervisor can recycle the worker.
+returns, and its result is thrown away.
+
+Sync attempts run on a pool that never waits for a thread: when no thread is idle, a new one
+starts, so an abandoned thread never holds up the next message (prefetch already bounds how
+many attempts run at once). A bounded pool was rejected: abandoned threads would use up its
+slots and wedge the listener. Idle threads end after a minute. Threads are daemons: they
+never keep the process from exiting, and `stuck` counts the abandoned ones still running so
+that a supervisor can recycle the worker. Results come back to the loop in batches, with
+one wake-up for however many finished meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import inspect
+import queue
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 __all__ = ["AttemptTimedOut", "HandlerExited", "HandlerThreads", "run_async", "run_sync"]
+
+#: How long an idle pool thread waits for work before it ends.
+_IDLE_SECONDS = 60.0
 
 
 class AttemptTimedOut(Exception):
@@ -38,19 +48,26 @@ class HandlerExited(Exception):
 
 
 class HandlerThreads:
-    """Starts a daemon thread per sync attempt and counts the ones left running."""
+    """A pool of daemon threads for sync attempts that counts the ones left running."""
 
     def __init__(self, name: str) -> None:
         self._name = name
         self._lock = threading.Lock()
+        self._work: queue.SimpleQueue[_Attempt | None] = queue.SimpleQueue()
+        self._idle = 0
         self._started = 0
         self.stuck = 0
+        self._results: collections.deque[_Attempt] = collections.deque()
+        self._wake_pending = False
 
     def __repr__(self) -> str:
-        return f"<HandlerThreads {self._name} started={self._started} stuck={self.stuck}>"
+        return (
+            f"<HandlerThreads {self._name} started={self._started} idle={self._idle} "
+            f"stuck={self.stuck}>"
+        )
 
     async def run(self, fn: Callable[[Any], Any], arg: Any, timeout: float) -> Any:
-        """Run `fn(arg)` on a new thread and wait up to `timeout` seconds for it.
+        """Run `fn(arg)` on a pool thread and wait up to `timeout` seconds for it.
 
         Raises:
             AttemptTimedOut: past the timeout; the thread is abandoned.
@@ -58,50 +75,71 @@ class HandlerThreads:
             asyncio.CancelledError: the wait was cancelled; the thread is abandoned.
         """
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        state = _Attempt()
-        self._started += 1
         # The handler sees the context of the attempt (what middleware set, a trace span).
-        context = contextvars.copy_context()
-        thread = threading.Thread(
-            target=context.run,
-            args=(self._work, fn, arg, future, loop, state),
-            name=f"{self._name}-{self._started}",
-            daemon=True,
-        )
-        thread.start()
+        attempt = _Attempt(fn, arg, loop, contextvars.copy_context())
+        self._submit(attempt)
         try:
             async with asyncio.timeout(timeout) as deadline:
-                return await future
+                return await attempt.future
         except TimeoutError:
             if deadline.expired():
-                self._abandon(state)
+                self._abandon(attempt)
                 raise AttemptTimedOut(
                     f"handle() ran longer than its {timeout:g}s timeout; its thread was abandoned"
                 ) from None
             raise
         except asyncio.CancelledError:
-            self._abandon(state)
+            self._abandon(attempt)
             raise
 
-    def _abandon(self, state: _Attempt) -> None:
+    def _submit(self, attempt: _Attempt) -> None:
         with self._lock:
-            if not state.finished:
-                state.abandoned = True
+            spawn = self._idle == 0
+            if spawn:
+                self._started += 1
+                number = self._started
+            else:
+                self._idle -= 1  # that thread is spoken for
+        self._work.put(attempt)
+        if spawn:
+            threading.Thread(target=self._serve, name=f"{self._name}-{number}", daemon=True).start()
+
+    def _abandon(self, attempt: _Attempt) -> None:
+        with self._lock:
+            if not attempt.finished:
+                attempt.abandoned = True
                 self.stuck += 1
 
-    def _work(
-        self,
-        fn: Callable[[Any], Any],
-        arg: Any,
-        future: asyncio.Future[Any],
-        loop: asyncio.AbstractEventLoop,
-        state: _Attempt,
-    ) -> None:
-        result: Any = None
-        error: BaseException | None = None
+    def _serve(self) -> None:
+        while True:
+            try:
+                attempt = self._work.get(timeout=_IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:  # not spoken for meanwhile: this thread may end
+                        self._idle -= 1
+                        return
+                continue
+            if attempt is None:
+                return
+            attempt.context.run(self._call, attempt)
+            with self._lock:
+                attempt.finished = True
+                self._idle += 1
+                if attempt.abandoned:
+                    self.stuck -= 1
+                    continue  # nobody waits for this result any more
+            self._results.append(attempt)
+            if not self._wake_pending:
+                self._wake_pending = True
+                # A closed loop means the worker is exiting: nobody waits for the result.
+                with contextlib.suppress(RuntimeError):
+                    attempt.loop.call_soon_threadsafe(self._deliver_results)
+
+    @staticmethod
+    def _call(attempt: _Attempt) -> None:
         try:
-            result = fn(arg)
+            result = attempt.fn(attempt.arg)
             if inspect.isawaitable(result):
                 # A coroutine returned by a handler that did not look async (a decorator
                 # hid it): nothing would ever run it, so the attempt must not count as done.
@@ -109,47 +147,60 @@ class HandlerThreads:
                 if close is not None:
                     with contextlib.suppress(Exception):
                         close()
-                error = TypeError(
+                attempt.error = TypeError(
                     "handle() returned an awaitable: it is async but does not look it (a "
                     "decorator without functools.wraps?); declare it with async def"
                 )
+            else:
+                attempt.result = result
         except (SystemExit, KeyboardInterrupt) as exc:
-            error = HandlerExited(exc)
+            attempt.error = HandlerExited(exc)
         except BaseException as exc:
-            error = exc
-        with self._lock:
-            state.finished = True
-            if state.abandoned:
-                self.stuck -= 1
-                return  # nobody waits for this result any more
-        _resolve(loop, future, result, error)
+            attempt.error = exc
+
+    def _deliver_results(self) -> None:
+        self._wake_pending = False
+        results = self._results
+        while results:
+            attempt = results.popleft()
+            future = attempt.future
+            if future.done():  # cancelled or timed out meanwhile: nobody waits for it
+                continue
+            if attempt.error is not None:
+                future.set_exception(attempt.error)
+            else:
+                future.set_result(attempt.result)
 
 
 class _Attempt:
-    __slots__ = ("abandoned", "finished")
+    __slots__ = (
+        "abandoned",
+        "arg",
+        "context",
+        "error",
+        "finished",
+        "fn",
+        "future",
+        "loop",
+        "result",
+    )
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        arg: Any,
+        loop: asyncio.AbstractEventLoop,
+        context: contextvars.Context,
+    ) -> None:
+        self.fn = fn
+        self.arg = arg
+        self.loop = loop
+        self.context = context
+        self.future: asyncio.Future[Any] = loop.create_future()
+        self.result: Any = None
+        self.error: BaseException | None = None
         self.abandoned = False
         self.finished = False
-
-
-def _resolve(
-    loop: asyncio.AbstractEventLoop,
-    future: asyncio.Future[Any],
-    result: Any,
-    exc: BaseException | None,
-) -> None:
-    def settle() -> None:
-        if future.done():  # cancelled or timed out meanwhile: nobody waits for it
-            return
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-
-    # A closed loop means the worker is exiting: nobody waits for the result.
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(settle)
 
 
 async def run_async(handler: Callable[[Any], Awaitable[Any]], message: Any, timeout: float) -> None:
