@@ -3,7 +3,8 @@
 What `listener.testing.MemoryBroker` holds between deliveries lives in a `Store`, behind
 one lock, so that `notify()` is safe from any thread (a handler, a web app under test).
 Routing is RabbitMQ's topic routing (`listener.routing`); every publish is mandatory, as
-the real publishers' are: a message no queue is bound for raises `Unroutable`.
+the real publishers' are: a message no queue is bound for raises `Unroutable`. The
+publishers that `notify()` gets while the broker is active are in `_memory_publishers`.
 """
 
 from __future__ import annotations
@@ -14,24 +15,16 @@ import itertools
 import json
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
-
-import pika
+from typing import TYPE_CHECKING, Any
 
 from listener import codec, routing
-from listener.apublisher import AsyncPublisher
 from listener.errors import Unroutable
-from listener.publisher import Publisher
-from listener.tracing import inject_trace_context
 
 if TYPE_CHECKING:
     from listener.listener import Listener
 
 __all__ = ["Clock", "Envelope", "ParkedMessage", "PublishedMessage", "Store"]
-
-T = TypeVar("T")
 
 _NEXT_STEP = (
     "subscribe the listener that should get it (MemoryBroker(..., TheListener) or "
@@ -295,110 +288,3 @@ class Store:
             ready = sum(1 for owner, _ in self.ready if cls is None or owner is cls)
             waiting = sum(1 for _, _, owner, _ in self.delayed if cls is None or owner is cls)
             return ready + waiting
-
-
-class MemoryPublisher(Publisher):
-    """The `Publisher` that `notify()` and `listener.publish()` get while a broker is active."""
-
-    def __init__(self, store: Store) -> None:
-        super().__init__()
-        self._store = store
-
-    def __repr__(self) -> str:
-        return f"<MemoryPublisher published={len(self._store.published)}>"
-
-    def publish_body(
-        self,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        *,
-        headers: dict[str, Any] | None = None,
-        properties: pika.BasicProperties | None = None,
-    ) -> str:
-        check_size(body, self.settings.max_body_bytes)
-        if properties is not None:
-            return self._store.publish(
-                exchange,
-                routing_key,
-                body,
-                headers=dict(properties.headers or {}),
-                message_id=properties.message_id,
-                content_type=properties.content_type,
-                content_encoding=properties.content_encoding,
-            )
-        headers = inject_trace_context(dict(headers) if headers else None)
-        return self._store.publish(exchange, routing_key, body, headers=headers)
-
-    def close(self) -> None:
-        """Nothing to close: no connection was opened."""
-
-
-class MemoryAsyncPublisher(AsyncPublisher):
-    """The `AsyncPublisher` that `anotify()` and `listener.apublish()` get while a broker is
-    active. Nothing in it waits, so it works on any event loop."""
-
-    def __init__(self, store: Store) -> None:
-        super().__init__()
-        self._store = store
-
-    def __repr__(self) -> str:
-        return f"<MemoryAsyncPublisher published={len(self._store.published)}>"
-
-    async def publish_body(
-        self,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        *,
-        headers: dict[str, Any] | None = None,
-    ) -> str:
-        check_size(body, self.settings.max_body_bytes)
-        headers = inject_trace_context(dict(headers) if headers else None)
-        return self._store.publish(exchange, routing_key, body, headers=headers)
-
-    async def publish_bodies(
-        self, exchange: str, routing_key: str, bodies: Sequence[bytes]
-    ) -> list[str]:
-        # As the real batch: all sizes checked before the first send, every message tried,
-        # the first failure raised at the end.
-        for body in bodies:
-            check_size(body, self.settings.max_body_bytes)
-        results: list[str | BaseException] = []
-        for body in bodies:
-            try:
-                results.append(await self.publish_body(exchange, routing_key, body))
-            except Exception as exc:
-                results.append(exc)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return [str(result) for result in results]
-
-    async def aclose(self) -> None:
-        """Nothing to close: no connection was opened."""
-
-
-def run_now(work: Callable[[AsyncPublisher], Awaitable[T]], publisher: AsyncPublisher) -> T:
-    """Run `work(publisher)` to its end without an event loop (the memory publishers never
-    wait), so that `notify_many()` works from any thread, a loop's included."""
-    steps = work(publisher).__await__()
-    try:
-        steps.send(None)
-    except StopIteration as done:
-        result: T = done.value
-        return result
-    steps.close()
-    raise RuntimeError(
-        "a batch published to the MemoryBroker waited on something outside it; "
-        "publish batches with notify_many()/anotify_many() only"
-    )
-
-
-def check_size(body: bytes, limit: int) -> None:
-    """Refuse a body over `max_body_bytes`, as the real publishers do."""
-    if len(body) > limit:
-        raise ValueError(
-            f"message body is {len(body)} bytes, over the {limit} byte limit "
-            "(setting max_body_bytes)"
-        )

@@ -32,17 +32,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from listener import _redirect, codec, routing
-from listener._memory_broker import (
-    Clock,
+from listener._memory_broker import Clock, ParkedMessage, PublishedMessage, Store
+from listener._memory_delivery import Deliveries
+from listener._memory_publishers import (
     MemoryAsyncPublisher,
     MemoryPublisher,
-    ParkedMessage,
-    PublishedMessage,
-    Store,
     check_size,
     run_now,
 )
-from listener._memory_delivery import Deliveries
 from listener._virtual_loop import VirtualTimeLoop
 from listener.middleware import Chain, Middleware, installed_middleware
 
