@@ -85,6 +85,10 @@ class Settings(BaseSettings):
         "30 minutes by default; AMQP gives no way to read it): `run` warns at start-up about "
         "each listener whose `timeout` is not below it. 0: the broker has none.",
     )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto",
+        description="The worker's event loop: auto (uvloop when installed), uvloop or asyncio.",
+    )
     health_port: int | None = Field(
         default=None,
         ge=0,

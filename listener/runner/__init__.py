@@ -7,13 +7,12 @@ and for programs that embed a worker in their own event loop.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from listener.errors import ConfigurationError
-from listener.runner import supervisor
+from listener.runner import loop, supervisor
 from listener.runner.worker import Worker
 from listener.settings import Settings
 
@@ -50,6 +49,7 @@ def run(
     """
     if workers < 1:
         raise ConfigurationError(f"--workers must be at least 1, not {workers}")
+    loop.loop_factory(settings.event_loop)  # an unusable choice fails here, once
     if not supervisor.supported():
         if workers > 1 or metrics is not None or settings.health_port is not None:
             raise ConfigurationError(
@@ -66,4 +66,4 @@ def run_worker(
     listeners: Sequence[type[Listener]], settings: Settings, *, fail_fast: bool = False
 ) -> int:
     """Run one worker in this process, unsupervised, until it is stopped; the exit code."""
-    return asyncio.run(Worker(listeners, settings, fail_fast=fail_fast).run())
+    return loop.run(Worker(listeners, settings, fail_fast=fail_fast).run(), settings)

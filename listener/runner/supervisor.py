@@ -145,6 +145,7 @@ from typing import IO, TYPE_CHECKING, Any
 from listener import errors
 from listener.errors import AuthenticationFailed, BrokerError, BrokerUnreachable, ConfigurationError
 from listener.middleware import installed_middleware
+from listener.runner import loop
 from listener.runner.amqp_transport import Transport
 from listener.runner.health import LIVE_PATH, READY_PATH, HealthEndpoint
 from listener.runner.worker import EXIT_RECYCLE, Worker, warn_consumer_timeouts
@@ -607,7 +608,7 @@ class Supervisor:
                 on_state=lambda state: self._tell(status_fd, state),
                 warn_timeouts=False,  # the supervisor warned, once
             )
-            return asyncio.run(worker.run())
+            return loop.run(worker.run(), self.settings)
         except BrokerError as exc:
             # Reported, not logged: the supervisor either ends the start with it (one line)
             # or puts it in this worker's death line.
