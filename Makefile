@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CODE := listener tests examples $(wildcard bench)
 
 .DEFAULT_GOAL := help
-.PHONY: help install rabbitmq demo examples test test-fast lint format typecheck check clean
+.PHONY: help install rabbitmq demo examples test test-fast bench lint format typecheck check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ test: install rabbitmq ## run the whole test suite (needs RabbitMQ)
 
 test-fast: install ## run the tests that need no broker and no subprocesses
 	$(BIN)/pytest -m "not slow" tests/test_routing.py tests/test_listener.py tests/test_outcome.py tests/test_codec.py tests/test_topology.py tests/test_exports.py tests/test_settings.py
+
+bench: install rabbitmq ## amqp-listener against raw aio-pika and pika, ratios from one run (BENCH_ARGS="--n 2000")
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check $(CODE)

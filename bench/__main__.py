@@ -1,0 +1,277 @@
+"""`python -m bench` (`make bench`): measure, then print the table or `--json`.
+
+Progress goes to stderr, the table (or the JSON document) to stdout. Ctrl-C or SIGTERM
+stops the measured processes, deletes every `bench-` queue and exchange, and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pika.exceptions
+
+from bench import profiling
+from bench.broker import Broker
+from bench.cases import CASES, GROUPS, Case, select, uvloop_available
+from bench.measure import Plan, RunFailed, Runner
+from bench.report import CaseResult, rows, table
+from bench.wire import url as default_url
+from listener.settings import redact_url
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="amqp-listener against hand-written aio-pika and pika, ratios to "
+        "baselines measured in the same run.",
+    )
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=20_000,
+        help="messages per consume and batch-publish run (default 20000)",
+    )
+    parser.add_argument("--prefetch", type=int, default=100, help="per consumer (default 100)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per case; the table shows medians (default 3)"
+    )
+    parser.add_argument(
+        "--cases",
+        default="",
+        help="comma-separated case ids (their "
+        f"baselines are added): {', '.join(c.id for c in CASES)}",
+    )
+    parser.add_argument(
+        "--case-timeout",
+        type=float,
+        default=300.0,
+        help="seconds one case "
+        "may take over all its runs; past it the case is reported as timed "
+        "out (default 300)",
+    )
+    parser.add_argument(
+        "--serial-n",
+        type=int,
+        default=None,
+        help="messages per one-at-a-time publish run (default: N, at most 5000)",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=1000,
+        help="batch size of the pipelined publishes (default 1000)",
+    )
+    parser.add_argument(
+        "--latency-rate", type=float, default=500.0, help="probes per second (default 500)"
+    )
+    parser.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=10.0,
+        help="how long probes are sent (default 10; at most N probes)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing: Python "
+        "calls per consumed message, raw aio-pika vs the async no-op handler",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument(
+        "--url", default=default_url(), help="broker (default: AMQP_URL, or the local broker)"
+    )
+    args = parser.parse_args(argv)
+    for name in ("n", "prefetch", "repeats", "window"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    known = [case.id for case in CASES]
+    unknown = [c for c in args.cases.split(",") if c and c not in known]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; the cases are: {', '.join(known)}")
+    return args
+
+
+def _progress(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+def _interrupted(_signum: int, _frame: Any) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def _describe(case: Case, run: dict[str, Any]) -> str:
+    if case.group == "latency":
+        return f"p50 {run['p50_ms']:.2f} ms, p99 {run['p99_ms']:.2f} ms"
+    return f"{run['rate']:,.0f} msgs/s ({run['messages']} messages in {run['seconds']:.2f}s)"
+
+
+def measure(runner: Runner, cases: list[Case], repeats: int, budget: float) -> list[CaseResult]:
+    """Run every case `repeats` times, group by group, the cases of a group interleaved."""
+    results = {case.id: CaseResult(case) for case in cases}
+    for group in GROUPS:
+        members = [case for case in cases if case.group == group]
+        for repeat in range(1, repeats + 1):
+            for case in members:
+                result = results[case.id]
+                if result.status != "ok":
+                    continue
+                started, used = time.monotonic(), len(runner.declared)
+                try:
+                    run = runner.run(case, started + budget - result.spent)
+                except TimeoutError as exc:
+                    result.status, result.error = "timed out", f"run {repeat}: {exc}"
+                except RunFailed as exc:
+                    result.status, result.error = "failed", f"run {repeat}: {exc}"
+                else:
+                    result.runs.append(run)
+                finally:
+                    result.spent += time.monotonic() - started
+                    result.declared.extend(runner.declared[used:])
+                done = _describe(case, run) if result.status == "ok" else result.status
+                _progress(f"[{group} {repeat}/{repeats}] {case.label}: {done}")
+    return list(results.values())
+
+
+def profile(runner: Runner, budget: float) -> list[CaseResult]:
+    """One profiled consume run each of raw aio-pika and the async no-op handler."""
+    results = []
+    for case in select(["async"]):  # and its baseline, raw aio-pika
+        _progress(f"profiling {case.label}")
+        run = runner.run(case, time.monotonic() + budget, profile=True)
+        results.append(CaseResult(case, [run]))
+    return results
+
+
+def _header(
+    args: argparse.Namespace,
+    plan: Plan,
+    results: list[CaseResult],
+    broker_version: str,
+    load: tuple[float, ...],
+) -> dict[str, Any]:
+    loops = sorted(
+        {
+            loop
+            for result in results
+            if result.case.listener
+            for run in result.runs
+            for loop in run.get("loop", [])
+            if loop != "thread"
+        }
+    )
+    versions = {name: metadata.version(name) for name in ("aio-pika", "pika", "pydantic")}
+    return {
+        "n": plan.n,
+        "prefetch": plan.prefetch,
+        "repeats": args.repeats,
+        "serial_n": plan.serial_n,
+        "window": plan.window,
+        "latency_rate": plan.latency_rate,
+        "latency_n": plan.latency_n,
+        "python": platform.python_version(),
+        "versions": versions,
+        "uvloop_installed": uvloop_available(),
+        "framework_loop": loops,
+        "rabbitmq": broker_version,
+        "cpus": os.cpu_count(),
+        "load_before": load,
+        "load_after": os.getloadavg(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "url": redact_url(plan.url),
+    }
+
+
+def _header_lines(h: dict[str, Any]) -> list[str]:
+    v = h["versions"]
+    loop = ", ".join(h["framework_loop"]) or "not seen"
+    return [
+        f"amqp-listener bench  N={h['n']:,}  prefetch={h['prefetch']}  "
+        f"repeats={h['repeats']} (medians)  one-at-a-time publish: {h['serial_n']:,}  "
+        f"windows of {h['window']}  latency: {h['latency_n']:,} probes at "
+        f"{h['latency_rate']:g}/s",
+        f"Python {h['python']}, aio-pika {v['aio-pika']}, pika {v['pika']}, pydantic "
+        f"{v['pydantic']}, RabbitMQ {h['rabbitmq']}; framework event loop: {loop}; "
+        f"uvloop {'installed' if h['uvloop_installed'] else 'not installed'}",
+        f"{h['cpus']} CPUs, load average {_load(h['load_before'])} before and "
+        f"{_load(h['load_after'])} after; {h['date']}; {h['url']}",
+    ]
+
+
+def _load(load: tuple[float, ...]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    cases = select([c for c in args.cases.split(",") if c])
+    latency_n = min(args.n, max(1, round(args.latency_rate * args.latency_seconds)))
+    serial_n = args.serial_n or min(args.n, 5000)
+    plan = Plan(
+        args.url, args.n, args.prefetch, serial_n, args.window, args.latency_rate, latency_n
+    )
+    signal.signal(signal.SIGTERM, _interrupted)
+    load = os.getloadavg()
+    broker = Broker(plan.url)
+    document: dict[str, Any] = {}
+    try:
+        broker_version = broker.server_version()
+        with tempfile.TemporaryDirectory(prefix="amqp-listener-bench-") as workdir:
+            runner = Runner(plan, broker, Path(workdir))
+            if args.profile:
+                results = profile(runner, args.case_timeout)
+            else:
+                results = measure(runner, cases, args.repeats, args.case_timeout)
+    except KeyboardInterrupt:
+        _progress("interrupted: measured processes stopped, bench- queues deleted")
+        return 130
+    except pika.exceptions.AMQPConnectionError as exc:
+        _progress(
+            f"cannot reach RabbitMQ at {redact_url(plan.url)} ({type(exc).__name__}): "
+            "start it (make rabbitmq) or set AMQP_URL"
+        )
+        return 1
+    except (RunFailed, TimeoutError) as exc:
+        _progress(f"failed: {exc}")
+        return 1
+    finally:
+        broker.delete_all()
+    header = _header(args, plan, results, broker_version, load)
+    if args.profile:
+        summaries = {r.case.id: {"label": r.case.label, **r.runs[0]["profile"]} for r in results}
+        document = {"header": header, "profile": summaries}
+        lines = [
+            f"amqp-listener bench --profile  N={plan.n:,}  prefetch={plan.prefetch}  "
+            "(cProfile of the event loop's thread, first to last message)",
+            *_header_lines(header)[1:],
+        ]
+        text = "\n\n".join(
+            ["\n".join(lines), *(profiling.render(s["label"], s) for s in summaries.values())]
+        )
+    else:
+        made = rows(results)
+        document = {
+            "header": header,
+            "rows": [row.to_json() for row in made],
+            "cases": {r.case.id: r.to_json() for r in results},
+        }
+        text = table(made, _header_lines(header))
+        problems = [f"{r.case.id}: {r.status}: {r.error}" for r in results if r.status != "ok"]
+        if problems:
+            text += "\n\n" + "\n".join(problems)
+    print(json.dumps(document, indent=2) if args.json else text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The cases: what each measures, how its process starts, its baseline and its goal.
+
+A case is one way of doing a job (consuming, publishing one at a time, publishing in
+batches, delivering at a steady rate); cases of one job form a group and are measured
+interleaved, repeat by repeat, so that a slow minute of a shared machine hits both sides of
+a ratio. Every case's ratio is to a baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["CASES", "GROUPS", "Case", "Goal", "select"]
+
+
+@dataclass(frozen=True, slots=True)
+class Goal:
+    """The ratio to the baseline a case must reach: at least (`>=`) or at most (`<=`)."""
+
+    ratio: float
+    at_most: bool = False
+
+    def met(self, ratio: float) -> bool:
+        return ratio <= self.ratio if self.at_most else ratio >= self.ratio
+
+    def __str__(self) -> str:
+        return f"{'<=' if self.at_most else '>='} {self.ratio:.2f}x"
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """One measured way of doing a group's job.
+
+    `listener` names the bench.apps class `amqp-listener run` hosts (framework cases);
+    `baseline_argv` the arguments of `python -m bench.baselines` (hand-written cases);
+    `publisher` the `python -m bench.publish` kind (framework publish cases).
+    """
+
+    id: str
+    group: str
+    label: str
+    baseline: str | None = None
+    goal: Goal | None = None
+    listener: str = ""
+    workers: int = 1
+    baseline_argv: tuple[str, ...] = ()
+    publisher: str = ""
+    uvloop: bool = False
+
+    @property
+    def framework(self) -> bool:
+        return bool(self.listener or self.publisher)
+
+    @property
+    def place(self) -> str:
+        """The routing key and queue suffix of this case's measurements (for framework
+        cases, the bench.apps class name, which the class uses for itself)."""
+        return self.listener or ("Sink" if self.publisher else self.id)
+
+
+_RAW = ("consume-aio-pika",)
+CASES: tuple[Case, ...] = (
+    # -- consume N pre-filled messages, no-op handlers, one process unless said --
+    Case("raw", "consume", "raw aio-pika, callback consumer, per-message ack", baseline_argv=_RAW),
+    Case(
+        "raw-uvloop",
+        "consume",
+        "raw aio-pika + uvloop (information)",
+        baseline="raw",
+        baseline_argv=(*_RAW, "--uvloop"),
+        uvloop=True,
+    ),
+    Case(
+        "pika-select",
+        "consume",
+        "pika SelectConnection (information)",
+        baseline="raw",
+        baseline_argv=("consume-pika-select",),
+    ),
+    Case("async", "consume", "async no-op handler", "raw", Goal(2.0), listener="AsyncNoop"),
+    Case("sync", "consume", "sync no-op handler", "raw", Goal(1.5), listener="SyncNoop"),
+    Case("pydantic", "consume", "pydantic-model handler (async)", "raw", listener="ModelNoop"),
+    Case(
+        "workers2",
+        "consume",
+        "async no-op, --workers 2 (vs --workers 1)",
+        "async",
+        Goal(1.4),
+        listener="AsyncNoop",
+        workers=2,
+    ),
+    # -- publish one at a time, each confirmed --
+    Case(
+        "pika-serial",
+        "serial",
+        "raw pika BlockingConnection, one at a time, confirmed",
+        baseline_argv=("publish-pika-serial",),
+    ),
+    Case(
+        "notify",
+        "serial",
+        "notify(), one at a time",
+        "pika-serial",
+        Goal(0.95),
+        publisher="notify",
+    ),
+    # -- publish in windows, confirms pipelined --
+    Case(
+        "aio-pika-pipelined",
+        "batch",
+        "raw aio-pika, gathered publishes with confirms, windows",
+        baseline_argv=("publish-aio-pika-pipelined",),
+    ),
+    Case(
+        "aio-pika-pipelined-uvloop",
+        "batch",
+        "raw aio-pika pipelined + uvloop (information)",
+        "aio-pika-pipelined",
+        baseline_argv=("publish-aio-pika-pipelined", "--uvloop"),
+        uvloop=True,
+    ),
+    Case(
+        "notify-many",
+        "batch",
+        "notify_many(), one call per window",
+        "aio-pika-pipelined",
+        Goal(1.0),
+        publisher="notify-many",
+    ),
+    Case(
+        "anotify-many",
+        "batch",
+        "anotify_many(), one call per window",
+        "aio-pika-pipelined",
+        Goal(1.0),
+        publisher="anotify-many",
+    ),
+    # -- end-to-end latency at a steady rate --
+    Case(
+        "latency-raw",
+        "latency",
+        "raw aio-pika callback consumer",
+        baseline_argv=(*_RAW, "--latency"),
+    ),
+    Case("latency", "latency", "async handler", "latency-raw", listener="LatencyProbe"),
+)
+#: The jobs, in the order they are measured.
+GROUPS = ("consume", "serial", "batch", "latency")
+_BY_ID = {case.id: case for case in CASES}
+
+
+def uvloop_available() -> bool:
+    """Whether uvloop imports here (the informational uvloop rows need it)."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select(ids: Sequence[str]) -> list[Case]:
+    """The cases named in `ids` (all when empty; each a known id) and the baselines their
+    ratios need."""
+    wanted = set(ids or _BY_ID)
+    for case_id in list(wanted):
+        baseline = _BY_ID[case_id].baseline
+        while baseline is not None:
+            wanted.add(baseline)
+            baseline = _BY_ID[baseline].baseline
+    if not uvloop_available():
+        print("bench: uvloop is not installed; skipping the uvloop rows", file=sys.stderr)
+        wanted = {i for i in wanted if not _BY_ID[i].uvloop}
+    return [case for case in CASES if case.id in wanted]

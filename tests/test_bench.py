@@ -1,0 +1,147 @@
+"""`python -m bench` (`make bench`) keeps working: every case runs, checks out and cleans up.
+
+A benchmark, not a test of speed: nothing here asserts a time or a ratio's size, only that
+each case produced a number, that its runs were checked against the broker, and that
+nothing named `bench-` outlives the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pika
+import pika.exceptions
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Every row the table has, baselines included.
+ROWS = (
+    "raw",
+    "raw-uvloop",
+    "pika-select",
+    "async",
+    "sync",
+    "pydantic",
+    "workers2",
+    "pika-serial",
+    "notify",
+    "aio-pika-pipelined",
+    "aio-pika-pipelined-uvloop",
+    "notify-many",
+    "anotify-many",
+    "latency-raw-p50",
+    "latency-raw-p99",
+    "latency-p50",
+    "latency-p99",
+    "rss-raw",
+    "rss-async",
+    "rss-workers2",
+)
+GOALS = {"async", "sync", "workers2", "notify", "notify-many", "anotify-many", "latency-p99"}
+
+
+def bench(*args: str, url: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMQP_LISTENER_")}
+    env["AMQP_URL"] = url
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_nothing_left(url: str, cases: dict[str, Any]) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        for case in cases.values():
+            for declared in case["declared"]:
+                for name in declared["queues"]:
+                    channel = connection.channel()
+                    with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+                        channel.queue_declare(name, passive=True)
+                channel = connection.channel()
+                with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+                    channel.exchange_declare(declared["exchange"], passive=True)
+    finally:
+        connection.close()
+
+
+def test_an_unknown_case_is_refused_with_the_list_of_cases() -> None:
+    done = bench("--cases", "async,nonsense", url="amqp://guest:guest@127.0.0.1:1/%2F")
+    assert done.returncode == 2
+    assert "unknown case(s) nonsense" in done.stderr
+    assert "raw-uvloop" in done.stderr
+
+
+def test_an_unreachable_broker_ends_the_bench_with_one_line_and_no_password() -> None:
+    done = bench("--cases", "raw", url="amqp://bench:s3cret@127.0.0.1:1/%2F")
+    assert done.returncode == 1
+    assert "cannot reach RabbitMQ at amqp://bench:***@127.0.0.1:1/%2F" in done.stderr
+    assert "s3cret" not in done.stderr + done.stdout
+
+
+@pytest.mark.slow
+def test_a_case_past_its_time_bound_is_reported_as_timed_out_and_leaves_nothing(
+    amqp_url: str,
+) -> None:
+    # 2,000 messages cannot be pre-filled, consumed and checked in half a second.
+    done = bench(
+        "--cases",
+        "async",
+        "--n",
+        "2000",
+        "--repeats",
+        "2",
+        "--case-timeout",
+        "0.5",
+        "--json",
+        url=amqp_url,
+    )
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    for case_id in ("raw", "async"):
+        case = document["cases"][case_id]
+        assert case["status"] == "timed out"
+        assert case["runs"] == []
+        assert len(case["declared"]) == 1  # the second repeat is not attempted
+    rows = {row["id"]: row for row in document["rows"]}
+    assert rows["async"]["value"] is None
+    assert rows["async"]["ratio"] is None
+    assert "timed out" in done.stderr
+    assert_nothing_left(amqp_url, document["cases"])
+
+
+@pytest.mark.slow
+def test_every_case_runs_checks_out_and_cleans_up_with_a_small_n(amqp_url: str) -> None:
+    done = bench("--n", "200", "--repeats", "1", "--json", url=amqp_url)
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert document["header"]["n"] == 200
+    for case_id, case in document["cases"].items():
+        assert case["status"] == "ok", (case_id, case["error"])
+    rows = {row["id"]: row for row in document["rows"]}
+    assert sorted(rows) == sorted(ROWS)
+    for row_id, row in rows.items():
+        assert isinstance(row["value"], float) and row["value"] > 0, row_id
+        assert isinstance(row["ratio"], float) and row["ratio"] > 0, row_id
+        assert (row["goal"] is not None) == (row_id in GOALS), row_id
+        assert isinstance(row["met"], bool) == (row_id in GOALS), row_id
+    for case_id, case in document["cases"].items():
+        [run] = case["runs"]
+        assert run["messages"] == 200
+        if "in_queue" in run:  # a publisher: the warm-up message and the 200 timed ones
+            assert run["in_queue"] == 201, case_id
+        else:  # a consumer: exactly one handler call per message
+            assert run["handled"] == 200, case_id
+    workers = document["cases"]["workers2"]["runs"][0]
+    assert sum(workers["per_process"].values()) == 200
+    assert_nothing_left(amqp_url, document["cases"])
