@@ -2,8 +2,8 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-# What ruff checks and formats; bench/ once it exists.
-CODE := listener tests examples $(wildcard bench)
+# What ruff checks and formats.
+CODE := listener tests examples bench
 
 .DEFAULT_GOAL := help
 .PHONY: help install rabbitmq demo examples test test-fast bench lint format typecheck check clean
