@@ -7,23 +7,20 @@ stops the measured processes, deletes every `bench-` queue and exchange, and exi
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import signal
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
 import pika.exceptions
 
-from bench import profiling
+from bench import machine, profiling
 from bench.broker import Broker
-from bench.cases import CASES, GROUPS, Case, select, uvloop_available
+from bench.cases import CASES, GROUPS, Case, select
 from bench.measure import Plan, RunFailed, Runner
 from bench.report import CaseResult, rows, table
 from bench.wire import url as default_url
@@ -49,16 +46,14 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cases",
         default="",
-        help="comma-separated case ids (their "
-        f"baselines are added): {', '.join(c.id for c in CASES)}",
+        help=f"comma-separated case ids, their baselines added: {', '.join(c.id for c in CASES)}",
     )
     parser.add_argument(
         "--case-timeout",
         type=float,
         default=300.0,
-        help="seconds one case "
-        "may take over all its runs; past it the case is reported as timed "
-        "out (default 300)",
+        help="seconds one case may take over all its runs; past it the case is reported "
+        "as timed out (default 300)",
     )
     parser.add_argument(
         "--serial-n",
@@ -84,8 +79,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="instead of timing: Python "
-        "calls per consumed message, raw aio-pika vs the async no-op handler",
+        help="instead of timing: Python calls per consumed message, raw aio-pika vs the "
+        "async no-op handler",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument(
@@ -153,65 +148,6 @@ def profile(runner: Runner, budget: float) -> list[CaseResult]:
     return results
 
 
-def _header(
-    args: argparse.Namespace,
-    plan: Plan,
-    results: list[CaseResult],
-    broker_version: str,
-    load: tuple[float, ...],
-) -> dict[str, Any]:
-    loops = sorted(
-        {
-            loop
-            for result in results
-            if result.case.listener
-            for run in result.runs
-            for loop in run.get("loop", [])
-            if loop != "thread"
-        }
-    )
-    versions = {name: metadata.version(name) for name in ("aio-pika", "pika", "pydantic")}
-    return {
-        "n": plan.n,
-        "prefetch": plan.prefetch,
-        "repeats": args.repeats,
-        "serial_n": plan.serial_n,
-        "window": plan.window,
-        "latency_rate": plan.latency_rate,
-        "latency_n": plan.latency_n,
-        "python": platform.python_version(),
-        "versions": versions,
-        "uvloop_installed": uvloop_available(),
-        "framework_loop": loops,
-        "rabbitmq": broker_version,
-        "cpus": os.cpu_count(),
-        "load_before": load,
-        "load_after": os.getloadavg(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "url": redact_url(plan.url),
-    }
-
-
-def _header_lines(h: dict[str, Any]) -> list[str]:
-    v = h["versions"]
-    loop = ", ".join(h["framework_loop"]) or "not seen"
-    return [
-        f"amqp-listener bench  N={h['n']:,}  prefetch={h['prefetch']}  "
-        f"repeats={h['repeats']} (medians)  one-at-a-time publish: {h['serial_n']:,}  "
-        f"windows of {h['window']}  latency: {h['latency_n']:,} probes at "
-        f"{h['latency_rate']:g}/s",
-        f"Python {h['python']}, aio-pika {v['aio-pika']}, pika {v['pika']}, pydantic "
-        f"{v['pydantic']}, RabbitMQ {h['rabbitmq']}; framework event loop: {loop}; "
-        f"uvloop {'installed' if h['uvloop_installed'] else 'not installed'}",
-        f"{h['cpus']} CPUs, load average {_load(h['load_before'])} before and "
-        f"{_load(h['load_after'])} after; {h['date']}; {h['url']}",
-    ]
-
-
-def _load(load: tuple[float, ...]) -> str:
-    return " ".join(f"{x:.2f}" for x in load)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     cases = select([c for c in args.cases.split(",") if c])
@@ -223,7 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupted)
     load = os.getloadavg()
     broker = Broker(plan.url)
-    document: dict[str, Any] = {}
     try:
         broker_version = broker.server_version()
         with tempfile.TemporaryDirectory(prefix="amqp-listener-bench-") as workdir:
@@ -245,15 +180,19 @@ def main(argv: list[str] | None = None) -> int:
         _progress(f"failed: {exc}")
         return 1
     finally:
-        broker.delete_all()
-    header = _header(args, plan, results, broker_version, load)
+        try:
+            broker.delete_all()
+        except pika.exceptions.AMQPError as exc:
+            left = ", ".join(broker.leftovers())
+            _progress(f"could not delete {left} ({exc!r}): delete them by hand")
+    header = machine.describe(plan, args.repeats, results, broker_version, load)
     if args.profile:
         summaries = {r.case.id: {"label": r.case.label, **r.runs[0]["profile"]} for r in results}
-        document = {"header": header, "profile": summaries}
+        document: dict[str, Any] = {"header": header, "profile": summaries}
         lines = [
             f"amqp-listener bench --profile  N={plan.n:,}  prefetch={plan.prefetch}  "
             "(cProfile of the event loop's thread, first to last message)",
-            *_header_lines(header)[1:],
+            *machine.lines(header)[1:],
         ]
         text = "\n\n".join(
             ["\n".join(lines), *(profiling.render(s["label"], s) for s in summaries.values())]
@@ -265,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": [row.to_json() for row in made],
             "cases": {r.case.id: r.to_json() for r in results},
         }
-        text = table(made, _header_lines(header))
+        text = table(made, machine.lines(header))
         problems = [f"{r.case.id}: {r.status}: {r.error}" for r in results if r.status != "ok"]
         if problems:
             text += "\n\n" + "\n".join(problems)

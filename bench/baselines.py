@@ -33,8 +33,6 @@ from typing import Any
 
 import aio_pika
 import aio_pika.abc
-import pika
-import pika.spec
 
 from bench.recorder import RECORDER
 from bench.wire import CONTENT_TYPE, item, url
@@ -87,6 +85,7 @@ async def consume_aio_pika(queue: str, prefetch: int, *, latency: bool) -> None:
 
 def consume_pika_select(queue: str, prefetch: int) -> None:
     """Consume `queue` on pika's SelectConnection with per-message acks until SIGTERM."""
+    import pika  # here, not at the top: the aio-pika consumer's memory must not include it
 
     def on_message(channel: Any, method: Any, _properties: Any, _body: bytes) -> None:
         RECORDER.hit()
@@ -126,6 +125,9 @@ def consume_pika_select(queue: str, prefetch: int) -> None:
 
 def publish_pika_serial(exchange: str, routing_key: str, count: int, out: Path) -> None:
     """Publish `count` messages one at a time, each waiting for its confirm."""
+    import pika
+    import pika.spec
+
     connection = pika.BlockingConnection(pika.URLParameters(url()))
     channel = connection.channel()
     channel.confirm_delivery()

@@ -128,6 +128,10 @@ class Broker:
             self._ch().exchange_delete(name)
         self._exchanges.discard(name)
 
+    def leftovers(self) -> list[str]:
+        """What was declared and not deleted yet."""
+        return sorted(self._queues | self._exchanges)
+
     def close(self) -> None:
         """Close the connection (a Ctrl-C may have left it mid-frame)."""
         connection, self._connection, self._channel = self._connection, None, None

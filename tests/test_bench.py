@@ -145,3 +145,17 @@ def test_every_case_runs_checks_out_and_cleans_up_with_a_small_n(amqp_url: str) 
     workers = document["cases"]["workers2"]["runs"][0]
     assert sum(workers["per_process"].values()) == 200
     assert_nothing_left(amqp_url, document["cases"])
+
+
+@pytest.mark.slow
+def test_the_profile_counts_python_calls_per_message_for_both_consumers(amqp_url: str) -> None:
+    done = bench("--profile", "--n", "300", "--json", url=amqp_url)
+    assert done.returncode == 0, done.stderr
+    profile = json.loads(done.stdout)["profile"]
+    assert sorted(profile) == ["async", "raw"]
+    for summary in profile.values():
+        assert summary["messages"] == 299  # from the first handler call to the 300th
+        assert summary["calls_per_message"] == summary["calls"] / 299 > 0
+        assert len(summary["top"]) == 15
+        counts = [entry["ncalls"] for entry in summary["top"]]
+        assert counts == sorted(counts, reverse=True)
