@@ -1,4 +1,5 @@
-"""The event loop a worker runs on: uvloop when it is installed, unless told otherwise.
+"""The event loop workers and background publishing run on: uvloop when it is installed,
+unless told otherwise.
 
 uvloop runs the same asyncio code with its loop written in C, which takes a good part of
 the cost off every delivery. The `event_loop` setting picks `asyncio` to rule it out (for

@@ -21,6 +21,7 @@ import aio_pika.abc
 
 from listener import _redirect, codec, routing
 from listener._amqp_errors import connect_error, publish_error
+from listener._loop import loop_factory
 from listener.settings import Settings, get_settings
 from listener.tracing import inject_trace_context
 
@@ -33,6 +34,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+#: The most messages of a batch awaiting their confirms at once.
+_WINDOW = 1000
 
 
 class AsyncPublisher:
@@ -88,10 +92,15 @@ class AsyncPublisher:
         for body in bodies:  # all or nothing: refuse the batch before the first send
             self._check_size(body)
         channel = await self._open_channel()
-        results = await asyncio.gather(
-            *(self._publish(channel, exchange, routing_key, body, None) for body in bodies),
-            return_exceptions=True,
-        )
+        target = await self._exchange(channel, exchange)
+        results: list[str | BaseException] = []
+        # In windows, so that a huge batch does not hold every unconfirmed message at once.
+        for start in range(0, len(bodies), _WINDOW):
+            window = bodies[start : start + _WINDOW]
+            results += await asyncio.gather(
+                *(self._send(target, exchange, routing_key, body, None) for body in window),
+                return_exceptions=True,
+            )
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -112,6 +121,26 @@ class AsyncPublisher:
         headers: dict[str, Any] | None,
     ) -> str:
         self._check_size(body)
+        exchange = await self._exchange(channel, exchange_name)
+        return await self._send(exchange, exchange_name, routing_key, body, headers)
+
+    @staticmethod
+    async def _exchange(
+        channel: aio_pika.abc.AbstractChannel, name: str
+    ) -> aio_pika.abc.AbstractExchange:
+        # ensure=False: no round trip; a missing exchange shows in the publish's outcome.
+        return (
+            channel.default_exchange if not name else await channel.get_exchange(name, ensure=False)
+        )
+
+    async def _send(
+        self,
+        exchange: aio_pika.abc.AbstractExchange,
+        exchange_name: str,
+        routing_key: str,
+        body: bytes,
+        headers: dict[str, Any] | None,
+    ) -> str:
         message_id = codec.new_message_id()
         message = aio_pika.Message(
             body,
@@ -122,11 +151,6 @@ class AsyncPublisher:
             headers=inject_trace_context(headers),
         )
         try:
-            exchange = (
-                channel.default_exchange
-                if not exchange_name
-                else await channel.get_exchange(exchange_name, ensure=False)
-            )
             await exchange.publish(
                 message, routing_key, mandatory=True, timeout=self.settings.confirm_timeout
             )
@@ -221,7 +245,7 @@ class _BackgroundLoop:
     """An event loop in a daemon thread, so synchronous code can run batches on it."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop_factory(get_settings().event_loop)()
         self.publisher: AsyncPublisher | None = None
         thread = threading.Thread(
             target=self.loop.run_forever, name="amqp-listener-publisher", daemon=True

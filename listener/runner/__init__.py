@@ -11,8 +11,9 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from listener import _loop as loop
 from listener.errors import ConfigurationError
-from listener.runner import loop, supervisor
+from listener.runner import supervisor
 from listener.runner.worker import Worker
 from listener.settings import Settings
 

@@ -142,10 +142,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
+from listener import _loop as loop
 from listener import errors
 from listener.errors import AuthenticationFailed, BrokerError, BrokerUnreachable, ConfigurationError
 from listener.middleware import installed_middleware
-from listener.runner import loop
 from listener.runner.amqp_transport import Transport
 from listener.runner.health import LIVE_PATH, READY_PATH, HealthEndpoint
 from listener.runner.worker import EXIT_RECYCLE, Worker, warn_consumer_timeouts
