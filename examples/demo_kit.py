@@ -22,6 +22,7 @@ import pika
 import pika.exceptions
 
 from listener import Listener
+from listener.settings import redact_url
 
 __all__ = [
     "ROOT",
@@ -88,7 +89,13 @@ class Broker:
     """A plain pika connection to look at queues the way an operator would."""
 
     def __init__(self, url: str) -> None:
-        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        try:
+            self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        except pika.exceptions.AMQPError as error:
+            raise DemoFailed(
+                f"no RabbitMQ answers at {redact_url(url)} ({type(error).__name__}): start it "
+                "(make rabbitmq) or point AMQP_URL at one"
+            ) from None
 
     def close(self) -> None:
         with contextlib.suppress(pika.exceptions.AMQPError):

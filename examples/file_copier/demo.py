@@ -35,6 +35,7 @@ HEADERS = (
 
 def main() -> int:
     line_buffered_stdout()
+    broker = Broker(get_settings().url.get_secret_value())
     work = Path(tempfile.mkdtemp(prefix="file-copier-demo-"))
     for name in ("a", "b", "c"):
         (work / f"{name}.txt").write_text(f"contents of {name}\n")
@@ -42,7 +43,6 @@ def main() -> int:
     print("1. starting the runner: amqp-listener run examples.file_copier.listeners")
     runner = start_runner(["examples.file_copier.listeners"])
     try:
-        broker = Broker(get_settings().url.get_secret_value())
         broker.wait_consuming(runner, [FileCopier])
 
         print("2. notifying: three copies that work, one whose source never appears")
@@ -69,8 +69,8 @@ def main() -> int:
         for key in HEADERS:
             print(f"     {key}: {headers[key]}")
         print(f"   {len(parked)} message(s) wait in {FileCopier.queue}.dead (earlier runs' too)")
-        broker.close()
     finally:
+        broker.close()
         print("5. SIGTERM to the runner: it drains and exits")
         code = stop_runner(runner)
         print(f"   runner exit code: {code}")

@@ -35,14 +35,15 @@ HEADERS = ("x-parked-reason", "x-attempts", "x-exception-type", "x-exception-mes
 
 def main() -> int:
     line_buffered_stdout()
+    # Settings are read once, and queue names fixed when the listener classes are created:
+    # the prefix goes into the environment first (the runner inherits it).
+    os.environ["AMQP_LISTENER_QUEUE_PREFIX"] = f"demo-{uuid.uuid4().hex[:8]}"
+    broker = Broker(get_settings().url.get_secret_value())
     state = Path(tempfile.mkdtemp(prefix="provisioning-demo-"))
     os.environ["PROVISIONING_STATE_DIR"] = str(state)
-    os.environ["AMQP_LISTENER_QUEUE_PREFIX"] = f"demo-{uuid.uuid4().hex[:8]}"
-    # Queue names are fixed when the listener classes are created: import them only now.
     from examples.provisioning.listeners import CreateMailbox, OpenAccount, SendWelcome
 
     chain = (OpenAccount, CreateMailbox, SendWelcome)
-    broker = Broker(get_settings().url.get_secret_value())
     code = None
     try:
         print("1. starting the runner: amqp-listener run examples.provisioning.listeners")

@@ -41,6 +41,7 @@ from listener.settings import get_settings, redact_url
 
 def main() -> int:
     line_buffered_stdout()
+    Broker(get_settings().url.get_secret_value()).close()  # fail early, and clearly
     work = Path(tempfile.mkdtemp(prefix="web-publisher-demo-"))
     (work / "report.pdf").write_text("case 7: the report\n")
 

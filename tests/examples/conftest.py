@@ -24,10 +24,11 @@ from listener.settings import get_settings  # noqa: E402
 
 @pytest.fixture
 def run_demo(amqp_url: str) -> Callable[[str], subprocess.CompletedProcess[str]]:
-    """`run_demo("examples.x.demo")` runs that demo against the test broker, as CI does."""
+    """`run_demo("examples.x.demo")` runs that demo against the test broker, as CI does
+    (`url=` points it at another)."""
 
-    def run(module: str) -> subprocess.CompletedProcess[str]:
-        environment = {**os.environ, "AMQP_URL": amqp_url, "PYTHONPATH": str(ROOT)}
+    def run(module: str, url: str = amqp_url) -> subprocess.CompletedProcess[str]:
+        environment = {**os.environ, "AMQP_URL": url, "PYTHONPATH": str(ROOT)}
         environment.pop("AMQP_LISTENER_QUEUE_PREFIX", None)
         return subprocess.run(
             [sys.executable, "-m", module],
