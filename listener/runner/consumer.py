@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import aio_pika
 
-from listener import outcome
+from listener import _settling, outcome
 from listener.codec import DecodeFailure, new_message_id
-from listener.errors import PublishError, Reject, Retry, Unroutable
+from listener.errors import PublishError, Unroutable
 from listener.middleware import Chain, Delivery, installed_middleware
 from listener.outcome import Ack, Failure, Park, RetryLater
 from listener.runner.execution import (
@@ -133,12 +133,9 @@ class Consumer:
         # Publishers outside the framework may send no id; parked messages need one, stable
         # from here on (the copies keep it).
         message_id = message.message_id or new_message_id()
-        headers = message.headers or {}
-        done = outcome.attempts_made(headers)
-        lost = outcome.deliveries_lost(headers)
-        exhausted = bool(lost) and done + lost >= listener.max_attempts
-        # On an exhausted delivery no attempt runs: it is parked as it stands.
-        attempt = done + lost if exhausted else done + lost + 1
+        headers = message.headers
+        # Workers died on it until no attempt is left: parked as it stands (`lost`).
+        attempt, lost = _settling.attempt_number(headers, listener.max_attempts)
         delivery = Delivery(
             listener,
             message_id,
@@ -152,13 +149,8 @@ class Consumer:
         failure: Failure | None = None
         result = "returned"
         try:
-            if exhausted:
-                failure = Failure(
-                    "lost",
-                    "listener.WorkerLost",
-                    f"the worker died or lost its connection during {lost} delivery(ies) "
-                    "of this message",
-                )
+            if lost is not None:
+                failure = lost
             else:
                 try:
                     failure = await self._attempt(message, message_id)
@@ -190,20 +182,16 @@ class Consumer:
                 message.body, message.content_type, message.content_encoding
             )
         except DecodeFailure as exc:
-            return Failure("decode", "listener.DecodeFailure", str(exc), reason=exc.reason)
+            return _settling.decode_failure(exc)
         try:
             if self._threads is None:
                 await run_async(self._instance.handle, value, listener.timeout)
             else:
                 await run_sync(self._threads, self._instance.handle, value, listener.timeout)
-        except Retry as exc:
-            return Failure.from_exception("retry", exc, delay=exc.delay)
-        except Reject as exc:
-            return Failure.from_exception("reject", exc, reason=exc.reason)
         except AttemptTimedOut as exc:
             if self._threads is not None and self._on_stuck is not None:
                 self._on_stuck()
-            return Failure("timeout", "TimeoutError", str(exc))
+            return _settling.timeout_failure(str(exc))
         except HandlerExited as exc:
             log.error(
                 "%s: handle() called %s on message %s; stopping this worker, the message goes "
@@ -220,10 +208,11 @@ class Consumer:
                 # The worker is stopping: not the handler's failure. Left unacked, the
                 # message is redelivered.
                 raise
-            exc_info = asyncio.CancelledError("handle() was cancelled from inside")
-            return Failure.from_exception("error", exc_info)
-        except Exception as exc:
-            return Failure.from_exception("error", exc)
+            return _settling.failure_from(
+                asyncio.CancelledError("handle() was cancelled from inside")
+            )
+        except Exception as exc:  # Retry and Reject included: outcomes, not failures
+            return _settling.failure_from(exc)
         return None
 
     async def _settle(
@@ -254,26 +243,21 @@ class Consumer:
                 message_id,
             )
             return "returned"
-        headers = _carried_headers(message)
-        headers.update(
-            outcome.failure_headers(
-                failure,
-                attempts=decision.attempts,
-                previous=message.headers,
-                listener=listener.name(),
-                host=_HOST,
-                pid=os.getpid(),
-                now=dt.datetime.now(dt.UTC),
-            )
+        assert isinstance(decision, RetryLater | Park)
+        headers = _settling.copy_headers(
+            decision,
+            failure,
+            carried=_carried_headers(message),
+            previous=message.headers,
+            listener=listener.name(),
+            host=_HOST,
+            pid=os.getpid(),
+            now=dt.datetime.now(dt.UTC),
         )
         delay = 0.0
         if isinstance(decision, RetryLater):
             target, delay = await self._delay_target(decision.delay)
         else:
-            assert isinstance(decision, Park)
-            headers["x-parked-reason"] = decision.reason
-            if failure.reason and failure.kind == "reject":
-                headers["x-exception-message"] = failure.reason
             target = f"{listener.queue}.dead"
         try:
             await self._move(message, message_id, target, headers)
@@ -392,10 +376,9 @@ class _LeaveUnacked(Exception):
 
 
 def _carried_headers(message: Inbound) -> dict[str, Any]:
-    headers = {k: v for k, v in (message.headers or {}).items() if k not in outcome.BROKER_HEADERS}
-    headers.setdefault("x-original-exchange", message.exchange or "")
-    headers.setdefault("x-original-routing-key", message.routing_key or "")
-    expiration = message.properties.expiration
-    if expiration is not None:
-        headers.setdefault("x-original-expiration", str(expiration))
-    return headers
+    return _settling.carried_headers(
+        message.headers,
+        exchange=message.exchange,
+        routing_key=message.routing_key,
+        expiration=message.properties.expiration,
+    )

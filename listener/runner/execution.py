@@ -20,11 +20,12 @@ import asyncio
 import collections
 import contextlib
 import contextvars
-import inspect
 import queue
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from listener import _settling
 
 __all__ = ["AttemptTimedOut", "HandlerExited", "HandlerThreads", "run_async", "run_sync"]
 
@@ -140,19 +141,8 @@ class HandlerThreads:
     def _call(attempt: _Attempt) -> None:
         try:
             result = attempt.fn(attempt.arg)
-            if inspect.isawaitable(result):
-                # A coroutine returned by a handler that did not look async (a decorator
-                # hid it): nothing would ever run it, so the attempt must not count as done.
-                close = getattr(result, "close", None)
-                if close is not None:
-                    with contextlib.suppress(Exception):
-                        close()
-                attempt.error = TypeError(
-                    "handle() returned an awaitable: it is async but does not look it (a "
-                    "decorator without functools.wraps?); declare it with async def"
-                )
-            else:
-                attempt.result = result
+            _settling.check_sync_result(result)
+            attempt.result = result
         except (SystemExit, KeyboardInterrupt) as exc:
             attempt.error = HandlerExited(exc)
         except BaseException as exc:
