@@ -102,8 +102,9 @@ def _id(block: Block) -> str:
 
 @dataclass
 class Project:
+    """The scratch directory the README's files are written to, and how to run things there."""
+
     root: Path
-    unique: str
     exchanges: dict[str, str]
     environment: dict[str, str]
 
@@ -149,13 +150,13 @@ def project(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         # mypy does not follow the editable install's import hook: show it the source.
         "MYPYPATH": str(ROOT),
     }
-    scratch = Project(root, unique, exchanges, environment)
+    scratch = Project(root, exchanges, environment)
     for block in files:
         assert block.path is not None
         target = root / block.path
         target.parent.mkdir(parents=True, exist_ok=True)
-        for package in target.relative_to(root).parents:
-            if package != Path(".") and target.parent.name != "tests":
+        if block.kind == "module":  # importable as `myapp.listeners`: make `myapp` a package
+            for package in Path(block.path).parents[:-1]:
                 (root / package / "__init__.py").touch()
         target.write_text(block.padded(scratch.rename(block.code)))
     declared = []
@@ -251,12 +252,10 @@ def test_the_block_parser_reads_markers_file_names_and_lines() -> None:
     assert (fragment.line, fragment.kind, fragment.assumed) == (8, "fragment", ("a", "b"))
 
 
-@pytest.mark.parametrize("block", [b for b in BLOCKS if b.kind != "fragment"], ids=_id)
-def test_the_block_runs(block: Block, project: Project) -> None:
+def failure(block: Block, project: Project) -> str | None:
+    """Run a block that is not a fragment; what went wrong, naming its README line, or None."""
     if block.kind == "module":
-        assert block.path is not None
-        module = _modules([block])[0]
-        result = project.run(sys.executable, "-c", f"import {module}")
+        result = project.run(sys.executable, "-c", f"import {_modules([block])[0]}")
     elif block.kind == "test file":
         assert block.path is not None
         result = project.run(
@@ -266,10 +265,27 @@ def test_the_block_runs(block: Block, project: Project) -> None:
         path = project.root / f"readme_line_{block.line}.py"
         path.write_text(block.padded(project.rename(block.code)))
         result = project.run(sys.executable, path.name)
-    assert result.returncode == 0, (
+    if result.returncode == 0:
+        return None
+    return (
         f"README.md:{block.line}: the {block.kind} failed (exit {result.returncode}):\n"
         f"{result.stdout}{result.stderr}"
     )
+
+
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b.kind != "fragment"], ids=_id)
+def test_the_block_runs(block: Block, project: Project) -> None:
+    problem = failure(block, project)
+    assert problem is None, problem
+
+
+def test_a_program_that_fails_is_reported_at_its_readme_line(project: Project) -> None:
+    block = Block(line=50, code="x = 1\n1 / 0\n", fragment=False, assumed=(), path=None)
+    problem = failure(block, project)
+    assert problem is not None
+    assert problem.startswith("README.md:50: the program failed (exit 1):")
+    assert "line 51" in problem  # the traceback counts README.md's lines
+    assert "ZeroDivisionError" in problem
 
 
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.kind == "fragment"], ids=_id)
