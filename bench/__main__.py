@@ -87,7 +87,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         "--url", default=default_url(), help="broker (default: AMQP_URL, or the local broker)"
     )
     args = parser.parse_args(argv)
-    for name in ("n", "prefetch", "repeats", "window"):
+    if args.n < 2:
+        parser.error("--n must be at least 2: a rate needs a first and a last message")
+    for name in ("prefetch", "repeats", "window"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     known = [case.id for case in CASES]

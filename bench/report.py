@@ -97,27 +97,8 @@ def rows(results: list[CaseResult]) -> list[Row]:
     made: list[Row] = []
     for result in results:
         case = result.case
-        ok = result.status == "ok" and bool(result.runs)
-        if case.group == "latency":
-            for key in ("p50", "p99"):
-                goal = Goal(1.2, at_most=True) if key == "p99" and case.baseline else None
-                value = _median(result, f"{key}_ms") if ok else None
-                baseline = f"{case.baseline}-{key}" if case.baseline else None
-                row_id = f"{case.id}-{key}"
-                made.append(
-                    Row(
-                        row_id,
-                        "latency",
-                        f"{key}, {case.label}",
-                        "ms",
-                        value,
-                        result.status,
-                        baseline,
-                        goal=goal,
-                    )
-                )
-        else:
-            value = _median(result, "rate") if ok else None
+        if case.group != "latency":
+            value = _median(result, "rate")
             made.append(
                 Row(
                     case.id,
@@ -130,9 +111,22 @@ def rows(results: list[CaseResult]) -> list[Row]:
                     goal=case.goal,
                 )
             )
+            continue
+        for key in ("p50", "p99"):  # a latency case's goal is on its p99
+            made.append(
+                Row(
+                    f"{case.id}-{key}",
+                    case.group,
+                    f"{key}, {case.label}",
+                    "ms",
+                    _median(result, f"{key}_ms"),
+                    result.status,
+                    f"{case.baseline}-{key}" if case.baseline else None,
+                    goal=case.goal if key == "p99" else None,
+                )
+            )
     for result in results:
         if result.case.id in _RSS_ROWS:
-            ok = result.status == "ok" and bool(result.runs)
             peak = max((kib for run in result.runs for kib in run["rss_kib"]), default=None)
             made.append(
                 Row(
@@ -140,7 +134,7 @@ def rows(results: list[CaseResult]) -> list[Row]:
                     "memory",
                     _RSS_ROWS[result.case.id],
                     "MiB",
-                    peak / 1024 if ok and peak else None,
+                    peak / 1024 if _ok(result) and peak else None,
                     result.status,
                     None if result.case.id == "raw" else "rss-raw",
                 )
@@ -152,7 +146,14 @@ def rows(results: list[CaseResult]) -> list[Row]:
     return made
 
 
-def _median(result: CaseResult, key: str) -> float:
+def _ok(result: CaseResult) -> bool:
+    return result.status == "ok" and bool(result.runs)
+
+
+def _median(result: CaseResult, key: str) -> float | None:
+    """The median of `key` over the runs; None for a case that timed out or failed."""
+    if not _ok(result):
+        return None
     return statistics.median(run[key] for run in result.runs)
 
 
