@@ -22,6 +22,8 @@ from listener.topology import Topology
 
 __all__ = ["Broker"]
 
+_BLOCKED_TIMEOUT = 30.0
+
 
 class Broker:
     """One blocking pika connection, reopened when a refusal closed its channel."""
@@ -35,7 +37,11 @@ class Broker:
 
     def _ch(self) -> Any:
         if self._connection is None or not self._connection.is_open:
-            self._connection = pika.BlockingConnection(pika.URLParameters(self.url))
+            parameters = pika.URLParameters(self.url)
+            # A broker that blocks publishers (a memory or disk alarm) fails the pre-fill
+            # instead of hanging it: pika would wait for ever.
+            parameters.blocked_connection_timeout = _BLOCKED_TIMEOUT
+            self._connection = pika.BlockingConnection(parameters)
             self._channel = None
         if self._channel is None or not self._channel.is_open:
             self._channel = self._connection.channel()

@@ -50,11 +50,15 @@ class Child:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def output(self, lines: int = 12) -> str:
+        """The last `lines` the process wrote, indented under the message they explain."""
+        tail = self.log.read_text(errors="replace").strip().splitlines()[-lines:]
+        return "\n    ".join(tail) or "(no output)"
+
     def failed(self, what: str) -> ChildFailed:
         """An error saying `what`, with the last lines the process wrote."""
-        lines = self.log.read_text(errors="replace").strip().splitlines()[-12:]
-        output = "\n    ".join(lines) or "(no output)"
-        return ChildFailed(f"{what} (exit code {self.process.returncode}); output:\n    {output}")
+        code = self.process.returncode
+        return ChildFailed(f"{what} (exit code {code}); output:\n    {self.output()}")
 
     def wait(self, deadline: float) -> int:
         """Wait for the process to exit by itself; TimeoutError past `deadline`."""
@@ -107,7 +111,10 @@ def wait_count(
         if not child.alive():
             raise child.failed(f"the consumer exited after {handled} of {expected} messages")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{handled} of {expected} messages handled when time ran out")
+            raise TimeoutError(
+                f"{handled} of {expected} messages handled when time ran out; the "
+                f"consumer's last output:\n    {child.output()}"
+            )
         time.sleep(0.02)
 
 

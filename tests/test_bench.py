@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,16 +48,21 @@ GOALS = {"async", "sync", "workers2", "notify", "notify-many", "anotify-many", "
 
 
 def bench(*args: str, url: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    """Run `python -m bench ARGS` against `url`; past `timeout`, stop it the way Ctrl-C
+    would (it then stops what it started and deletes its queues) and fail."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMQP_LISTENER_")}
     env["AMQP_URL"] = url
-    return subprocess.run(
-        [sys.executable, "-m", "bench", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    argv = [sys.executable, "-m", "bench", *args]
+    with subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=60)
+            pytest.fail(f"the bench ran over {timeout:g}s; its progress:\n{stderr}")
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
 
 
 def assert_nothing_left(url: str, cases: dict[str, Any]) -> None:
@@ -121,8 +127,9 @@ def test_a_case_past_its_time_bound_is_reported_as_timed_out_and_leaves_nothing(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_every_case_runs_checks_out_and_cleans_up_with_a_small_n(amqp_url: str) -> None:
-    done = bench("--n", "200", "--repeats", "1", "--json", url=amqp_url)
+    done = bench("--n", "200", "--repeats", "1", "--case-timeout", "30", "--json", url=amqp_url)
     assert done.returncode == 0, done.stderr
     document = json.loads(done.stdout)
     assert document["header"]["n"] == 200
@@ -149,7 +156,7 @@ def test_every_case_runs_checks_out_and_cleans_up_with_a_small_n(amqp_url: str) 
 
 @pytest.mark.slow
 def test_the_profile_counts_python_calls_per_message_for_both_consumers(amqp_url: str) -> None:
-    done = bench("--profile", "--n", "300", "--json", url=amqp_url)
+    done = bench("--profile", "--n", "300", "--case-timeout", "30", "--json", url=amqp_url)
     assert done.returncode == 0, done.stderr
     profile = json.loads(done.stdout)["profile"]
     assert sorted(profile) == ["async", "raw"]
