@@ -114,12 +114,17 @@ def _describe(case: Case, run: dict[str, Any]) -> str:
 
 
 def measure(runner: Runner, cases: list[Case], repeats: int, budget: float) -> list[CaseResult]:
-    """Run every case `repeats` times, group by group, the cases of a group interleaved."""
+    """Run every case `repeats` times, group by group, the cases of a group interleaved.
+
+    The order within a group reverses every repeat (A B, B A, A B, ...): the broker is still
+    cleaning up the queues the previous run deleted, and a fixed order would hand that cost
+    to the same case every time.
+    """
     results = {case.id: CaseResult(case) for case in cases}
     for group in GROUPS:
         members = [case for case in cases if case.group == group]
         for repeat in range(1, repeats + 1):
-            for case in members:
+            for case in members if repeat % 2 else members[::-1]:
                 result = results[case.id]
                 if result.status != "ok":
                     continue
