@@ -39,6 +39,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -46,6 +48,7 @@ from listener import _loop as loop
 from listener.errors import BrokerError
 from listener.middleware import installed_middleware
 from listener.runner import status_pipe
+from listener.runner.restarts import Slot, back_off
 from listener.runner.worker import Worker
 from listener.settings import Settings
 
@@ -59,6 +62,7 @@ __all__ = [
     "die_with_parent",
     "flush",
     "fork",
+    "fork_worker",
     "run_service",
     "run_worker",
     "stdin_from_devnull",
@@ -88,6 +92,64 @@ def fork(child: Callable[[], int]) -> int:
             flush()
             os._exit(code)
     return pid
+
+
+def fork_worker(slot: Slot, of: int, body: Callable[[int], int]) -> None:
+    """Fork a worker into `slot` (one of `of` places), with a status pipe; the child runs
+    `body(status_fd)` and exits with the code it returns.
+
+    A pipe or a fork that fails (out of memory or processes) schedules another try with
+    back-off: never an exit.
+    """
+    threads = threading.active_count()
+    if threads > 1:
+        log.warning(
+            "forking a worker while %d threads run in the supervisor; a module that "
+            "starts threads at import makes forking unsafe",
+            threads,
+        )
+    try:
+        read_fd, write_fd = os.pipe()
+    except OSError as exc:
+        _fork_failed(slot, of, exc)
+        return
+
+    def child() -> int:
+        close(read_fd)
+        return body(write_fd)
+
+    try:
+        pid = fork(child)
+    except OSError as exc:  # out of memory or processes: try again later, never exit
+        close(read_fd)
+        close(write_fd)
+        _fork_failed(slot, of, exc)
+        return
+    os.close(write_fd)
+    os.set_blocking(read_fd, False)
+    close(slot.status_fd)
+    slot.pid = pid
+    slot.status_fd = read_fd
+    slot.pending = b""
+    slot.started = False
+    slot.ready = False
+    slot.state = "starting"
+    slot.boot_error = None
+    slot.spawns += 1
+    slot.started_at = time.monotonic()
+    slot.restart_at = None
+    log.debug("worker %d of %d forked: pid=%d", slot.number, of, pid)
+
+
+def _fork_failed(slot: Slot, of: int, exc: OSError) -> None:
+    wait = back_off(slot, lived=0.0)
+    log.error(
+        "could not start worker %d of %d (%s); trying again in %.1fs",
+        slot.number,
+        of,
+        exc,
+        wait,
+    )
 
 
 def run_worker(

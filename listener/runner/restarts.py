@@ -10,13 +10,15 @@ restarted by the same rule and because they are what an operator reads in the lo
   `SHORT_LIFE` seconds is restarted after a delay that doubles from `BACKOFF_FIRST` up to
   `BACKOFF_CAP` (with jitter, so that N crashing workers do not restart in lock-step); one
   that lived longer restarts at once and resets its delay. A fork that fails (no memory, no
-  process slots) is retried the same way.
-- **Each death is one log line**: pid, signal name or exit code (`describe`), lifetime,
-  restart delay.
+  process slots) is retried the same way. A worker that exits with `EXIT_RECYCLE` asked to be
+  replaced (handler threads stuck past their timeout): a planned restart, at once.
+- **Each death is one log line** (`restart_after_death`): pid, signal name or exit code
+  (`describe`), lifetime, restart delay.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -24,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 from listener.errors import BrokerError
+from listener.runner.worker import EXIT_RECYCLE
 
 __all__ = [
     "BACKOFF_CAP",
@@ -33,7 +36,10 @@ __all__ = [
     "back_off",
     "clean_stop",
     "describe",
+    "restart_after_death",
 ]
+
+log = logging.getLogger("listener.supervisor")
 
 #: A worker that died sooner than this (seconds) after it started counts as crash-looping.
 SHORT_LIFE = 10.0
@@ -74,6 +80,26 @@ def back_off(slot: Slot, lived: float) -> float:
         wait = 0.0
     slot.restart_at = time.monotonic() + wait
     return wait
+
+
+def restart_after_death(slot: Slot, pid: int, status: int, lived: float) -> None:
+    """Schedule the next start in `slot`, whose worker `pid` ended with wait `status` after
+    `lived` seconds, and log its death line."""
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_RECYCLE:
+        # It asked to be replaced (stuck handler threads): a planned restart, no back-off.
+        slot.restart_at = time.monotonic()
+        log.warning(
+            "worker pid=%d recycled after %.1fs (handler threads stuck past their "
+            "timeout); starting its replacement",
+            pid,
+            lived,
+        )
+        return
+    how = describe(status)
+    if slot.boot_error is not None:
+        how = f"{how} (could not start: {slot.boot_error})"
+    wait = back_off(slot, lived)
+    log.warning("worker pid=%d died: %s after %.1fs; restarting in %.1fs", pid, how, lived, wait)
 
 
 def clean_stop(status: int) -> bool:

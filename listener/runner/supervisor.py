@@ -91,7 +91,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -101,9 +100,9 @@ from listener.runner import children, reload, startup, status_pipe
 from listener.runner.children import close
 from listener.runner.endpoints import Endpoints, health_state
 from listener.runner.reload import HANDOFF_VAR, ReloadCheck
-from listener.runner.restarts import Slot, back_off, clean_stop, describe
+from listener.runner.restarts import Slot, clean_stop, describe, restart_after_death
 from listener.runner.roll import Roll
-from listener.runner.worker import EXIT_RECYCLE, warn_consumer_timeouts
+from listener.runner.worker import warn_consumer_timeouts
 from listener.settings import Settings
 
 if TYPE_CHECKING:
@@ -317,55 +316,22 @@ class Supervisor:
         return [*self.slots, *self._roll.old.values(), *self._roll.retiring]
 
     def _spawn(self, slot: Slot) -> None:
-        threads = threading.active_count()
-        if threads > 1:
-            log.warning(
-                "forking a worker while %d threads run in the supervisor; a module that "
-                "starts threads at import makes forking unsafe",
-                threads,
-            )
-        try:
-            read_fd, write_fd = os.pipe()
-        except OSError as exc:
-            self._spawn_failed(slot, exc)
-            return
+        children.fork_worker(slot, len(self.slots), self._worker)
 
-        def worker() -> int:
-            close(read_fd)
-            self._close_in_child()
-            self._endpoints.release()
-            return children.run_worker(
-                write_fd,
-                self.listeners,
-                self.settings,
-                supervisor=self._pid,
-                mask=self._mask,
-                fail_fast=self.fail_fast,
-                metrics=self.metrics is not None,
-                paused=self._paused,
-            )
-
-        try:
-            pid = children.fork(worker)
-        except OSError as exc:  # out of memory or processes: try again later, never exit
-            close(read_fd)
-            close(write_fd)
-            self._spawn_failed(slot, exc)
-            return
-        os.close(write_fd)
-        os.set_blocking(read_fd, False)
-        close(slot.status_fd)
-        slot.pid = pid
-        slot.status_fd = read_fd
-        slot.pending = b""
-        slot.started = False
-        slot.ready = False
-        slot.state = "starting"
-        slot.boot_error = None
-        slot.spawns += 1
-        slot.started_at = time.monotonic()
-        slot.restart_at = None
-        log.debug("worker %d of %d forked: pid=%d", slot.number, len(self.slots), pid)
+    def _worker(self, status_fd: int) -> int:
+        """In a forked worker: close what belongs to the others, then be the worker."""
+        self._close_in_child()
+        self._endpoints.release()
+        return children.run_worker(
+            status_fd,
+            self.listeners,
+            self.settings,
+            supervisor=self._pid,
+            mask=self._mask,
+            fail_fast=self.fail_fast,
+            metrics=self.metrics is not None,
+            paused=self._paused,
+        )
 
     def _close_in_child(self) -> None:
         """In a forked child: close what belongs to the supervisor and its workers (the
@@ -375,16 +341,6 @@ class Supervisor:
         if self._check is not None:
             with contextlib.suppress(Exception):
                 self._check.output.close()
-
-    def _spawn_failed(self, slot: Slot, exc: OSError) -> None:
-        wait = back_off(slot, lived=0.0)
-        log.error(
-            "could not start worker %d of %d (%s); trying again in %.1fs",
-            slot.number,
-            len(self.slots),
-            exc,
-            wait,
-        )
 
     def _supervise(self) -> int:
         while True:
@@ -502,22 +458,7 @@ class Supervisor:
             self._failure = slot.boot_error
             self._begin_stop(f"worker {slot.number} could not start", quiet=True)
             return
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_RECYCLE:
-            # It asked to be replaced (stuck handler threads): a planned restart, no back-off.
-            slot.restart_at = time.monotonic()
-            log.warning(
-                "worker pid=%d recycled after %.1fs (handler threads stuck past their "
-                "timeout); starting its replacement",
-                pid,
-                lived,
-            )
-            return
-        if slot.boot_error is not None:
-            how = f"{how} (could not start: {slot.boot_error})"
-        wait = back_off(slot, lived)
-        log.warning(
-            "worker pid=%d died: %s after %.1fs; restarting in %.1fs", pid, how, lived, wait
-        )
+        restart_after_death(slot, pid, status, lived)
 
     def _replaced_exited(self, slot: Slot, status: int) -> None:
         """A worker of the old code ended: drained after its replacement started, or died."""
