@@ -31,6 +31,7 @@ from listener.middleware import Chain, Middleware, installed_middleware
 from listener.runner import signals
 from listener.runner.amqp_transport import Subscription, Transport
 from listener.runner.consumer import Consumer
+from listener.runner.startup import StartRetries
 from listener.settings import Settings
 
 if TYPE_CHECKING:
@@ -199,28 +200,15 @@ class Worker:
         return self.exit_code
 
     async def _connect_at_start(self) -> Transport | None:
-        attempts = 1 if self.fail_fast else self.settings.connect_attempts
-        delay = 1.0
-        for attempt in range(1, attempts + 1):
+        retries = StartRetries(self.settings, fail_fast=self.fail_fast, log=log)
+        while True:
             try:
                 return await Transport.connect(self.settings, name=self._connection_name)
             except AuthenticationFailed:
                 raise
             except BrokerUnreachable as exc:
-                if attempt == attempts:
-                    raise BrokerUnreachable(f"{exc} (gave up after {attempts} attempt(s))") from exc
-                wait = delay * random.uniform(0.8, 1.2)
-                log.warning(
-                    "broker not reachable (attempt %d of %d): %s; retrying in %.1fs",
-                    attempt,
-                    attempts,
-                    exc,
-                    wait,
-                )
-                if await _stopped_within(self._stop, wait):
+                if await _stopped_within(self._stop, retries.failed(exc)):
                     return None
-                delay = min(delay * 2, _BACKOFF_CAP)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _start(self, transport: Transport) -> None:
         async with self._consume_lock:
