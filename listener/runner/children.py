@@ -1,9 +1,10 @@
 """Forking a child of the supervisor, and what the child does before its real work.
 
 Every process the supervisor forks (a worker, a metrics or health serving process) goes
-through `fork`, and then sets itself up the same way before it runs: this module is that
-child's side, kept apart from the supervision loop because none of it runs in the
-supervisor. Why each step:
+through `fork`, and then sets itself up the same way before it runs. This module is the fork
+itself (`fork_worker` also gives a worker its status pipe and its place) and the child's
+side of it, kept apart from the supervision loop, which only decides when to fork and what a
+death means. Why each step:
 
 - **Forked, not spawned.** The supervisor imported the application and discovered the
   listeners before the first fork; a forked child inherits them, so nothing is imported
