@@ -30,7 +30,7 @@ How it is served, and why:
   writing for `STALE_AFTER` seconds (hung, not dead: a dead one takes the serving process
   with it) makes both probes fail.
 - **It survives a reload.** On SIGHUP the supervisor re-executes itself (see
-  `listener.runner.supervisor`); the listening socket, both ends of the pipe and the serving
+  `listener.runner.reload`); the listening socket, both ends of the pipe and the serving
   process are handed to the new image, so the probes keep answering throughout (`/readyz`
   stays 200 while the old workers consume and their replacements start).
 """
