@@ -23,6 +23,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 
 from listener._amqp_errors import connect_error, consume_error, declare_error, publish_error
 from listener.apublisher import connection_alive
+from listener.runner import _pika_fields
 from listener.runner.inbound import Inbound, Subscription
 from listener.settings import Settings
 from listener.topology import QueueSpec, Topology
@@ -163,19 +164,28 @@ class Transport:
             ) from exc
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Close both connections; give up waiting after `timeout` (a peer that stopped
-        answering must not hold the worker's exit)."""
+        """Close both connections, together; past `timeout` drop them without the closing
+        handshake (a peer that stopped answering must not hold the worker's exit, nor keep
+        its sockets open)."""
         for subscription in list(self.subscriptions):
             subscription.flush()  # acks marked but not yet sent
         self._lost = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(_close_pika(self.consuming), timeout)
+        closing = [asyncio.ensure_future(_close_pika(self.consuming))]
         if not self.connection.is_closed:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.connection.close(), timeout)
+            closing.append(asyncio.ensure_future(self.connection.close()))
+        _done, pending = await asyncio.wait(closing, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if not self.consuming.is_closed:
+            _abort_pika(self.consuming)
+        await asyncio.gather(*closing, return_exceptions=True)
 
     def on_close(self, callback: Callable[[BaseException | None], Any]) -> None:
-        """Call `callback(exc)` once when the broker connection is lost, for any reason."""
+        """Call `callback(exc)` once when the broker connection is lost, for any reason;
+        soon, if it is lost already (a loss while the worker was still subscribing)."""
+        if self._lost:
+            asyncio.get_running_loop().call_soon(callback, None)
+            return
         self._close_callbacks.append(callback)
 
     def _on_lost(self, exc: BaseException | None) -> None:
@@ -198,6 +208,7 @@ class Transport:
 
 async def _open_pika(settings: Settings, name: str) -> AsyncioConnection:
     """Open the consuming connection; its closing later is reported to the transport."""
+    _pika_fields.install()
     loop = asyncio.get_running_loop()
     parameters = pika.URLParameters(settings.url.get_secret_value())
     parameters.heartbeat = settings.heartbeat
@@ -238,6 +249,13 @@ async def _close_pika(connection: AsyncioConnection) -> None:
         with contextlib.suppress(Exception):
             connection.close()
     await closed
+
+
+def _abort_pika(connection: AsyncioConnection) -> None:
+    """Drop the socket at once. pika has no public abort; this is what it does itself when
+    the stream breaks."""
+    with contextlib.suppress(Exception):
+        connection._adapter_disconnect_stream()  # type: ignore[attr-defined]
 
 
 def _resolver(future: asyncio.Future[Any]) -> Callable[[Any], None]:

@@ -229,7 +229,8 @@ class Consumer:
         """
         listener = self.listener
         if isinstance(decision, Ack):
-            self._ack(message, message_id)
+            if not self._ack(message, message_id):
+                return "returned"  # the broker delivers it again: counted then
             self.counts["handled"] += 1
             return "handled"
         assert failure is not None
@@ -328,16 +329,17 @@ class Consumer:
             self._known_queues.add(spec.name)
         return spec.name, delay
 
-    def _ack(self, message: Inbound, message_id: str) -> None:
-        if not message.ack():
-            # The channel died since the delivery: its tag means nothing on a new channel, and
-            # the broker has already put the message back for redelivery.
-            log.warning(
-                "%s: ack for message %s dropped (its channel closed); the broker will deliver "
-                "it again",
-                self.listener.__name__,
-                message_id,
-            )
+    def _ack(self, message: Inbound, message_id: str) -> bool:
+        """Settle `message`; False when its channel died since the delivery (its tag means
+        nothing on a new channel, and the broker has put the message back already)."""
+        if message.ack():
+            return True
+        log.warning(
+            "%s: ack for message %s dropped (its channel closed); the broker will deliver it again",
+            self.listener.__name__,
+            message_id,
+        )
+        return False
 
     async def _hand_back(self, message: Inbound) -> bool:
         """Return a message that got no outcome (the worker is stopping) to its queue.

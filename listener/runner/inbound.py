@@ -71,8 +71,16 @@ class Subscription:
         if self.is_closed or self.tag is None:
             return
         future = self._future()
-        self.channel.basic_cancel(self.tag, callback=lambda _frame: _set(future))
-        self.tag = None
+        tag, self.tag = self.tag, None
+        self.channel.basic_cancel(tag, callback=lambda _frame: _set(future))
+        # Deliveries the broker sent before it saw the cancel still arrive until Cancel-Ok.
+        # pika would reject them with requeue, and RabbitMQ counts a requeue as a delivery
+        # lost with its consumer (`x-delivery-count`): an attempt gone for nothing. They go
+        # to the consumer instead, which hands them back uncounted. (pika keeps the set of
+        # cancelling tags private; without it, pika's rejects stand.)
+        cancelling = getattr(self.channel, "_cancelled", None)
+        if isinstance(cancelling, set):
+            cancelling.discard(tag)
         await future
 
     async def close(self) -> None:
@@ -118,8 +126,11 @@ class Subscription:
         return True
 
     def nack(self, tag: int, *, requeue: bool) -> bool:
-        if self._outstanding.pop(tag, None) is not False or self.is_closed:
+        """Return `tag` to the broker; False (and nothing sent) when it was settled already
+        or its channel is gone."""
+        if self._outstanding.get(tag) is not False or self.is_closed:
             return False
+        del self._outstanding[tag]
         self.channel.basic_nack(tag, multiple=False, requeue=requeue)
         return True
 
