@@ -13,12 +13,13 @@ from typing import Any, TypeVar
 
 import pika
 
+from listener import codec
 from listener._memory_broker import Store
 from listener.apublisher import AsyncPublisher
 from listener.publisher import Publisher
 from listener.tracing import inject_trace_context
 
-__all__ = ["MemoryAsyncPublisher", "MemoryPublisher", "check_size", "run_now"]
+__all__ = ["MemoryAsyncPublisher", "MemoryPublisher", "run_now"]
 
 T = TypeVar("T")
 
@@ -42,7 +43,7 @@ class MemoryPublisher(Publisher):
         headers: dict[str, Any] | None = None,
         properties: pika.BasicProperties | None = None,
     ) -> str:
-        check_size(body, self.settings.max_body_bytes)
+        codec.check_size(body, self.settings.max_body_bytes)
         if properties is not None:
             return self._store.publish(
                 exchange,
@@ -79,7 +80,7 @@ class MemoryAsyncPublisher(AsyncPublisher):
         *,
         headers: dict[str, Any] | None = None,
     ) -> str:
-        check_size(body, self.settings.max_body_bytes)
+        codec.check_size(body, self.settings.max_body_bytes)
         headers = inject_trace_context(dict(headers) if headers else None)
         return self._store.publish(exchange, routing_key, body, headers=headers)
 
@@ -89,7 +90,7 @@ class MemoryAsyncPublisher(AsyncPublisher):
         # As the real batch: all sizes checked before the first send, every message tried,
         # the first failure raised at the end.
         for body in bodies:
-            check_size(body, self.settings.max_body_bytes)
+            codec.check_size(body, self.settings.max_body_bytes)
         results: list[str | BaseException] = []
         for body in bodies:
             try:
@@ -119,12 +120,3 @@ def run_now(work: Callable[[AsyncPublisher], Awaitable[T]], publisher: AsyncPubl
         "a batch published to the MemoryBroker waited on something outside it; "
         "publish batches with notify_many()/anotify_many() only"
     )
-
-
-def check_size(body: bytes, limit: int) -> None:
-    """Refuse a body over `max_body_bytes`, as the real publishers do."""
-    if len(body) > limit:
-        raise ValueError(
-            f"message body is {len(body)} bytes, over the {limit} byte limit "
-            "(setting max_body_bytes)"
-        )

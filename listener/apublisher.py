@@ -90,7 +90,7 @@ class AsyncPublisher:
                 confirmed stay published).
         """
         for body in bodies:  # all or nothing: refuse the batch before the first send
-            self._check_size(body)
+            codec.check_size(body, self.settings.max_body_bytes)
         channel = await self._open_channel()
         target = await self._exchange(channel, exchange)
         results: list[str | BaseException] = []
@@ -120,7 +120,7 @@ class AsyncPublisher:
         body: bytes,
         headers: dict[str, Any] | None,
     ) -> str:
-        self._check_size(body)
+        codec.check_size(body, self.settings.max_body_bytes)
         exchange = await self._exchange(channel, exchange_name)
         return await self._send(exchange, exchange_name, routing_key, body, headers)
 
@@ -161,13 +161,6 @@ class AsyncPublisher:
             raise error from exc
         self._published += 1
         return message_id
-
-    def _check_size(self, body: bytes) -> None:
-        if len(body) > self.settings.max_body_bytes:
-            raise ValueError(
-                f"message body is {len(body)} bytes, over the {self.settings.max_body_bytes} "
-                "byte limit (setting max_body_bytes)"
-            )
 
     async def _open_channel(self) -> aio_pika.abc.AbstractChannel:
         channel = self._channel

@@ -58,6 +58,19 @@ def encode(value: Any) -> bytes:
         raise TypeError(f"cannot encode a {type(value).__name__} as JSON: {exc}") from None
 
 
+def check_size(body: bytes, limit: int) -> None:
+    """Refuse to publish a body over `limit` bytes (the `max_body_bytes` setting).
+
+    Raises:
+        ValueError: the body is too large; nothing was sent.
+    """
+    if len(body) > limit:
+        raise ValueError(
+            f"message body is {len(body)} bytes, over the {limit} byte limit "
+            "(setting max_body_bytes)"
+        )
+
+
 def new_message_id() -> str:
     """A fresh message id: 32 hex digits, unique, stable across retries and parking."""
     return uuid.uuid4().hex

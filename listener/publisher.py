@@ -141,11 +141,7 @@ class Publisher:
         properties: pika.BasicProperties | None = None,
     ) -> str:
         """Publish an encoded body; `properties` replaces the standard ones when given."""
-        if len(body) > self.settings.max_body_bytes:
-            raise ValueError(
-                f"message body is {len(body)} bytes, over the {self.settings.max_body_bytes} "
-                "byte limit (setting max_body_bytes)"
-            )
+        codec.check_size(body, self.settings.max_body_bytes)
         if properties is None:
             properties = pika.BasicProperties(
                 content_type=codec.CONTENT_TYPE,

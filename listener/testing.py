@@ -37,7 +37,6 @@ from listener._memory_delivery import Deliveries
 from listener._memory_publishers import (
     MemoryAsyncPublisher,
     MemoryPublisher,
-    check_size,
     run_now,
 )
 from listener._virtual_loop import VirtualTimeLoop
@@ -183,7 +182,7 @@ class MemoryBroker:
             Unroutable: no queue is bound for the address.
         """
         exchange, key = routing.parse_address(address, wildcards=False)
-        check_size(body, self._publisher.settings.max_body_bytes)
+        codec.check_size(body, self._publisher.settings.max_body_bytes)
         return self._store.publish(
             exchange,
             key,

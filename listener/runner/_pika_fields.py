@@ -15,23 +15,25 @@ changes nothing for values pika already decodes well, and is idempotent.
 
 from __future__ import annotations
 
+import importlib
 import struct
 from collections.abc import Callable
 from typing import Any
-
-import pika.data
 
 __all__ = ["install"]
 
 _Decoder = Callable[[bytes, int], tuple[Any, int]]
 
+#: pika's codec module (no type stubs cover it).
+_data: Any = importlib.import_module("pika.data")
+
 
 def install() -> None:
     """Put the corrected decoder in place (once; later calls do nothing)."""
-    current: _Decoder = pika.data.decode_value
+    current: _Decoder = _data.decode_value
     if getattr(current, "_amqp_listener", False):
         return
-    pika.data.decode_value = _corrected(current)
+    _data.decode_value = _corrected(current)
 
 
 def _corrected(original: _Decoder) -> _Decoder:
