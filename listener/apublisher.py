@@ -93,18 +93,44 @@ class AsyncPublisher:
             codec.check_size(body, self.settings.max_body_bytes)
         channel = await self._open_channel()
         target = await self._exchange(channel, exchange)
-        results: list[str | BaseException] = []
+        ids: list[str] = []
+        first_error: BaseException | None = None
         # In windows, so that a huge batch does not hold every unconfirmed message at once.
         for start in range(0, len(bodies), _WINDOW):
             window = bodies[start : start + _WINDOW]
-            results += await asyncio.gather(
-                *(self._send(target, exchange, routing_key, body, None) for body in window),
-                return_exceptions=True,
-            )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return [str(result) for result in results]
+            window_ids = [codec.new_message_id() for _ in window]
+            ids += window_ids
+            sends = [
+                asyncio.ensure_future(
+                    self._send(target, exchange, routing_key, body, None, message_id, None)
+                )
+                for body, message_id in zip(window, window_ids, strict=True)
+            ]
+            # One deadline for the window rather than one timer per message: the confirms
+            # of a window are pipelined, so they are due together.
+            _done, late = await asyncio.wait(sends, timeout=self.settings.confirm_timeout)
+            for send in late:
+                send.cancel()
+            if late:
+                await asyncio.wait(late)
+            for send, message_id in zip(sends, window_ids, strict=True):
+                if first_error is not None:
+                    break
+                if send in late:
+                    first_error = publish_error(
+                        TimeoutError(),
+                        exchange=exchange,
+                        routing_key=routing_key,
+                        message_id=message_id,
+                    )
+                else:
+                    first_error = send.exception()
+            for send in sends:  # retrieved, so that asyncio does not log them as lost
+                if not send.cancelled():
+                    send.exception()
+        if first_error is not None:
+            raise first_error
+        return ids
 
     async def aclose(self) -> None:
         """Close the connection; the publisher re-opens it if used again."""
@@ -122,7 +148,15 @@ class AsyncPublisher:
     ) -> str:
         codec.check_size(body, self.settings.max_body_bytes)
         exchange = await self._exchange(channel, exchange_name)
-        return await self._send(exchange, exchange_name, routing_key, body, headers)
+        return await self._send(
+            exchange,
+            exchange_name,
+            routing_key,
+            body,
+            headers,
+            codec.new_message_id(),
+            self.settings.confirm_timeout,
+        )
 
     @staticmethod
     async def _exchange(
@@ -140,8 +174,9 @@ class AsyncPublisher:
         routing_key: str,
         body: bytes,
         headers: dict[str, Any] | None,
+        message_id: str,
+        timeout: float | None,
     ) -> str:
-        message_id = codec.new_message_id()
         message = aio_pika.Message(
             body,
             content_type=codec.CONTENT_TYPE,
@@ -151,9 +186,7 @@ class AsyncPublisher:
             headers=inject_trace_context(headers),
         )
         try:
-            await exchange.publish(
-                message, routing_key, mandatory=True, timeout=self.settings.confirm_timeout
-            )
+            await exchange.publish(message, routing_key, mandatory=True, timeout=timeout)
         except Exception as exc:
             error = publish_error(
                 exc, exchange=exchange_name, routing_key=routing_key, message_id=message_id

@@ -490,6 +490,27 @@ async def test_a_blackholed_async_connection_raises_publish_timeout(unique, rabb
         await publisher.aclose()
 
 
+async def test_a_blackholed_batch_raises_publish_timeout_once_its_window_deadline_passed(
+    unique, rabbit, probe, proxy
+):
+    publisher = AsyncPublisher(proxied(proxy, confirm_timeout=1))
+    try:
+        await publisher.publish(f"{unique}.key", {"n": 0})
+        proxy.blackhole()
+        bodies = [json.dumps({"n": n}).encode() for n in range(1, 301)]
+        started = time.monotonic()
+        with pytest.raises(listener.PublishTimeout) as caught:
+            await publisher.publish_bodies(unique, "key", bodies)
+        # One deadline for the whole window (not 300 timers one after the other).
+        assert 0.9 <= time.monotonic() - started < 5
+        assert "outcome unknown" in str(caught.value).lower()
+        assert caught.value.message_id in str(caught.value)
+        assert not [t for t in asyncio.all_tasks() if "_send" in repr(t.get_coro())]
+    finally:
+        proxy.reset()
+        await publisher.aclose()
+
+
 def test_after_a_connection_reset_the_next_publish_reopens_and_succeeds(
     unique, rabbit, probe, proxy
 ):
