@@ -41,7 +41,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--prefetch", type=int, default=100, help="per consumer (default 100)")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="runs per case; the table shows medians (default 3)"
+        "--repeats", type=int, default=5, help="runs per case; the table shows medians (default 5)"
     )
     parser.add_argument(
         "--cases",

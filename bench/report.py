@@ -59,14 +59,25 @@ class Row:
     baseline: str | None = None
     baseline_value: float | None = None
     goal: Goal | None = None
+    #: The value of each run, in repeat order (empty where runs are not paired: memory).
+    samples: list[float] = field(default_factory=list)
+    #: The median over repeats of run i's value over the baseline's run i (see `ratio`).
+    paired_ratio: float | None = None
 
     @property
     def ratio(self) -> float | None:
-        """The value over the baseline's (1.0 on a baseline's own row)."""
+        """The value over the baseline's (1.0 on a baseline's own row).
+
+        Where both have one run per repeat, the median of the per-repeat ratios: a case and
+        its baseline run side by side in each repeat, so a ratio of two runs made minutes
+        apart (what a ratio of two medians can be) does not carry the broker's drift.
+        """
         if self.value is None:
             return None
         if self.baseline is None:
             return 1.0
+        if self.paired_ratio is not None:
+            return self.paired_ratio
         if not self.baseline_value:
             return None
         return self.value / self.baseline_value
@@ -109,6 +120,7 @@ def rows(results: list[CaseResult]) -> list[Row]:
                     result.status,
                     case.baseline,
                     goal=case.goal,
+                    samples=_samples(result, "rate"),
                 )
             )
             continue
@@ -123,6 +135,7 @@ def rows(results: list[CaseResult]) -> list[Row]:
                     result.status,
                     f"{case.baseline}-{key}" if case.baseline else None,
                     goal=case.goal if key == "p99" else None,
+                    samples=_samples(result, f"{key}_ms"),
                 )
             )
     for result in results:
@@ -142,8 +155,17 @@ def rows(results: list[CaseResult]) -> list[Row]:
     by_id = {row.id: row for row in made}
     for row in made:
         if row.baseline in by_id:
-            row.baseline_value = by_id[row.baseline].value
+            base = by_id[row.baseline]
+            row.baseline_value = base.value
+            pairs = list(zip(row.samples, base.samples, strict=False))
+            if pairs and len(row.samples) == len(base.samples) and all(b for _a, b in pairs):
+                row.paired_ratio = statistics.median(a / b for a, b in pairs)
     return made
+
+
+def _samples(result: CaseResult, key: str) -> list[float]:
+    """`key` of every run, in repeat order; empty for a case that timed out or failed."""
+    return [run[key] for run in result.runs] if _ok(result) else []
 
 
 def _ok(result: CaseResult) -> bool:
