@@ -13,7 +13,7 @@ import logging
 import os
 import select
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pika
@@ -49,6 +49,7 @@ class _ThreadChannel:
         # The SelectConnection underneath; see arm_deadline for why it is reached into.
         self._adapter: Any = connection._impl  # type: ignore[attr-defined]
         self._readable = _readable_probe(self._adapter)
+        _coalesce_frames(self._adapter)
 
     def arm_deadline(self, seconds: float) -> object:
         """Make a blocking publish raise _ConfirmTimedOut after `seconds`.
@@ -243,6 +244,27 @@ def _readable_probe(adapter: Any) -> Callable[[], bool] | None:
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
     return lambda: bool(poller.poll(0))
+
+
+def _coalesce_frames(adapter: Any) -> None:
+    """Write a message's frames (method, header, body) to the socket in one go.
+
+    pika writes each frame on its own: three sends, and three TCP segments the broker wakes
+    up for, per publish. Joined, a one-at-a-time publish costs less on both sides. pika
+    keeps the writer private: with another pika version that lacks it, nothing changes.
+    """
+    emit = getattr(adapter, "_adapter_emit_data", None)
+    if emit is None or not hasattr(adapter, "_output_marshaled_frames"):
+        return
+
+    def output(frames: Sequence[bytes]) -> None:
+        data = b"".join(frames)
+        # pika's heartbeat checker reads these counters to tell an idle connection.
+        adapter.bytes_sent += len(data)
+        adapter.frames_sent += len(frames)
+        emit(data)
+
+    adapter._output_marshaled_frames = output
 
 
 def _raise_timed_out() -> None:
