@@ -63,7 +63,8 @@ def lines(header: dict[str, Any]) -> list[str]:
         f"amqp-listener bench  N={header['n']:,}  prefetch={header['prefetch']}  "
         f"repeats={header['repeats']} (medians; a ratio is the median of the per-repeat "
         "ratios)  one-at-a-time publish: "
-        f"{header['serial_n']:,}  windows of {header['window']}  latency: "
+        f"{header['serial_n']:,} x {header['repeats'] * 3} runs  "
+        f"windows of {header['window']}  latency: "
         f"{header['latency_n']:,} probes at {header['latency_rate']:g}/s",
         f"Python {header['python']}, aio-pika {versions['aio-pika']}, pika {versions['pika']}, "
         f"pydantic {versions['pydantic']}, RabbitMQ {header['rabbitmq']}; framework event "
