@@ -10,188 +10,51 @@ sleeps. Several workers, crash loops and their back-off are tested in tests/test
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.waiting import alive, wait_until
+from support.runner_process import MarkerApp, RunnerProcess
+from support.waiting import alive
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
-EXECUTABLE = os.path.join(os.path.dirname(sys.executable), "amqp-listener")
 APP = "tests.apps.gated"
-RETRY_QUEUE_SUFFIX = ".retry.100ms"  # the app's retry_delays = (0.1,)
-CONSUMING = re.compile(r"worker pid=(\d+) consuming on")
 
 
-class Runner:
-    """One `amqp-listener run` process (the supervisor); its stdout and stderr go to files."""
+class Runner(RunnerProcess):
+    """One `amqp-listener run` process (the supervisor); its workers are those that logged
+    they consume."""
 
-    def __init__(self, process: subprocess.Popen[bytes], out: Path, err: Path) -> None:
-        self.process = process
-        self.pid = process.pid
-        self._out = out
-        self._err = err
-
-    @property
-    def stdout(self) -> str:
-        return self._out.read_text(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        return self._err.read_text(errors="replace")
-
-    @property
-    def exited(self) -> bool:
-        return self.process.poll() is not None
-
-    def send(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def worker_pids(self) -> list[int]:
-        """Pids of the workers that logged they consume, in order."""
-        return [int(pid) for pid in CONSUMING.findall(self.stderr)]
-
-    def wait_workers(self, count: int, timeout: float = 10.0) -> list[int]:
-        """Wait until `count` workers (the first and its replacements) logged they consume."""
-        return wait_until(
-            lambda: (pids := self.worker_pids()) and len(pids) >= count and pids,
-            timeout,
-            f"{count} worker(s) consuming under pid {self.pid}",
-        )
-
-    def wait_exit(self, timeout: float) -> int:
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"runner pid={self.pid} still running after {timeout}s; stderr:\n{self.stderr}"
-            ) from None
-
-    def wait_log(self, text: str, timeout: float = 15.0) -> None:
-        """Wait until `text` appears on stderr; fail at once if the process exits first."""
-
-        def seen() -> bool:
-            if text in self.stderr:
-                return True
-            if self.exited and text not in self.stderr:
-                raise AssertionError(
-                    f"runner exited ({self.process.returncode}) before logging {text!r}; "
-                    f"stderr:\n{self.stderr}"
-                )
-            return False
-
-        wait_until(seen, timeout, f"{text!r} on stderr of pid {self.pid}")
+    worker_line = re.compile(r"worker pid=(\d+) consuming on")
 
 
-class GatedApp:
+class GatedApp(MarkerApp[Runner]):
     """The per-test instance of tests.apps.gated: its names, its marker files, its runners."""
 
-    def __init__(self, unique: str, amqp_url: str, tmp_path: Path, rabbit: Any) -> None:
-        self.exchange = unique
-        self.queue = f"{unique}.gated"
-        self.dead = f"{self.queue}.dead"
-        self.markers = tmp_path / "markers"
-        self.markers.mkdir()
-        self.logs = tmp_path
-        self.amqp_url = amqp_url
-        self.rabbit = rabbit
-        self.runners: list[Runner] = []
-        rabbit.exchanges.add(self.exchange)
-        rabbit.queues.update({self.queue, self.dead, self.queue + RETRY_QUEUE_SUFFIX})
-
-    def env(self, **overrides: str) -> dict[str, str]:
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("AMQP_LISTENER_", "AMQP_URL"))
-        }
-        env.update(
-            AMQP_URL=self.amqp_url,
-            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            PYTHONUNBUFFERED="1",
-            APP_EXCHANGE=self.exchange,
-            APP_QUEUE=self.queue,
-            APP_MARKER_DIR=str(self.markers),
-        )
-        env.update(overrides)
-        return env
+    module = APP
+    queue_suffix = ".gated"
+    process_class = Runner
+    message_id_prefix = "job"
 
     def start(self, *args: str, ready: bool = True, **env: str) -> Runner:
         """Start `amqp-listener run tests.apps.gated ARGS`; with `ready`, wait until it consumes."""
-        index = len(self.runners)
-        out, err = self.logs / f"runner-{index}.out", self.logs / f"runner-{index}.err"
-        with out.open("wb") as out_file, err.open("wb") as err_file:
-            process = subprocess.Popen(
-                [EXECUTABLE, "run", APP, *args],
-                cwd=REPO,
-                env=self.env(**env),
-                stdout=out_file,
-                stderr=err_file,
-            )
-        runner = Runner(process, out, err)
-        self.runners.append(runner)
+        runner = self.launch(APP, args, env)
         if ready:
             runner.wait_log("consuming on")
         return runner
 
-    def declare(self) -> None:
-        subprocess.run(
-            [EXECUTABLE, "declare", APP],
-            cwd=REPO,
-            env=self.env(),
-            check=True,
-            capture_output=True,
-            timeout=20,
-        )
-
-    def publish(self, n: int, action: str = "ok") -> None:
-        self.rabbit.publish(
-            self.exchange,
-            "work",
-            json.dumps({"n": n, "action": action}).encode(),
-            content_type="application/json",
-            delivery_mode=2,
-            message_id=f"job-{n}",
-        )
-
-    def marked(self, event: str, n: int) -> list[int]:
-        """Pids of the processes that reported `event` for message `n`."""
-        return sorted(int(p.read_text()) for p in self.markers.glob(f"{event}-{n}-*"))
-
-    def wait_marked(self, event: str, n: int, timeout: float = 10.0) -> list[int]:
-        return wait_until(lambda: self.marked(event, n), timeout, f"{event} of message {n}")
-
-    def release(self, n: int) -> None:
-        (self.markers / f"release-{n}").write_text("go")
-
-    def kill_all(self) -> None:
-        for runner in self.runners:
-            workers = runner.worker_pids()
-            if not runner.exited:
-                runner.process.kill()
-                runner.process.wait(10)
-            for pid in workers:  # they die with the supervisor; this is belt and braces
-                if alive(pid):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-
 
 @pytest.fixture
 def app(unique: str, amqp_url: str, tmp_path: Path, rabbit: Any) -> Iterator[GatedApp]:
-    gated = GatedApp(unique, amqp_url, tmp_path, rabbit)
-    try:
+    with GatedApp(unique, amqp_url, tmp_path, rabbit) as gated:
         yield gated
-    finally:
-        gated.kill_all()  # before `rabbit` deletes the queues under them
 
 
 def delivery_count(properties: Any) -> int:
@@ -336,7 +199,7 @@ def test_a_worker_killed_mid_message_is_restarted_and_the_replacement_finishes_i
     [replacement] = app.wait_marked("done", 1)
     assert replacement not in (victim, runner.pid)
     assert app.marked("started", 1) == sorted([victim, replacement])
-    assert runner.wait_workers(2) == [victim, replacement]
+    assert runner.wait_started(2) == [victim, replacement]
     assert not runner.exited
     runner.send(signal.SIGTERM)
     assert runner.wait_exit(10) == 0, runner.stderr
@@ -368,7 +231,7 @@ def test_sys_exit_in_a_handler_lets_the_other_messages_finish_then_its_worker_is
     assert headers.get("x-parked-reason") == "worker_lost", headers
     assert app.marked("started", 2) == [worker]  # parked without running the handler again
     assert "SystemExit" in runner.stderr
-    [first, replacement] = runner.wait_workers(2)
+    [first, replacement] = runner.wait_started(2)
     assert first == worker
     app.publish(3)
     assert app.wait_marked("done", 3) == [replacement]

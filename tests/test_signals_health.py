@@ -25,7 +25,9 @@ from typing import Any
 
 import pytest
 from support.proxy import TcpProxy
-from test_supervisor import REPO, FleetApp, Supervised, alive, wait_until
+from support.runner_process import REPO
+from support.waiting import alive, wait_until
+from test_supervisor import FleetApp, Supervised
 
 from listener import Listener
 from listener.runner.worker import Worker
@@ -125,11 +127,8 @@ class App(FleetApp):
 
 @pytest.fixture
 def app(unique: str, amqp_url: str, tmp_path: Path, rabbit: Any) -> Iterator[App]:
-    fleet = App(unique, amqp_url, tmp_path, rabbit)
-    try:
+    with App(unique, amqp_url, tmp_path, rabbit) as fleet:
         yield fleet
-    finally:
-        fleet.kill_all()  # before `rabbit` deletes the queues under them
 
 
 def probe(port: int, path: str) -> tuple[int, dict[str, Any]]:

@@ -13,16 +13,15 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pika
 import pytest
+from support.runner_process import MarkerApp, RunnerProcess
 from support.waiting import alive, wait_until
 
 from listener.errors import ConfigurationError
@@ -31,11 +30,7 @@ from listener.settings import Settings
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
-EXECUTABLE = os.path.join(os.path.dirname(sys.executable), "amqp-listener")
 APP = "tests.apps.fleet"
-RETRY_QUEUE_SUFFIX = ".retry.100ms"  # the app's retry_delays = (0.1,)
-STARTED = re.compile(r"worker \d+ of \d+ started: pid=(\d+)")
 DIED = re.compile(r"worker pid=(\d+) died: (.+) after [\d.]+s; restarting in ([\d.]+)s")
 
 
@@ -43,69 +38,14 @@ def delivery_count(properties: Any) -> int:
     return int((properties.headers or {}).get("x-delivery-count", 0))
 
 
-class Supervised:
+class Supervised(RunnerProcess):
     """One `amqp-listener run ... --workers N` process; its stdout and stderr go to files."""
 
-    def __init__(self, process: subprocess.Popen[bytes], out: Path, err: Path) -> None:
-        self.process = process
-        self.pid = process.pid
-        self._out = out
-        self._err = err
-
-    @property
-    def stdout(self) -> str:
-        return self._out.read_text(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        return self._err.read_text(errors="replace")
-
-    @property
-    def exited(self) -> bool:
-        return self.process.poll() is not None
-
-    def send(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def worker_pids(self) -> list[int]:
-        """Every worker pid the supervisor reported started (consuming) so far, in order."""
-        return [int(pid) for pid in STARTED.findall(self.stderr)]
-
-    def every_worker_pid(self) -> set[int]:
-        """Started workers and those that died, maybe before they could report started."""
-        return set(self.worker_pids()) | {pid for pid, _how, _delay in self.deaths()}
+    role = "supervisor"
 
     def deaths(self) -> list[tuple[int, str, float]]:
         """(pid, how, restart delay) of every death the supervisor reported."""
         return [(int(pid), how, float(delay)) for pid, how, delay in DIED.findall(self.stderr)]
-
-    def wait_exit(self, timeout: float) -> int:
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"supervisor pid={self.pid} still running after {timeout}s; stderr:\n{self.stderr}"
-            ) from None
-
-    def wait_log(self, text: str, count: int = 1, timeout: float = 15.0) -> None:
-        """Wait until `text` appears `count` times on stderr; fail at once if it exits first."""
-
-        def seen() -> bool:
-            if self.stderr.count(text) >= count:
-                return True
-            if self.exited:
-                raise AssertionError(
-                    f"supervisor exited ({self.process.returncode}) before logging {text!r} "
-                    f"{count} time(s); stderr:\n{self.stderr}"
-                )
-            return False
-
-        wait_until(seen, timeout, f"{text!r} x{count} on stderr of pid {self.pid}")
-
-    def wait_started(self, count: int, timeout: float = 15.0) -> list[int]:
-        """Wait until the supervisor reported `count` workers started (consuming)."""
-        self.wait_log("started: pid=", count=count, timeout=timeout)
-        return self.worker_pids()
 
     def wait_all_gone(self, pids: list[int], timeout: float) -> None:
         wait_until(
@@ -115,36 +55,14 @@ class Supervised:
         )
 
 
-class FleetApp:
+class FleetApp(MarkerApp[Supervised]):
     """The per-test instance of tests.apps.fleet: its names, its marker files, its runs."""
 
-    def __init__(self, unique: str, amqp_url: str, tmp_path: Path, rabbit: Any) -> None:
-        self.exchange = unique
-        self.queue = f"{unique}.fleet"
-        self.dead = f"{self.queue}.dead"
-        self.markers = tmp_path / "markers"
-        self.markers.mkdir()
-        self.logs = tmp_path
-        self.amqp_url = amqp_url
-        self.rabbit = rabbit
-        self.runs: list[Supervised] = []
-        rabbit.exchanges.add(self.exchange)
-        rabbit.queues.update({self.queue, self.dead, self.queue + RETRY_QUEUE_SUFFIX})
-
-    def env(self, **overrides: str) -> dict[str, str]:
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("AMQP_LISTENER_", "AMQP_URL"))
-        }
-        env.update(
-            AMQP_URL=self.amqp_url,
-            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            PYTHONUNBUFFERED="1",
-            APP_EXCHANGE=self.exchange,
-            APP_QUEUE=self.queue,
-            APP_MARKER_DIR=str(self.markers),
-        )
-        env.update(overrides)
-        return env
+    module = APP
+    queue_suffix = ".fleet"
+    process_class = Supervised
+    message_id_prefix = "task"
+    message_defaults: ClassVar[dict[str, object]] = {"seconds": 0.0}
 
     def start(
         self,
@@ -159,79 +77,20 @@ class FleetApp:
         With `new_session` the supervisor leads a process group of its own, like a command
         started from a shell (a terminal's Ctrl-C signals that whole group).
         """
-        index = len(self.runs)
-        out, err = self.logs / f"run-{index}.out", self.logs / f"run-{index}.err"
-        with out.open("wb") as out_file, err.open("wb") as err_file:
-            process = subprocess.Popen(
-                [EXECUTABLE, "run", module, *args],
-                cwd=REPO,
-                env=self.env(**env),
-                stdout=out_file,
-                stderr=err_file,
-                start_new_session=new_session,
-            )
-        supervised = Supervised(process, out, err)
-        self.runs.append(supervised)
+        supervised = self.launch(module, args, env, new_session=new_session)
         if ready:
             supervised.wait_started(ready)
         return supervised
-
-    def declare(self, **env: str) -> None:
-        subprocess.run(
-            [EXECUTABLE, "declare", APP],
-            cwd=REPO,
-            env=self.env(**env),
-            check=True,
-            capture_output=True,
-            timeout=20,
-        )
-
-    def publish(self, n: int, action: str = "ok", seconds: float = 0.0) -> None:
-        self.rabbit.publish(
-            self.exchange,
-            "work",
-            json.dumps({"n": n, "action": action, "seconds": seconds}).encode(),
-            content_type="application/json",
-            delivery_mode=2,
-            message_id=f"task-{n}",
-        )
-
-    def marked(self, event: str, n: int) -> list[int]:
-        """Pids of the processes that reported `event` for message `n`, once per handling."""
-        return sorted(int(p.read_text()) for p in self.markers.glob(f"{event}-{n}-*"))
-
-    def wait_marked(self, event: str, n: int, count: int = 1, timeout: float = 10.0) -> list[int]:
-        return wait_until(
-            lambda: (pids := self.marked(event, n)) and len(pids) >= count and pids,
-            timeout,
-            f"{event} x{count} of message {n}",
-        )
 
     def done_counts(self) -> Counter[int]:
         """How many times each message was handled to the end."""
         return Counter(int(p.name.split("-")[1]) for p in self.markers.glob("done-*"))
 
-    def release(self, n: int) -> None:
-        (self.markers / f"release-{n}").write_text("go")
-
-    def kill_all(self) -> None:
-        for supervised in self.runs:
-            pids = supervised.every_worker_pid()
-            if not supervised.exited:
-                supervised.process.kill()
-                supervised.process.wait(10)
-            for pid in pids:
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
-
 
 @pytest.fixture
 def app(unique: str, amqp_url: str, tmp_path: Path, rabbit: Any) -> Iterator[FleetApp]:
-    fleet = FleetApp(unique, amqp_url, tmp_path, rabbit)
-    try:
+    with FleetApp(unique, amqp_url, tmp_path, rabbit) as fleet:
         yield fleet
-    finally:
-        fleet.kill_all()  # before `rabbit` deletes the queues under them
 
 
 def one_error_line(stderr: str) -> str:

@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -35,6 +32,7 @@ from typing import Any, TypeVar
 
 import pika
 import pika.exceptions
+from support.runner_process import EXECUTABLE, RunnerProcess, clean_env
 
 from faults.node import RabbitNode, pid_alive
 from faults.payload import item
@@ -47,9 +45,7 @@ __all__ = ["Fault", "Runner", "Verdict", "wait_until"]
 
 REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"  # where `faults` and `support` are importable, as under pytest
-EXECUTABLE = os.path.join(os.path.dirname(sys.executable), "amqp-listener")
 APP = "faults.app"
-STARTED = re.compile(r"worker \d+ of \d+ started: pid=(\d+)")
 DIED = re.compile(r"worker pid=(\d+) died: (.+?) after")
 
 T = TypeVar("T")
@@ -70,31 +66,10 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, step: floa
 # -- runner processes -----------------------------------------------------------------------------
 
 
-class Runner:
+class Runner(RunnerProcess):
     """One `amqp-listener run faults.app --workers N`; its output goes to files."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], out: Path, err: Path) -> None:
-        self._out, self._err = out, err
-        with out.open("wb") as out_file, err.open("wb") as err_file:
-            self.process = subprocess.Popen(
-                argv, cwd=REPO, env=env, stdout=out_file, stderr=err_file
-            )
-        self.pid = self.process.pid
-
-    def __repr__(self) -> str:
-        return f"<Runner pid={self.pid} workers={self.worker_pids()} rc={self.process.poll()}>"
-
-    @property
-    def stderr(self) -> str:
-        return self._err.read_text(errors="replace")
-
-    @property
-    def exited(self) -> bool:
-        return self.process.poll() is not None
-
-    def worker_pids(self) -> list[int]:
-        """Every worker pid the supervisor reported started, in order."""
-        return [int(pid) for pid in STARTED.findall(self.stderr)]
+    shown = 3000  # the end of stderr in failure messages: a fault run logs a lot
 
     def live_workers(self) -> list[int]:
         return [pid for pid in self.worker_pids() if pid_alive(pid)]
@@ -102,43 +77,9 @@ class Runner:
     def deaths(self) -> list[tuple[int, str]]:
         return [(int(pid), how) for pid, how in DIED.findall(self.stderr)]
 
-    def wait_started(self, count: int, timeout: float = 20.0) -> list[int]:
-        """Wait until `count` workers (in all, replacements included) reported started."""
-
-        def started() -> list[int] | None:
-            if self.exited:
-                raise AssertionError(
-                    f"runner exited ({self.process.returncode}) before {count} worker(s) "
-                    f"started; stderr:\n{self.stderr[-3000:]}"
-                )
-            pids = self.worker_pids()
-            return pids if len(pids) >= count else None
-
-        return wait_until(started, timeout, f"{count} worker(s) of runner {self.pid} started")
-
     def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def wait_exit(self, timeout: float) -> int:
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"runner pid={self.pid} still running after {timeout}s; stderr:\n"
-                f"{self.stderr[-3000:]}"
-            ) from None
-
-    def kill(self) -> None:
-        """SIGKILL the supervisor and every worker it ever reported."""
-        pids = set(self.worker_pids()) | {pid for pid, _how in self.deaths()}
-        if not self.exited:
-            self.process.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(10)
-        for pid in pids:
-            if pid_alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        """Send signal `signum` to the supervisor (`send`, by the name the fault tests use)."""
+        self.send(signum)
 
 
 # -- the verdict ----------------------------------------------------------------------------------
@@ -327,14 +268,10 @@ class Fault:
         assert done.returncode == 0, done.stderr
 
     def runner_env(self, url: str | None = None, **extra: str) -> dict[str, str]:
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("AMQP_LISTENER_", "AMQP_URL"))
-        }
+        env = clean_env(TESTS)
         env.update(
             AMQP_URL=url or self.node.url,
             AMQP_LISTENER_CONNECT_ATTEMPTS="10",
-            PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
-            PYTHONUNBUFFERED="1",
             FAULT_EXCHANGE=self.exchange,
             FAULT_QUEUE=self.queue,
             FAULT_EVENTS_DIR=str(self.events_dir),
@@ -355,7 +292,7 @@ class Fault:
         )
         self.runners.append(runner)
         if ready:
-            runner.wait_started(workers)
+            runner.wait_started(workers, timeout=20)
         return runner
 
     # -- what happened -----------------------------------------------------------------------
