@@ -110,9 +110,10 @@ class Consumer:
                 return
             await self._process(message)
         except asyncio.CancelledError:
-            # The grace period is over and the worker is stopping (or the connection died
-            # and took the channel's tasks with it): not the handler's failure. Hand the
-            # message back before the connection closes.
+            # The grace period is over and the worker is stopping: not the handler's
+            # failure. Hand the message back before the connection closes. (A lost
+            # connection cancels nothing: the attempt runs on, and its outcome is dropped
+            # because the broker has the message back already.)
             task.uncancel()
             await self._hand_back(message)
             raise
