@@ -10,7 +10,6 @@ to the rabbitmq user and reset the environment), configured wholly by environmen
     node.ctl("close_all_connections", "test")
     node.destroy()                  # stops the node, kills it if it will not stop, rm -rf
 
-See ../shared/research/reliability.md §7 for the recipe this follows.
 """
 
 from __future__ import annotations

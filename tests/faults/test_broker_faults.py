@@ -3,7 +3,7 @@
 Every test publishes confirmed messages with unique ids, injects a fault, lets the system
 recover, drains, and classifies (tests/faults/harness.py): **lost** (confirmed but neither
 handled nor parked) must be 0; **duplicates** are counted, reported and bounded; the time to
-recover is measured. Catalog: ../shared/research/reliability.md §5 (A4, B1, B2, B4, B7, E1).
+recover is measured. The fault ids (A4, B1, B2, B4, B7, E1) are those of the report table.
 
 Workers are real `amqp-listener run faults.app --workers N` processes. The broker is
 the session's own node (conftest.py), never the shared one on 5672.

@@ -2,7 +2,7 @@
 
 Same bookkeeping as the broker faults (faults/harness.py): confirmed messages are never
 lost, duplicates are counted and bounded, recovery is timed. The proxy forwards to the
-session's own node; the catalog rows are C1 to C4 of ../shared/research/reliability.md §5.
+session's own node; the faults are C1 to C4 of the report table.
 """
 
 from __future__ import annotations
