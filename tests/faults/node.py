@@ -9,7 +9,6 @@ to the rabbitmq user and reset the environment), configured wholly by environmen
     node.start()                    # -detached, then waits until it serves AMQP
     node.ctl("close_all_connections", "test")
     node.destroy()                  # stops the node, kills it if it will not stop, rm -rf
-
 """
 
 from __future__ import annotations
