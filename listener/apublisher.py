@@ -124,20 +124,16 @@ class AsyncPublisher:
             if late:
                 await asyncio.wait(late)
             for send, message_id in zip(sends, window_ids, strict=True):
-                if first_error is not None:
-                    break
-                if send in late:
-                    first_error = publish_error(
+                # Every exception is retrieved, so that asyncio does not log it as lost.
+                error = None if send.cancelled() else send.exception()
+                if send in late:  # not confirmed in time: the outcome is unknown
+                    error = publish_error(
                         TimeoutError(),
                         exchange=exchange,
                         routing_key=routing_key,
                         message_id=message_id,
                     )
-                else:
-                    first_error = send.exception()
-            for send in sends:  # retrieved, so that asyncio does not log them as lost
-                if not send.cancelled():
-                    send.exception()
+                first_error = first_error or error
         if first_error is not None:
             raise first_error
         return ids

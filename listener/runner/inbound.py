@@ -15,7 +15,8 @@ running are acked one by one, so a slow handler does not hold back the acks of t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import bisect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pika.channel
@@ -147,21 +148,19 @@ class Subscription:
         if self.is_closed:
             outstanding.clear()  # the broker has put them back already
             return
-        head: int | None = None
-        for tag, settled in outstanding.items():
-            if not settled:
-                break
-            head = tag
-        channel = self.channel
-        if head is not None:
-            for tag in list(outstanding):
-                del outstanding[tag]
-                if tag == head:
-                    break
-            channel.basic_ack(head, multiple=True)
-        behind = [tag for tag, settled in outstanding.items() if settled]
-        for tag in behind:
+        settled = [tag for tag, done in outstanding.items() if done]
+        if not settled:
+            return
+        for tag in settled:
             del outstanding[tag]
+        # Tags grow in arrival order: the settled ones below the first still running form
+        # the run one multiple ack may cover; those above it are acked one by one.
+        running = next(iter(outstanding), None)
+        run = len(settled) if running is None else bisect.bisect_left(settled, running)
+        channel = self.channel
+        if run:
+            channel.basic_ack(settled[run - 1], multiple=True)
+        for tag in settled[run:]:
             channel.basic_ack(tag, multiple=False)
 
     # -- callbacks --------------------------------------------------------------------------
@@ -219,7 +218,8 @@ class Inbound:
         self.subscription = subscription
         self.body = body
         self.properties = properties
-        self.headers: dict[str, Any] = dict(properties.headers or {})
+        # pika decodes a fresh table for every delivery: read as it is, no copy.
+        self.headers: Mapping[str, Any] = properties.headers or {}
         assert method.delivery_tag is not None
         self.delivery_tag: int = method.delivery_tag
         self.exchange: str = method.exchange or ""
