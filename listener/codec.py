@@ -107,7 +107,10 @@ class MessageCodec:
         try:
             validated = self._adapter.validate_python(value)
         except pydantic.ValidationError as exc:
-            raise InvalidMessage(error_summary(exc)) from None
+            raise InvalidMessage(
+                error_summary(exc),
+                exc.errors(include_url=False, include_context=False, include_input=False),
+            ) from None
         try:
             return self._adapter.dump_json(validated)
         except pydantic_core.PydanticSerializationError as exc:

@@ -25,6 +25,9 @@ message body.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 __all__ = [
     "AuthenticationFailed",
     "BrokerError",
@@ -65,7 +68,24 @@ class InvalidMessage(ListenerError, ValueError):
     """Raised by `notify()` when the message does not fit the listener's model.
 
     The text names the fields and what is wrong with them, never the values given.
+    `errors()` gives the same per field, for an API to answer with a 422 listing them.
     """
+
+    def __init__(self, message: str, errors: Sequence[Mapping[str, Any]] = ()) -> None:
+        super().__init__(message)
+        self._errors = [
+            {"loc": tuple(error["loc"]), "type": str(error["type"]), "msg": str(error["msg"])}
+            for error in errors
+        ]
+
+    def errors(self) -> list[dict[str, Any]]:
+        """One dict per field error: `loc` (a tuple of field names and list indexes),
+        `type` (pydantic's error type, such as `missing` or `int_parsing`) and `msg`.
+        Never the input values, which may be secrets."""
+        return [dict(error) for error in self._errors]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self._errors))
 
 
 class BrokerError(ListenerError):

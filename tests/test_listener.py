@@ -1,6 +1,7 @@
 """Declaring a listener: what a wrong declaration says, what the defaults are, notify()'s
 input checks (all before any connection), and finding listeners in modules."""
 
+import pickle
 import sys
 import textwrap
 import uuid
@@ -393,6 +394,25 @@ def test_notify_with_a_field_of_the_wrong_type_names_the_field_not_the_value(ord
     assert "case_id" in str(caught.value)
     assert SECRET not in str(caught.value)
     assert SECRET not in repr(caught.value)
+
+
+def test_invalid_message_lists_each_field_error_for_a_422_without_the_values(orders):
+    with pytest.raises(InvalidMessage) as caught:
+        orders.notify(case_id=SECRET, src=["not", "a", "string"])
+
+    errors = caught.value.errors()
+    assert [(e["loc"], e["type"]) for e in errors] == [
+        (("case_id",), "int_parsing"),
+        (("src",), "string_type"),
+        (("dst",), "missing"),
+    ]
+    assert all(set(e) == {"loc", "type", "msg"} and e["msg"] for e in errors)
+    assert SECRET not in repr(errors)
+    errors[0]["loc"] = ("changed",)  # a copy: the exception keeps its own
+    assert caught.value.errors()[0]["loc"] == ("case_id",)
+    copy = pickle.loads(pickle.dumps(caught.value))  # crosses a process boundary whole
+    assert copy.errors() == caught.value.errors()
+    assert str(copy) == str(caught.value)
 
 
 def test_notify_with_missing_fields_names_them(orders):
