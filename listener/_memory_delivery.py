@@ -126,7 +126,9 @@ class Deliveries:
     def _begin(self, cls: type[Listener], envelope: Envelope) -> _Run:
         # Publishers outside the framework may send no id; the copies need one.
         message_id = envelope.message_id or new_message_id()
-        attempt, lost = attempt_number(envelope.headers, cls.max_attempts)
+        attempt, lost = attempt_number(
+            envelope.headers, cls.max_attempts, delivery_limit=cls.delivery_limit()
+        )
         delivery = Delivery(
             cls,
             message_id,

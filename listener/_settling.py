@@ -31,22 +31,40 @@ __all__ = [
 ]
 
 
-def attempt_number(headers: Mapping[str, Any], max_attempts: int) -> tuple[int, Failure | None]:
-    """This delivery's attempt number, and a `lost` Failure when no attempt may run.
+def attempt_number(
+    headers: Mapping[str, Any],
+    max_attempts: int,
+    *,
+    deaths: int = 0,
+    delivery_limit: int | None = None,
+) -> tuple[int, Failure | None]:
+    """This delivery's attempt number, and a Failure when no attempt may run.
 
-    Attempts the framework counted (`x-attempts`) plus deliveries whose worker died
-    (`x-delivery-count`). A delivery that workers died on until `max_attempts` is used up
-    is parked as it stands, under the number of the last attempt made.
+    Attempts the framework counted (`x-attempts`) plus the worker deaths blamed on this
+    message (`deaths`, see `listener.runner.blame`). A message whose blamed deaths used up
+    `max_attempts` is parked as it stands (`lost`). So is one delivered `delivery_limit`
+    times without an outcome (`x-delivery-count`, the backstop for deaths blame cannot see):
+    the broker raises that count for every unsettled delivery of a dead connection, so it
+    is never read as a count of deaths.
     """
     done = outcome.attempts_made(headers)
-    lost = outcome.deliveries_lost(headers)
-    if lost and done + lost >= max_attempts:
-        return done + lost, Failure(
+    if deaths and done + deaths >= max_attempts:
+        return done + deaths, Failure(
             "lost",
             "listener.WorkerLost",
-            f"the worker died or lost its connection during {lost} delivery(ies) of this message",
+            f"its worker died {deaths} time(s) while this message was the only one running",
         )
-    return done + lost + 1, None
+    if delivery_limit is not None:
+        unsettled = outcome.deliveries_lost(headers)
+        if unsettled >= delivery_limit:
+            return done + deaths + 1, Failure(
+                "undelivered",
+                "listener.DeliveryLimit",
+                f"delivered {unsettled} time(s) without an outcome (its worker or its "
+                f"connection was lost each time); parked at the delivery limit "
+                f"max_deliveries={delivery_limit}",
+            )
+    return done + deaths + 1, None
 
 
 def failure_from(exc: BaseException) -> Failure:

@@ -36,6 +36,10 @@ class Listener:
         retry_delays: seconds before attempt 2, 3, ...; the last value repeats.
         timeout: seconds one attempt may take; then it counts as failed.
         concurrency: messages in flight per worker process (the consumer prefetch).
+        max_deliveries: deliveries without an outcome (the worker died, or its connection
+            was lost, each time) after which a message is parked as `delivery_limit`, a
+            backstop for deaths that blame cannot see; default (None): 3 x max_attempts,
+            at most the queue's own delivery limit (20).
 
     Pass `abstract=True` in the class statement for a base class that shares settings
     (`class Base(Listener, abstract=True)`): it needs no `subscribes_to` and is never hosted.
@@ -47,6 +51,7 @@ class Listener:
     retry_delays: ClassVar[tuple[float, ...]] = (1, 5, 30)
     timeout: ClassVar[float] = 60
     concurrency: ClassVar[int] = 8
+    max_deliveries: ClassVar[int | None] = None
 
     # Derived at class creation; read-only by convention.
     exchange: ClassVar[str]
@@ -155,6 +160,14 @@ class Listener:
         return f"{cls.__module__}:{cls.__qualname__}"
 
     @classmethod
+    def delivery_limit(cls) -> int:
+        """Deliveries without an outcome after which a message is parked (`max_deliveries`,
+        or its default: 3 x `max_attempts`, at most the queue's delivery limit)."""
+        if cls.max_deliveries is not None:
+            return cls.max_deliveries
+        return min(3 * cls.max_attempts, topology.DELIVERY_LIMIT)
+
+    @classmethod
     def topology(cls, settings: Settings | None = None) -> topology.Topology:
         """The exchange, queues and binding this listener needs."""
         settings = settings or get_settings()
@@ -229,6 +242,8 @@ def _check_policy(cls: type[Listener]) -> None:
 
     positive_int("max_attempts", 1_000_000)
     positive_int("concurrency", _MAX_CONCURRENCY)
+    if cls.max_deliveries is not None:
+        positive_int("max_deliveries", topology.DELIVERY_LIMIT)
     timeout = cls.timeout
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise _error(cls, "timeout", f"must be a positive number of seconds, got {timeout!r}")

@@ -5,9 +5,10 @@ so the contract's outcome table is tested directly against `decide()`.
 
 Two counters meet here. The framework's own `x-attempts` header counts attempts that ended
 in a failure the worker saw (an exception, a time-out, `Retry`); it is written on every retry
-republish. The broker's `x-delivery-count` (quorum queues) counts deliveries of this copy
-that never ended: the worker died, or lost its connection, while handling it. `x-death` is
-deliberately not used: its counting changed in RabbitMQ 3.13.
+republish. Worker deaths are counted by blame (`listener.runner.blame`), never by the
+broker's `x-delivery-count` (quorum queues), which goes up for every unsettled delivery of a
+dead connection, guilty or not: that count only feeds the delivery limit, a backstop.
+`x-death` is deliberately not used: its counting changed in RabbitMQ 3.13.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ _MAX_COUNTER = 1_000_000
 _MAX_MESSAGE_CHARS = 1_000
 _MAX_TRACEBACK_CHARS = 8_000
 
-FailureKind = Literal["error", "timeout", "retry", "reject", "decode", "lost"]
+FailureKind = Literal["error", "timeout", "retry", "reject", "decode", "lost", "undelivered"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,8 @@ def decide(
         return Park(failure.reason, attempt)
     if failure.kind == "lost":
         return Park("worker_lost", attempt)
+    if failure.kind == "undelivered":
+        return Park("delivery_limit", attempt)
     if attempt >= max_attempts:
         return Park("timeout" if failure.kind == "timeout" else "failed", attempt)
     if failure.kind == "retry" and failure.delay is not None:
@@ -149,7 +152,8 @@ def attempts_made(headers: Mapping[str, Any] | None) -> int:
 
 
 def deliveries_lost(headers: Mapping[str, Any] | None) -> int:
-    """Deliveries of this copy that ended without an outcome (quorum `x-delivery-count`)."""
+    """Deliveries of this copy that ended without an outcome (quorum `x-delivery-count`):
+    a death, a lost connection or a requeue, whoever's fault it was."""
     return _counter(headers, "x-delivery-count")
 
 

@@ -220,14 +220,42 @@ async def test_a_queue_deleted_under_running_handlers_leaves_no_ack_for_the_new_
         rabbit.delete_queue(gated.queue)  # the broker cancels the consumer
         await eventually(lambda: subscription_of(worker, gated) is not subscription)
         await eventually(lambda: worker.ready and rabbit.consumers(gated.queue) == 1)
-        state.gate.set()  # message 0 returns: its tag belongs to the closed channel
+        state.gate.set()  # message 0 returns: acked on its own channel, which then closes
         await gated.anotify({"n": 10})
         await eventually(lambda: state.calls[10] == 1)
         await round_trip(subscription_of(worker, gated))
-        assert subscription.is_closed
+        await eventually(lambda: subscription.is_closed)
 
     assert channel_errors(caplog) == []
     assert rabbit.get(gated.queue) is None
+
+
+async def test_a_consumer_the_broker_cancels_never_runs_a_running_message_a_second_time(
+    unique, rabbit, run_worker, caplog
+):
+    state = _Gated()
+    gated = gated_listener(unique, state)
+    async with run_worker(gated) as worker:
+        subscription = await slow_head_then_fast(worker, gated, state)
+        # What RabbitMQ does when it cancels a consumer whose queue lives on (a quorum
+        # leader moving, say): the consumer ends; the channel and its unacked deliveries stay.
+        await subscription.cancel()
+        subscription._cancelled_by_broker(None)
+        await eventually(lambda: subscription_of(worker, gated) not in (None, subscription))
+        # (A quorum queue counts a cancelled consumer until its deliveries are settled.)
+        await eventually(lambda: worker.ready)
+        await gated.anotify({"n": 10})
+        await eventually(lambda: state.calls[10] == 1)
+        # Message 0 still runs: it was neither handed back nor delivered to the new consumer.
+        assert state.calls[0] == 1
+        assert not subscription.is_closed
+        state.gate.set()
+        await eventually(lambda: subscription.is_closed)  # closed once its handler returned
+        await round_trip(subscription_of(worker, gated))
+
+    assert state.calls[0] == 1
+    assert channel_errors(caplog) == []
+    assert rabbit.count(gated.queue) == 0  # message 0 was acked on its own channel
 
 
 async def test_a_drain_sends_the_acks_of_handlers_that_return_in_the_grace_period(
@@ -309,13 +337,6 @@ async def test_pausing_and_resuming_under_load_holds_nothing_back_and_handles_ea
     assert rabbit.count(f"{streamed.queue}.dead") == 0
 
 
-@pytest.mark.xfail(
-    reason="RabbitMQ 3.10 returns deliveries in transit to a cancelled quorum consumer with "
-    "x-delivery-count + 1, and the runner reads the count as worker deaths (README, Attempts). "
-    "pika's own rejects of deliveries arriving before Cancel-Ok are avoided. How many the "
-    "broker returns varies from run to run; some runs have none.",
-    strict=False,
-)
 async def test_deliveries_in_transit_when_a_pause_cancels_the_consumer_are_not_counted_as_deaths(
     unique, rabbit, run_worker
 ):

@@ -609,7 +609,7 @@ async def test_forged_attempt_headers_neither_crash_the_worker_nor_lose_the_mess
     assert rabbit.count(f"{Gullible.queue}.dead") == 0
 
 
-async def test_a_forged_delivery_count_parks_the_message_as_worker_lost_with_true_counts(
+async def test_a_delivery_count_at_the_delivery_limit_parks_the_message_unrun_and_never_as_a_death(
     unique, rabbit, run_worker
 ):
     seen: list[int] = []
@@ -622,20 +622,24 @@ async def test_a_forged_delivery_count_parks_the_message_as_worker_lost_with_tru
         async def handle(self, message: Item) -> None:
             seen.append(message.n)
 
+    assert Trusting.delivery_limit() == 9
     async with run_worker(Trusting) as worker:
         # RabbitMQ 3.10 keeps a publisher's own x-delivery-count on a quorum queue.
-        rabbit.publish(unique, "key", b'{"n": 1}', headers={"x-delivery-count": 3})
+        rabbit.publish(unique, "key", b'{"n": 1}', headers={"x-delivery-count": 9})
         rabbit.publish(unique, "key", b'{"n": 2}', headers={"x-delivery-count": "zz"})
+        rabbit.publish(unique, "key", b'{"n": 3}', headers={"x-delivery-count": 8})
         properties, body = await parked(rabbit, Trusting)
-        await eventually(lambda: worker.consumers[0].counts["handled"] == 1)
+        await eventually(lambda: worker.consumers[0].counts["handled"] == 2)
 
-    assert seen == [2]  # a garbage count reads as zero; the "lost three times" one never ran
+    # A garbage count reads as zero, a count below the limit is no death; at the limit the
+    # message never ran.
+    assert sorted(seen) == [2, 3]
     assert body == b'{"n": 1}'
     headers = headers_of(properties)
-    assert headers["x-parked-reason"] == "worker_lost"
-    assert headers["x-exception-type"] == "listener.WorkerLost"
-    # Three deliveries were lost and no attempt ran on this one: three attempts were made.
-    assert headers["x-attempts"] == 3
+    assert headers["x-parked-reason"] == "delivery_limit"
+    assert headers["x-exception-type"] == "listener.DeliveryLimit"
+    assert "max_deliveries=9" in headers["x-exception-message"]
+    assert headers["x-attempts"] == 1
 
 
 # -- topology -------------------------------------------------------------------------------------

@@ -163,6 +163,22 @@ class Transport:
                 exc, exchange="", routing_key=queue_name, message_id=str(message.message_id)
             ) from exc
 
+    async def wait_sent(self, timeout: float = 1.0) -> None:
+        """Send every ack marked so far, and wait (bounded) until the bytes left this process.
+
+        pika buffers outgoing frames until the loop sees the socket writable; a process
+        that dies before then takes its acks with it. A suspect message, about to run
+        alone, calls this first, so that the messages settled before it are not delivered
+        again if it kills the worker.
+        """
+        for subscription in list(self.subscriptions):
+            subscription.flush()
+        deadline = asyncio.get_running_loop().time() + timeout
+        # pika signals nothing when its buffer empties: each turn of the loop lets its
+        # writer run once.
+        while _unsent(self.consuming) and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+
     async def close(self, timeout: float = 5.0) -> None:
         """Close both connections, together; past `timeout` drop them without the closing
         handshake (a peer that stopped answering must not hold the worker's exit, nor keep
@@ -249,6 +265,16 @@ async def _close_pika(connection: AsyncioConnection) -> None:
         with contextlib.suppress(Exception):
             connection.close()
     await closed
+
+
+def _unsent(connection: AsyncioConnection) -> int:
+    """Bytes pika holds for the socket. Its transport is private to the connection; an
+    unknown layout reads as nothing held."""
+    transport = getattr(connection, "_transport", None)
+    try:
+        return int(transport.get_write_buffer_size()) if transport is not None else 0
+    except Exception:
+        return 0
 
 
 def _abort_pika(connection: AsyncioConnection) -> None:

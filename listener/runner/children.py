@@ -43,12 +43,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from listener import _loop as loop
 from listener.errors import BrokerError
 from listener.middleware import installed_middleware
 from listener.runner import status_pipe
+from listener.runner.blame import Isolation
 from listener.runner.restarts import Slot, back_off
 from listener.runner.worker import Worker
 from listener.settings import Settings
@@ -163,6 +165,7 @@ def run_worker(
     fail_fast: bool,
     metrics: bool,
     paused: bool,
+    runtime: Path,
 ) -> int:
     """The body of a worker process; returns its exit code."""
     try:
@@ -179,6 +182,10 @@ def run_worker(
             from listener.metrics import Metrics
 
             middleware = [*installed_middleware(), Metrics()]
+        # Room for every delivery a worker may hold, twice over (a consumer being replaced
+        # keeps its channel until its handlers return).
+        slots = 2 * sum(cls.concurrency for cls in listeners) + 8
+        isolation = Isolation(runtime, slots)
         worker = Worker(
             listeners,
             settings,
@@ -190,8 +197,12 @@ def run_worker(
             paused=paused,
             on_state=lambda state: status_pipe.tell(status_fd, state, supervisor),
             warn_timeouts=False,  # the supervisor warned, once
+            isolation=isolation,
         )
-        return loop.run(worker.run(), settings)
+        code = loop.run(worker.run(), settings)
+        if code == 0:
+            isolation.close()  # a clean stop: nothing ran at a death
+        return code
     except BrokerError as exc:
         # Reported, not logged: the supervisor either ends the start with it (one line)
         # or puts it in this worker's death line.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import logging
 import os
 import socket
@@ -36,6 +37,7 @@ from listener.topology import delay_queue, delay_tier
 if TYPE_CHECKING:
     from listener.listener import Listener
     from listener.runner.amqp_transport import Transport
+    from listener.runner.blame import Isolation
     from listener.runner.inbound import Inbound
     from listener.settings import Settings
 
@@ -61,8 +63,11 @@ class Consumer:
         on_fatal: Callable[[str], None],
         chain: Chain | None = None,
         on_stuck: Callable[[], None] | None = None,
+        isolation: Isolation | None = None,
     ) -> None:
         self.listener = listener
+        #: The worker's journal, gate and suspects, when it runs under a supervisor.
+        self.isolation = isolation
         self.transport = transport
         self.settings = settings
         self.chain = chain or Chain(installed_middleware())
@@ -135,8 +140,17 @@ class Consumer:
         # from here on (the copies keep it).
         message_id = message.message_id or new_message_id()
         headers = message.headers
-        # Workers died on it until no attempt is left: parked as it stands (`lost`).
-        attempt, lost = _settling.attempt_number(headers, listener.max_attempts)
+        isolation = self.isolation
+        deaths = None
+        if message.redelivered and isolation is not None:
+            # A message that was running when a worker of this runner died: it runs alone.
+            deaths = isolation.deaths(listener.queue, _identity(message))
+        attempt, lost = _settling.attempt_number(
+            headers,
+            listener.max_attempts,
+            deaths=deaths or 0,
+            delivery_limit=listener.delivery_limit(),
+        )
         delivery = Delivery(
             listener,
             message_id,
@@ -149,24 +163,56 @@ class Consumer:
         self.chain.before("before_handle", delivery)
         failure: Failure | None = None
         result = "returned"
+        # Under a supervisor every attempt passes the worker's gate: a suspect runs alone,
+        # from its decode to its settling (an ack still unsent when it kills the worker
+        # would make the message before it run again).
+        gate = isolation.gate if isolation is not None and lost is None else None
+        alone = deaths is not None
         try:
-            if lost is not None:
-                failure = lost
-            else:
-                try:
-                    failure = await self._attempt(message, message_id)
-                except _LeaveUnacked:
-                    return
-            decision = outcome.decide(
-                failure,
-                attempt=attempt,
-                max_attempts=listener.max_attempts,
-                retry_delays=listener.retry_delays,
-            )
-            task = asyncio.current_task()
-            assert task is not None
-            self.settling.add(task)
-            result = await self._settle(message, message_id, decision, failure, delivery)
+            if gate is not None:
+                if alone:
+                    log.warning(
+                        "%s: message %s was running when a worker died; it runs alone",
+                        listener.__name__,
+                        message_id,
+                    )
+                    await gate.enter_alone()
+                    try:
+                        await self.transport.wait_sent()
+                    except BaseException:
+                        gate.leave_alone()
+                        raise
+                else:
+                    if gate.closed:
+                        await gate.wait_open()
+                    gate.running += 1
+            try:
+                if lost is not None:
+                    failure = lost
+                else:
+                    try:
+                        if isolation is None:
+                            failure = await self._attempt(message, message_id)
+                        else:
+                            failure = await self._attempt_journaled(message, message_id, isolation)
+                    except _LeaveUnacked:
+                        return
+                decision = outcome.decide(
+                    failure,
+                    attempt=attempt,
+                    max_attempts=listener.max_attempts,
+                    retry_delays=listener.retry_delays,
+                )
+                task = asyncio.current_task()
+                assert task is not None
+                self.settling.add(task)
+                result = await self._settle(message, message_id, decision, failure, delivery)
+            finally:
+                if gate is not None:
+                    if alone:
+                        gate.leave_alone()
+                    else:
+                        gate.leave()
         finally:
             self.chain.after(
                 "after_handle",
@@ -175,6 +221,25 @@ class Consumer:
                 failure=failure,
                 duration=time.monotonic() - delivery.started,
             )
+
+    async def _attempt_journaled(
+        self, message: Inbound, message_id: str, isolation: Isolation
+    ) -> Failure | None:
+        """`_attempt`, recorded in the worker's journal while it runs.
+
+        The entry stays when the handler made the worker exit (`_LeaveUnacked`): the
+        supervisor then reads it as running at the death.
+        """
+        entry = isolation.journal.begin(self.listener.queue, _identity(message))
+        fatal = False
+        try:
+            return await self._attempt(message, message_id)
+        except _LeaveUnacked:
+            fatal = True
+            raise
+        finally:
+            if not fatal:
+                isolation.journal.end(entry)
 
     async def _attempt(self, message: Inbound, message_id: str) -> Failure | None:
         listener = self.listener
@@ -376,6 +441,15 @@ class Consumer:
 
 class _LeaveUnacked(Exception):
     """The attempt ended because the worker is stopping: no outcome, the broker redelivers."""
+
+
+def _identity(message: Inbound) -> str:
+    """What names a delivery across its redeliveries: its message id, or, for a publisher
+    that sent none, a digest of its body."""
+    message_id = message.message_id
+    if message_id:
+        return message_id
+    return "sha256:" + hashlib.sha256(message.body).hexdigest()[:32]
 
 
 def _carried_headers(message: Inbound) -> dict[str, Any]:

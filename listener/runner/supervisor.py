@@ -92,17 +92,19 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from listener.errors import BrokerError, ConfigurationError
 from listener.runner import children, reload, startup, status_pipe
+from listener.runner.blame import Blame
 from listener.runner.children import close
 from listener.runner.endpoints import Endpoints, health_state
+from listener.runner.journal import Running
 from listener.runner.reload import HANDOFF_VAR, ReloadCheck
 from listener.runner.restarts import Slot, clean_stop, describe, restart_after_death
 from listener.runner.roll import Roll
-from listener.runner.worker import warn_consumer_timeouts
+from listener.runner.worker import EXIT_RECYCLE, warn_consumer_timeouts
 from listener.settings import Settings
 
 if TYPE_CHECKING:
@@ -176,6 +178,7 @@ class Supervisor:
         workers: int = 1,
         fail_fast: bool = False,
         metrics: MultiprocessEndpoint | None = None,
+        on_lost: Callable[[int, list[Running]], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ConfigurationError(f"the number of workers must be at least 1, not {workers}")
@@ -215,6 +218,7 @@ class Supervisor:
             grace_period=settings.grace_period,
         )
         self._handoff = reload.take_handoff()
+        self.blame = Blame(self._pid, fresh=self._handoff is None, on_lost=on_lost)
         if self._handoff is not None:
             self._adopt(self._handoff)
 
@@ -253,6 +257,7 @@ class Supervisor:
                 pass  # a signal left pending must not hit the caller once unblocked
             signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
             self._endpoints.close()
+            self.blame.remove()
 
     def _check_broker(self) -> int | None:
         """Connect once and declare every listener's topology, retrying like a lone worker.
@@ -331,6 +336,7 @@ class Supervisor:
             fail_fast=self.fail_fast,
             metrics=self.metrics is not None,
             paused=self._paused,
+            runtime=self.blame.runtime,
         )
 
     def _close_in_child(self) -> None:
@@ -447,6 +453,7 @@ class Supervisor:
             self.metrics.worker_died(pid)
         lived = time.monotonic() - slot.started_at
         how = describe(status)
+        self.blame.worker_ended(pid, died=not self._stopping and _died(status))
         if self._stopping:
             self._stop_exits.append((pid, status))
             log.log(self._stop_level, "worker pid=%d stopped: %s", pid, how)
@@ -470,6 +477,7 @@ class Supervisor:
         if self.metrics is not None:
             self.metrics.worker_died(pid)
         how = describe(status)
+        self.blame.worker_ended(pid, died=not self._stopping and _died(status))
         if slot in self._roll.retiring:
             self._roll.retiring.remove(slot)
         if self._stopping:
@@ -697,3 +705,11 @@ class Supervisor:
             return 1
         log.info("supervisor pid=%d stopped: %d worker(s) stopped cleanly", self._pid, clean)
         return 0
+
+
+def _died(status: int) -> bool:
+    """Whether a worker that ended with wait `status` died of something it ran, rather than
+    stopping (exit 0, the supervisor's SIGTERM) or asking to be replaced (`EXIT_RECYCLE`)."""
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_RECYCLE:
+        return False
+    return not clean_stop(status)

@@ -36,6 +36,7 @@ from listener.settings import Settings
 
 if TYPE_CHECKING:
     from listener.listener import Listener
+    from listener.runner.blame import Isolation
 
 __all__ = ["EXIT_RECYCLE", "Worker", "warn_consumer_timeouts"]
 
@@ -65,6 +66,9 @@ class Worker:
             changes (see the module docstring).
         warn_timeouts: log a warning at `run()` for each listener whose `timeout` is not
             below the broker's consumer timeout (a supervisor warns once for all its workers).
+        isolation: the journal, gate and suspects of a supervised worker, with which its
+            supervisor blames a death on the one message that caused it
+            (`listener.runner.blame`); None runs without (no death is ever blamed then).
     """
 
     def __init__(
@@ -79,8 +83,10 @@ class Worker:
         paused: bool = False,
         on_state: Callable[[str], None] | None = None,
         warn_timeouts: bool = True,
+        isolation: Isolation | None = None,
     ) -> None:
         self.listeners = list(listeners)
+        self.isolation = isolation
         self.chain = Chain(installed_middleware() if middleware is None else middleware)
         self.settings = settings
         self.fail_fast = fail_fast
@@ -103,6 +109,8 @@ class Worker:
         self._pausing: asyncio.Task[None] | None = None
         self._subscriptions: dict[Consumer, Subscription] = {}
         self._resubscribing: dict[Consumer, asyncio.Task[None]] = {}
+        #: Channels of cancelled consumers, closing once their handlers return.
+        self._retiring: set[asyncio.Future[None]] = set()
         self._transport: Transport | None = None
         self._stop = asyncio.Event()
         self._lost = asyncio.Event()
@@ -182,6 +190,7 @@ class Worker:
                     on_fatal=self._fatal,
                     chain=self.chain,
                     on_stuck=self._thread_stuck,
+                    isolation=self.isolation,
                 )
                 for cls in self.listeners
             ]
@@ -428,8 +437,7 @@ class Worker:
                         old = self._subscriptions.pop(consumer, None)
                         self._consuming.discard(consumer)
                         if old is not None:
-                            with contextlib.suppress(Exception):
-                                await asyncio.wait_for(old.close(), _CANCEL_WAIT)
+                            await self._retire(consumer, old)
                         await transport.declare(consumer.listener.topology(self.settings))
                         await self._subscribe(consumer, transport)
                 except Exception as exc:
@@ -452,6 +460,36 @@ class Worker:
             if self._resubscribing.get(consumer) is asyncio.current_task():
                 del self._resubscribing[consumer]
             self._update_ready(f"{consumer.listener.__name__} has no consumer")
+
+    async def _retire(self, consumer: Consumer, old: Subscription) -> None:
+        """Close a replaced consumer's channel, once the handlers running on it returned.
+
+        A consumer the broker cancelled keeps its channel, and the deliveries on it stay
+        with this worker. Closing the channel at once would hand the running ones back to
+        the queue, and so to the new consumer, while their first run goes on: the same
+        message handled twice at once. So the first run is waited for, and acked on its
+        own channel, while the new consumer takes new deliveries.
+        """
+        running = set(consumer.in_flight)
+        if not running or old.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.close(), _CANCEL_WAIT)
+            return
+        log.info(
+            "%s: %d message(s) still running on the cancelled consumer's channel; it closes "
+            "once they are done",
+            consumer.listener.__name__,
+            len(running),
+        )
+
+        async def close_when_done() -> None:
+            await asyncio.wait(running)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.close(), _CANCEL_WAIT)
+
+        task = asyncio.ensure_future(close_when_done())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _reconnect(self) -> Transport | None:
         old = self._transport
@@ -530,6 +568,10 @@ class Worker:
             await asyncio.wait(pending, timeout=_CANCEL_WAIT)
         if self._transport is not None:
             await self._transport.close(timeout=_CANCEL_WAIT)
+        for closing in list(self._retiring):
+            closing.cancel()
+        if self._retiring:
+            await asyncio.wait(self._retiring, timeout=_CANCEL_WAIT)
         self.chain.after("on_worker_stop", self)
         log.info("worker pid=%d stopped: %r", os.getpid(), self)
 

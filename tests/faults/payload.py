@@ -19,13 +19,19 @@ class Item(BaseModel):
     id: str
     sleep: float = 0.0
     fail_first: bool = False  # raise on the first attempt: a retry through the delay queue
+    poison: str = ""  # kill the worker on every attempt: exit, segv, abort or oom (faults/app.py)
     size: int = 0
     sha: str = ""
     pad: str = ""
 
 
 def item(
-    message_id: str, *, sleep: float = 0.0, size: int = 0, fail_first: bool = False
+    message_id: str,
+    *,
+    sleep: float = 0.0,
+    size: int = 0,
+    fail_first: bool = False,
+    poison: str = "",
 ) -> dict[str, Any]:
     """A message body (as the fields `notify()` takes)."""
     pad = secrets.token_hex(size // 2 + 1)[:size] if size else ""
@@ -33,6 +39,7 @@ def item(
         "id": message_id,
         "sleep": sleep,
         "fail_first": fail_first,
+        "poison": poison,
         "size": size,
         "sha": hashlib.sha256(pad.encode()).hexdigest() if size else "",
         "pad": pad,

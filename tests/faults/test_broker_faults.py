@@ -250,10 +250,10 @@ def test_a_memory_alarm_makes_notify_time_out_while_consumers_drain_and_then_rec
 
 
 def test_1000_messages_across_a_worker_killed_minus_9_are_all_handled(fault):
-    concurrency = 4
+    concurrency = 8  # the listener default, as every fault test that needs no other
     fault.declare()
     fault.publish(1000, sleep=0.01, fail_every=10)
-    runner = fault.start_runner(workers=2, FAULT_CONCURRENCY=str(concurrency))
+    runner = fault.start_runner(workers=2)
 
     wait_until(lambda: fault.handled_count() >= 300, 30, "300 messages handled")
     victim = runner.live_workers()[0]
@@ -285,8 +285,8 @@ def test_1000_messages_across_a_worker_killed_minus_9_are_all_handled(fault):
 def test_sigterm_while_busy_finishes_what_is_in_flight_exits_0_and_loses_nothing(fault):
     fault.declare()
     fault.publish(60, sleep=1.0)
-    runner = fault.start_runner(workers=2, FAULT_CONCURRENCY="4", AMQP_LISTENER_GRACE_PERIOD="10")
-    wait_until(lambda: len(fault.events()["start"]) >= 8, 20, "both workers busy")
+    runner = fault.start_runner(workers=2, AMQP_LISTENER_GRACE_PERIOD="10")
+    wait_until(lambda: len(fault.events()["start"]) >= 16, 20, "both workers busy")
 
     runner.signal(signal.SIGTERM)
     stopping = time.monotonic()
@@ -299,11 +299,11 @@ def test_sigterm_while_busy_finishes_what_is_in_flight_exits_0_and_loses_nothing
     assert not abandoned, f"in-flight messages did not finish: {describe(abandoned)}"
     assert len(first["done"]) < 60, "everything was handled before the signal: nothing shown"
 
-    fault.start_runner(workers=2, FAULT_CONCURRENCY="4")
+    fault.start_runner(workers=2)
     fault.wait_settled(40)
 
     verdict = fault.verdict(
-        "E1 SIGTERM busy (8 in flight), grace 10s",
+        "E1 SIGTERM busy (16 in flight), grace 10s",
         recovery_s=drained,
         notes=f"supervisor exited 0 after {drained:.1f}s; "
         f"{len(first['done'])} handled before, rest by a new runner",
