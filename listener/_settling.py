@@ -47,14 +47,15 @@ def attempt_number(
     the broker raises that count for every unsettled delivery of a dead connection, so it
     is never read as a count of deaths.
     """
-    done = outcome.attempts_made(headers)
+    # Most deliveries carry neither counter: looked up before any call is made.
+    done = outcome.attempts_made(headers) if outcome.ATTEMPTS_HEADER in headers else 0
     if deaths and done + deaths >= max_attempts:
         return done + deaths, Failure(
             "lost",
             "listener.WorkerLost",
             f"its worker died {deaths} time(s) while this message was the only one running",
         )
-    if delivery_limit is not None:
+    if delivery_limit is not None and "x-delivery-count" in headers:
         unsettled = outcome.deliveries_lost(headers)
         if unsettled >= delivery_limit:
             return done + deaths + 1, Failure(

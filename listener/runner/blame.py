@@ -156,45 +156,40 @@ class Gate:
     """Lets a suspect run alone in its worker: ordinary deliveries share the gate, a suspect
     waits until nothing else runs and keeps everything else waiting until it is done.
 
-    The ordinary path costs two integer updates: `closed` is checked, then `running` is
-    raised; `wait_open()` is awaited only while a suspect waits or runs.
+    The ordinary path is two integer operations and no call: `suspects` is read (an
+    ordinary delivery waits in `wait_open()` while it is not 0), then `running` is raised.
     """
 
-    __slots__ = ("_alone", "_solo", "_waiters", "running")
+    __slots__ = ("_solo", "_waiters", "running", "suspects")
 
     def __init__(self) -> None:
         self.running = 0  # ordinary deliveries running now
-        self._alone = 0  # suspects waiting for their turn, or running
+        self.suspects = 0  # suspects waiting for their turn, or running
         self._solo = False  # a suspect runs now
         self._waiters: list[asyncio.Future[None]] = []
 
     def __repr__(self) -> str:
-        return f"<Gate running={self.running} suspects={self._alone} solo={self._solo}>"
-
-    @property
-    def closed(self) -> bool:
-        """Whether an ordinary delivery must wait (a suspect waits or runs)."""
-        return self._alone > 0
+        return f"<Gate running={self.running} suspects={self.suspects} solo={self._solo}>"
 
     async def wait_open(self) -> None:
         """Wait until no suspect waits or runs."""
-        while self._alone:
+        while self.suspects:
             await self._changed()
 
     def leave(self) -> None:
         """An ordinary delivery's attempt ended."""
         self.running -= 1
-        if self._alone and not self.running:
+        if self.suspects and not self.running:
             self._wake()
 
     async def enter_alone(self) -> None:
         """Wait until nothing else runs in this worker, then hold everything else back."""
-        self._alone += 1
+        self.suspects += 1
         try:
             while self.running or self._solo:
                 await self._changed()
         except BaseException:
-            self._alone -= 1
+            self.suspects -= 1
             self._wake()
             raise
         self._solo = True
@@ -202,7 +197,7 @@ class Gate:
     def leave_alone(self) -> None:
         """The suspect's attempt ended: the others may run again."""
         self._solo = False
-        self._alone -= 1
+        self.suspects -= 1
         self._wake()
 
     async def _changed(self) -> None:

@@ -68,6 +68,7 @@ class Consumer:
         self.listener = listener
         #: The worker's journal, gate and suspects, when it runs under a supervisor.
         self.isolation = isolation
+        self._delivery_limit = listener.delivery_limit()
         self.transport = transport
         self.settings = settings
         self.chain = chain or Chain(installed_middleware())
@@ -138,18 +139,18 @@ class Consumer:
         listener = self.listener
         # Publishers outside the framework may send no id; parked messages need one, stable
         # from here on (the copies keep it).
-        message_id = message.message_id or new_message_id()
+        properties = message.properties
+        given = str(properties.message_id) if properties.message_id else None
+        message_id = given or new_message_id()
         headers = message.headers
         isolation = self.isolation
+        identity = given or _digest(message.body)
         deaths = None
         if message.redelivered and isolation is not None:
             # A message that was running when a worker of this runner died: it runs alone.
-            deaths = isolation.deaths(listener.queue, _identity(message))
+            deaths = isolation.deaths(listener.queue, identity)
         attempt, lost = _settling.attempt_number(
-            headers,
-            listener.max_attempts,
-            deaths=deaths or 0,
-            delivery_limit=listener.delivery_limit(),
+            headers, listener.max_attempts, deaths=deaths or 0, delivery_limit=self._delivery_limit
         )
         delivery = Delivery(
             listener,
@@ -183,20 +184,30 @@ class Consumer:
                         gate.leave_alone()
                         raise
                 else:
-                    if gate.closed:
+                    if gate.suspects:
                         await gate.wait_open()
                     gate.running += 1
             try:
                 if lost is not None:
                     failure = lost
                 else:
+                    # The journal says what runs now; an entry is left behind only when
+                    # the handler made the worker exit, for the supervisor to read.
+                    journal = isolation.journal if isolation is not None else None
+                    entry = (
+                        journal.begin(listener.queue, identity, delivery.started)
+                        if journal is not None
+                        else -1
+                    )
+                    fatal = False
                     try:
-                        if isolation is None:
-                            failure = await self._attempt(message, message_id)
-                        else:
-                            failure = await self._attempt_journaled(message, message_id, isolation)
+                        failure = await self._attempt(message, message_id)
                     except _LeaveUnacked:
+                        fatal = True
                         return
+                    finally:
+                        if journal is not None and not fatal:
+                            journal.end(entry)
                 decision = outcome.decide(
                     failure,
                     attempt=attempt,
@@ -222,30 +233,11 @@ class Consumer:
                 duration=time.monotonic() - delivery.started,
             )
 
-    async def _attempt_journaled(
-        self, message: Inbound, message_id: str, isolation: Isolation
-    ) -> Failure | None:
-        """`_attempt`, recorded in the worker's journal while it runs.
-
-        The entry stays when the handler made the worker exit (`_LeaveUnacked`): the
-        supervisor then reads it as running at the death.
-        """
-        entry = isolation.journal.begin(self.listener.queue, _identity(message))
-        fatal = False
-        try:
-            return await self._attempt(message, message_id)
-        except _LeaveUnacked:
-            fatal = True
-            raise
-        finally:
-            if not fatal:
-                isolation.journal.end(entry)
-
     async def _attempt(self, message: Inbound, message_id: str) -> Failure | None:
         listener = self.listener
         try:
             value = listener.codec.decode(
-                message.body, message.content_type, message.content_encoding
+                message.body, message.properties.content_type, message.properties.content_encoding
             )
         except DecodeFailure as exc:
             return _settling.decode_failure(exc)
@@ -443,13 +435,10 @@ class _LeaveUnacked(Exception):
     """The attempt ended because the worker is stopping: no outcome, the broker redelivers."""
 
 
-def _identity(message: Inbound) -> str:
-    """What names a delivery across its redeliveries: its message id, or, for a publisher
-    that sent none, a digest of its body."""
-    message_id = message.message_id
-    if message_id:
-        return message_id
-    return "sha256:" + hashlib.sha256(message.body).hexdigest()[:32]
+def _digest(body: bytes) -> str:
+    """What names a delivery without a message id across its redeliveries (blame needs a
+    name that stays): a digest of its body."""
+    return "sha256:" + hashlib.sha256(body).hexdigest()[:32]
 
 
 def _carried_headers(message: Inbound) -> dict[str, Any]:

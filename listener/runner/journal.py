@@ -9,7 +9,8 @@ deliveries were *running* then, as opposed to merely prefetched or waiting: the 
 that may have killed it (see `listener.runner.blame`).
 
 Layout: `slots` fixed-size entries. An entry is a state byte (0 free, 1 running), the start
-time (seconds since the epoch, a double), the length of its key and the key itself, the
+time (`time.monotonic()`, a double: the clock every process of the machine shares; `read`
+turns it into seconds since the epoch), the length of its key and the key itself, the
 queue and the message id separated by a NUL. The state byte is written last when an entry
 begins and cleared first when it ends, so a reader never sees half an entry as running.
 """
@@ -61,8 +62,9 @@ class Journal:
     def __repr__(self) -> str:
         return f"<Journal {self.path} free={len(self._free)}>"
 
-    def begin(self, queue: str, message_id: str) -> int:
-        """Record that a handler starts on this delivery; returns the entry (-1: none free)."""
+    def begin(self, queue: str, message_id: str, started: float) -> int:
+        """Record that a handler starts on this delivery at `started` (`time.monotonic()`,
+        which every process of the machine shares); returns the entry (-1: none free)."""
         if not self._free:
             return -1
         index = self._free.pop()
@@ -70,7 +72,7 @@ class Journal:
         offset = index * _SLOT
         start = offset + _HEAD.size
         self._map[start : start + len(key)] = key
-        _HEAD.pack_into(self._map, offset, 0, time.time(), len(key))
+        _HEAD.pack_into(self._map, offset, 0, started, len(key))
         self._map[offset] = 1
         return index
 
@@ -95,11 +97,12 @@ def read(path: Path) -> list[Running]:
     except OSError:
         return []
     running = []
+    to_wall_clock = time.time() - time.monotonic()
     for offset in range(0, len(data) - _SLOT + 1, _SLOT):
         state, started, length = _HEAD.unpack_from(data, offset)
         if state != 1 or length > _KEY_MAX:
             continue
         start = offset + _HEAD.size
         queue, _, message_id = data[start : start + length].decode(errors="replace").partition("\0")
-        running.append(Running(queue, message_id, started))
+        running.append(Running(queue, message_id, started + to_wall_clock))
     return running

@@ -197,8 +197,12 @@ def test_a_memory_alarm_makes_notify_time_out_while_consumers_drain_and_then_rec
         return fault.attempt(message_id, lambda: Sender.notify(**item(message_id, **fields)))
 
     runner = fault.start_runner(workers=1, FAULT_CONCURRENCY="4")
-    for n in range(300):  # a backlog the consumer drains during the alarm
-        assert notify(f"backlog-{n}", sleep=0.04)
+    # A backlog the consumer drains during the alarm, published in one confirmed batch so
+    # that it is still there when the alarm goes up, however loaded the machine is.
+    backlog = [f"backlog-{n}" for n in range(300)]
+    Sender.notify_many([item(message_id, sleep=0.05) for message_id in backlog])
+    for message_id in backlog:  # notify_many() returned: every one of them was confirmed
+        assert fault.attempt(message_id, lambda: None)
 
     memory_alarm.raise_()
     alarm_on = time.monotonic()
