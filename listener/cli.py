@@ -17,6 +17,7 @@ import typer
 from pythonjsonlogger.json import JsonFormatter
 
 from listener import registry
+from listener._cli_db import db_app
 from listener._cli_operate import JsonOption, dead_app, status
 from listener.errors import BrokerError, ConfigurationError, ListenerError, PublishError
 from listener.settings import Settings, get_settings
@@ -264,6 +265,7 @@ def publish(
 
 app.command()(status)
 app.add_typer(dead_app, name="dead")
+app.add_typer(db_app, name="db")
 
 
 def main() -> None:

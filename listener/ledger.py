@@ -1,0 +1,257 @@
+"""The job ledger's tables, and the statements that write them.
+
+One row per attempt in `amqp_listener_attempts`, plus one row (attempt 0, outcome `pending`)
+for a message notified by a process that has the database URL: who published it, and when.
+A message's business keys (what `Listener.track()` returns) are rows of
+`amqp_listener_tags`. Each worker process keeps one row of `amqp_listener_workers` fresh (its
+heartbeat, and what it runs now). A stretch of time in which a process had to drop records
+because the database was away is a row of `amqp_listener_gaps`: the ledger says "gap"
+there instead of a false "did not run".
+
+No bodies and no field values are ever written: exception messages and tracebacks are cut
+to a bounded length.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    and_,
+    delete,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+
+from listener.schema import create_tables, metadata, migration
+
+__all__ = [
+    "LostAttempt",
+    "attempts",
+    "gaps",
+    "record_lost",
+    "tags",
+    "workers",
+]
+
+#: Exception messages and tracebacks are cut to these many characters.
+MAX_MESSAGE = 500
+MAX_TRACEBACK = 4000
+
+_Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+_When = DateTime(timezone=True)
+
+attempts = Table(
+    "amqp_listener_attempts",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("message_id", String(64), nullable=False),
+    Column("listener", String(255), nullable=False),
+    Column("queue", String(255), nullable=False),
+    # 0 for the publish, 1 for the first attempt.
+    Column("attempt", Integer, nullable=False),
+    # pending (the publish), running, handled, retried, parked, returned, worker_lost
+    Column("outcome", String(16), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", _When, nullable=False),
+    Column("finished_at", _When),
+    Column("duration", Float),  # seconds, measured with a monotonic clock
+    # Where the message went: a delay queue, `<queue>.dead`, or back to `queue`.
+    Column("next_queue", String(255)),
+    Column("exception_type", String(255)),
+    Column("exception_message", String(MAX_MESSAGE)),
+    Column("traceback", Text),
+    Index(None, "message_id", "started_at"),
+    Index(None, "listener", "started_at"),
+    Index(None, "outcome", "finished_at"),
+)
+
+tags = Table(
+    "amqp_listener_tags",
+    metadata,
+    Column("tag", String(255), primary_key=True),
+    Column("message_id", String(64), primary_key=True),
+    Column("listener", String(255), primary_key=True),
+    Column("created_at", _When, nullable=False),
+    Index(None, "message_id"),
+)
+
+workers = Table(
+    "amqp_listener_workers",
+    metadata,
+    Column("host", String(255), primary_key=True),
+    Column("pid", Integer, primary_key=True),
+    Column("listeners", Text, nullable=False),  # names, comma-separated
+    Column("started_at", _When, nullable=False),
+    Column("seen_at", _When, nullable=False),
+    # JSON list of {"message_id", "listener", "since"}: what the worker runs now.
+    Column("running", Text, nullable=False),
+    Column("handled", Integer, nullable=False),
+    Column("retried", Integer, nullable=False),
+    Column("parked", Integer, nullable=False),
+)
+
+gaps = Table(
+    "amqp_listener_gaps",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", _When, nullable=False),
+    Column("ended_at", _When, nullable=False),
+    Column("dropped", Integer, nullable=False),
+    Index(None, "ended_at"),
+)
+
+
+@migration("ledger", 1, "attempts, tags, workers and gaps")
+def _create_ledger(connection: Connection) -> None:
+    create_tables(connection, [attempts, tags, workers, gaps])
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LostAttempt:
+    """An attempt that died with its worker process, as the supervisor knows it."""
+
+    message_id: str
+    listener: str
+    queue: str
+    host: str
+    pid: int
+    started_at: dt.datetime
+    attempt: int | None = None
+
+
+def record_lost(
+    engine: Engine, entries: Iterable[LostAttempt], *, now: dt.datetime | None = None
+) -> int:
+    """Record each entry as a `worker_lost` attempt; returns how many were recorded.
+
+    The `running` row the worker wrote for that attempt, if it got that far, becomes the
+    `worker_lost` one; otherwise a new row is added.
+    """
+    finished = now or dt.datetime.now(dt.UTC)
+    count = 0
+    with engine.begin() as connection:
+        for entry in entries:
+            running = attempts.c.outcome == "running"
+            match = and_(
+                attempts.c.message_id == entry.message_id,
+                attempts.c.listener == entry.listener,
+                attempts.c.host == entry.host,
+                attempts.c.pid == entry.pid,
+                running,
+            )
+            values = {
+                "outcome": "worker_lost",
+                "finished_at": finished,
+                "duration": max(0.0, (finished - entry.started_at).total_seconds()),
+                "next_queue": entry.queue,
+                "exception_type": "WorkerLost",
+                "exception_message": f"the worker process {entry.pid} on {entry.host} died",
+            }
+            updated = connection.execute(attempts.update().where(match).values(**values))
+            if updated.rowcount == 0:
+                connection.execute(
+                    attempts.insert().values(
+                        message_id=entry.message_id,
+                        listener=entry.listener,
+                        queue=entry.queue,
+                        attempt=entry.attempt or _next_attempt(connection, entry),
+                        host=entry.host,
+                        pid=entry.pid,
+                        started_at=entry.started_at,
+                        **values,
+                    )
+                )
+            count += 1
+    return count
+
+
+def _next_attempt(connection: Connection, entry: LostAttempt) -> int:
+    last = connection.execute(
+        select(attempts.c.attempt)
+        .where(attempts.c.message_id == entry.message_id, attempts.c.listener == entry.listener)
+        .order_by(attempts.c.attempt.desc())
+        .limit(1)
+    ).scalar()
+    return (last or 0) + 1
+
+
+def insert_ignoring_duplicates(
+    connection: Connection, table: Table, rows: Sequence[dict[str, Any]]
+) -> None:
+    """Insert `rows`, skipping those whose primary key is already there."""
+    if not rows:
+        return
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    connection.execute(dialect.insert(table).on_conflict_do_nothing(), list(rows))
+
+
+def upsert(connection: Connection, table: Table, row: dict[str, Any]) -> None:
+    """Insert `row`, or update the row with its primary key."""
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(table).values(**row)
+    keys = [column.name for column in table.primary_key.columns]
+    connection.execute(
+        statement.on_conflict_do_update(
+            index_elements=keys,
+            set_={name: value for name, value in row.items() if name not in keys},
+        )
+    )
+
+
+def prune(
+    connection: Connection,
+    *,
+    handled_before: dt.datetime,
+    failed_before: dt.datetime,
+    batch: int = 1000,
+) -> int:
+    """Delete one batch of expired messages (every row of each); returns how many messages.
+
+    A message expires by its last record: handled ones at `handled_before`, all others at
+    `failed_before`. Small batches keep each transaction, and its locks, short.
+    """
+    expired = (
+        select(attempts.c.message_id)
+        .where(attempts.c.outcome == "handled", attempts.c.finished_at < handled_before)
+        .limit(batch)
+    ).union(select(attempts.c.message_id).where(attempts.c.started_at < failed_before).limit(batch))
+    ids = list(connection.execute(select(expired.subquery().c.message_id).limit(batch)).scalars())
+    if not ids:
+        return 0
+    # A message with a newer record than the cut-off is kept whole.
+    recent = set(
+        connection.execute(
+            select(attempts.c.message_id).where(
+                attempts.c.message_id.in_(ids),
+                attempts.c.started_at >= handled_before,
+                attempts.c.outcome != "handled",
+            )
+        ).scalars()
+    )
+    doomed = [message_id for message_id in ids if message_id not in recent]
+    if doomed:
+        connection.execute(delete(attempts).where(attempts.c.message_id.in_(doomed)))
+        connection.execute(delete(tags).where(tags.c.message_id.in_(doomed)))
+    connection.execute(delete(gaps).where(gaps.c.ended_at < failed_before))
+    return len(doomed)
