@@ -15,6 +15,7 @@ to a bounded length.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,26 +32,27 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     delete,
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
+from listener.recorder import MAX_MESSAGE, AttemptRecord, Gap, WorkerBeat
 from listener.schema import create_tables, metadata, migration
 
 __all__ = [
+    "AttemptRecord",
+    "Gap",
     "LostAttempt",
     "attempts",
     "gaps",
     "record_lost",
     "tags",
     "workers",
+    "write_batch",
 ]
-
-#: Exception messages and tracebacks are cut to these many characters.
-MAX_MESSAGE = 500
-MAX_TRACEBACK = 4000
 
 _Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
 _When = DateTime(timezone=True)
@@ -125,6 +127,120 @@ def _create_ledger(connection: Connection) -> None:
 
 
 # -- writing ---------------------------------------------------------------------------------
+
+
+def write_batch(
+    connection: Connection,
+    records: Sequence[AttemptRecord],
+    *,
+    open_attempts: set[tuple[str, str, int, str, int, dt.datetime]],
+    gap: Gap | None = None,
+) -> set[tuple[str, str, int, str, int, dt.datetime]]:
+    """Write `records` in order, in the caller's transaction.
+
+    `open_attempts` are the keys of `running` rows written by earlier batches: a record that
+    closes one of them updates it. Returns the new set of open keys (the caller keeps it only
+    if the transaction commits).
+    """
+    still_open = set(open_attempts)
+    finals: dict[tuple[str, str, int, str, int, dt.datetime], AttemptRecord] = {}
+    starts: dict[tuple[str, str, int, str, int, dt.datetime], AttemptRecord] = {}
+    tag_rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for record in records:
+        key = record.key
+        if record.outcome == "running":
+            starts[key] = record
+        else:
+            finals[key] = record
+        for tag in record.tags:
+            tag_rows[(tag[:255], record.message_id, record.listener)] = {
+                "tag": tag[:255],
+                "message_id": record.message_id,
+                "listener": record.listener,
+                "created_at": record.started_at,
+            }
+    inserts = [record.row() for key, record in starts.items() if key not in finals]
+    updates = []
+    for key, record in finals.items():
+        if key in still_open:
+            updates.append(record)
+            still_open.discard(key)
+        else:
+            inserts.append(record.row())
+    if inserts:
+        connection.execute(attempts.insert(), inserts)
+    if updates:
+        _close_running(connection, updates)
+    still_open.update(key for key in starts if key not in finals)
+    insert_ignoring_duplicates(connection, tags, list(tag_rows.values()))
+    if gap is not None:
+        connection.execute(
+            gaps.insert().values(
+                host=gap.host,
+                pid=gap.pid,
+                started_at=gap.started_at,
+                ended_at=gap.ended_at,
+                dropped=gap.dropped,
+            )
+        )
+    return still_open
+
+
+def report_worker(connection: Connection, host: str, pid: int, beat: WorkerBeat) -> None:
+    """Write this worker's heartbeat row: what it serves, runs now, and has done."""
+    upsert(
+        connection,
+        workers,
+        {
+            "host": host,
+            "pid": pid,
+            "listeners": ",".join(beat.listeners),
+            "started_at": beat.started_at,
+            "seen_at": dt.datetime.now(dt.UTC),
+            "running": json.dumps(beat.running),
+            "handled": beat.handled,
+            "retried": beat.retried,
+            "parked": beat.parked,
+        },
+    )
+
+
+def forget_worker(connection: Connection, host: str, pid: int) -> None:
+    """Remove a worker's row: it stopped cleanly."""
+    connection.execute(delete(workers).where(workers.c.host == host, workers.c.pid == pid))
+
+
+def _close_running(connection: Connection, records: Sequence[AttemptRecord]) -> None:
+    statement = (
+        attempts.update()
+        .where(
+            attempts.c.message_id == bindparam("k_message_id"),
+            attempts.c.listener == bindparam("k_listener"),
+            attempts.c.attempt == bindparam("k_attempt"),
+            attempts.c.host == bindparam("k_host"),
+            attempts.c.pid == bindparam("k_pid"),
+            attempts.c.started_at == bindparam("k_started_at"),
+        )
+        .values({name: bindparam(f"v_{name}") for name in _CLOSING_COLUMNS})
+    )
+    rows = []
+    for record in records:
+        row = record.row()
+        keys = {f"k_{name}": row[name] for name in _KEY_COLUMNS}
+        rows.append({**keys, **{f"v_{name}": row[name] for name in _CLOSING_COLUMNS}})
+    connection.execute(statement, rows)
+
+
+_KEY_COLUMNS = ("message_id", "listener", "attempt", "host", "pid", "started_at")
+_CLOSING_COLUMNS = (
+    "outcome",
+    "finished_at",
+    "duration",
+    "next_queue",
+    "exception_type",
+    "exception_message",
+    "traceback",
+)
 
 
 @dataclass(frozen=True, slots=True)
