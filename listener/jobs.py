@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,19 @@ if TYPE_CHECKING:
 
     from listener.listener import Listener
 
-__all__ = ["STATES", "UNFINISHED", "Attempt", "Gap", "Job", "find", "gaps_since", "show"]
+__all__ = [
+    "STATES",
+    "UNFINISHED",
+    "Attempt",
+    "Gap",
+    "Job",
+    "Running",
+    "WorkerStatus",
+    "find",
+    "gaps_since",
+    "show",
+    "workers",
+]
 
 STATES = ("pending", "running", "retrying", "handled", "parked")
 UNFINISHED = ("pending", "running", "retrying")
@@ -150,6 +163,70 @@ def gaps_since(since: dt.datetime, *, engine: Engine | None = None) -> list[Gap]
         Gap(row.host, row.pid, _utc(row.started_at), _utc(row.ended_at), row.dropped)
         for row in rows
     ]
+
+
+#: A worker silent for this long is shown as lost.
+LOST_AFTER = dt.timedelta(seconds=30)
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A message a worker runs now."""
+
+    message_id: str
+    listener: str
+    since: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """One worker process as it last reported itself."""
+
+    host: str
+    pid: int
+    listeners: tuple[str, ...]
+    started_at: dt.datetime
+    seen_at: dt.datetime
+    running: tuple[Running, ...]
+    handled: int
+    retried: int
+    parked: int
+    lost: bool
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running) and not self.lost
+
+
+def workers(*, engine: Engine | None = None) -> list[WorkerStatus]:
+    """Every worker that reported itself, by host and pid; `lost` when silent for 30 s."""
+    from listener.ledger import workers as table
+
+    now = dt.datetime.now(dt.UTC)
+    with _connection(engine) as connection:
+        rows = connection.execute(table.select().order_by(table.c.host, table.c.pid)).all()
+    found = []
+    for row in rows:
+        seen = _utc(row.seen_at)
+        running = tuple(
+            Running(item["message_id"], item["listener"], dt.datetime.fromisoformat(item["since"]))
+            for item in json.loads(row.running)
+        )
+        found.append(
+            WorkerStatus(
+                row.host,
+                row.pid,
+                tuple(name for name in row.listeners.split(",") if name),
+                _utc(row.started_at),
+                seen,
+                running,
+                row.handled,
+                row.retried,
+                row.parked,
+                lost=now - seen > LOST_AFTER,
+            )
+        )
+    return found
 
 
 # -- queries ---------------------------------------------------------------------------------
