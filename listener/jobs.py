@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from listener.errors import ConfigurationError
+from listener.recorder import utc
 from listener.settings import get_settings
 
 if TYPE_CHECKING:
@@ -160,8 +161,7 @@ def gaps_since(since: dt.datetime, *, engine: Engine | None = None) -> list[Gap]
             gaps.select().where(gaps.c.ended_at >= since).order_by(gaps.c.started_at)
         ).all()
     return [
-        Gap(row.host, row.pid, _utc(row.started_at), _utc(row.ended_at), row.dropped)
-        for row in rows
+        Gap(row.host, row.pid, utc(row.started_at), utc(row.ended_at), row.dropped) for row in rows
     ]
 
 
@@ -207,7 +207,7 @@ def workers(*, engine: Engine | None = None) -> list[WorkerStatus]:
         rows = connection.execute(table.select().order_by(table.c.host, table.c.pid)).all()
     found = []
     for row in rows:
-        seen = _utc(row.seen_at)
+        seen = utc(row.seen_at)
         running = tuple(
             Running(item["message_id"], item["listener"], dt.datetime.fromisoformat(item["since"]))
             for item in json.loads(row.running)
@@ -217,7 +217,7 @@ def workers(*, engine: Engine | None = None) -> list[WorkerStatus]:
                 row.host,
                 row.pid,
                 tuple(name for name in row.listeners.split(",") if name),
-                _utc(row.started_at),
+                utc(row.started_at),
                 seen,
                 running,
                 row.handled,
@@ -344,8 +344,8 @@ def _attempt(row: Any) -> Attempt:
         row.outcome,
         row.host,
         row.pid,
-        _utc(row.started_at),
-        _utc(row.finished_at) if row.finished_at is not None else None,
+        utc(row.started_at),
+        utc(row.finished_at) if row.finished_at is not None else None,
         row.duration,
         row.next_queue,
         row.exception_type,
@@ -381,11 +381,6 @@ def _moment(since: dt.datetime | dt.timedelta | None) -> dt.datetime | None:
     if isinstance(since, dt.timedelta):
         return dt.datetime.now(dt.UTC) - since
     return since
-
-
-def _utc(moment: dt.datetime) -> dt.datetime:
-    # SQLite hands back naive datetimes; every ledger time is UTC.
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
 
 
 @contextlib.contextmanager

@@ -33,13 +33,15 @@ from sqlalchemy import (
     Text,
     and_,
     bindparam,
+    case,
     delete,
+    func,
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
-from listener.recorder import MAX_MESSAGE, AttemptRecord, Gap, WorkerBeat
+from listener.recorder import MAX_MESSAGE, AttemptRecord, Gap, WorkerBeat, utc
 from listener.schema import create_tables, metadata, migration
 
 __all__ = [
@@ -340,34 +342,42 @@ def prune(
     *,
     handled_before: dt.datetime,
     failed_before: dt.datetime,
-    batch: int = 1000,
+    batch: int = 500,
 ) -> int:
-    """Delete one batch of expired messages (every row of each); returns how many messages.
+    """Delete one batch of expired messages, every record of each; returns how many.
 
-    A message expires by its last record: handled ones at `handled_before`, all others at
-    `failed_before`. Small batches keep each transaction, and its locks, short.
+    A message expires by its last record: at `handled_before` when it was handled, at
+    `failed_before` otherwise (parked, or never finished). Small batches keep each
+    transaction, and its locks, short; the caller repeats while something was deleted.
     """
-    expired = (
+    handled = (
         select(attempts.c.message_id)
         .where(attempts.c.outcome == "handled", attempts.c.finished_at < handled_before)
         .limit(batch)
-    ).union(select(attempts.c.message_id).where(attempts.c.started_at < failed_before).limit(batch))
-    ids = list(connection.execute(select(expired.subquery().c.message_id).limit(batch)).scalars())
-    if not ids:
-        return 0
-    # A message with a newer record than the cut-off is kept whole.
-    recent = set(
-        connection.execute(
-            select(attempts.c.message_id).where(
-                attempts.c.message_id.in_(ids),
-                attempts.c.started_at >= handled_before,
-                attempts.c.outcome != "handled",
-            )
-        ).scalars()
     )
-    doomed = [message_id for message_id in ids if message_id not in recent]
+    old = select(attempts.c.message_id).where(attempts.c.started_at < failed_before).limit(batch)
+    candidates = set(connection.execute(handled).scalars()) | set(connection.execute(old).scalars())
+    connection.execute(delete(gaps).where(gaps.c.ended_at < failed_before))
+    connection.execute(delete(workers).where(workers.c.seen_at < handled_before))
+    if not candidates:
+        return 0
+    last = func.max(func.coalesce(attempts.c.finished_at, attempts.c.started_at))
+    rows = connection.execute(
+        select(
+            attempts.c.message_id,
+            last.label("last"),
+            func.max(case((attempts.c.outcome == "handled", 1), else_=0)).label("handled"),
+            func.max(case((attempts.c.outcome == "parked", 1), else_=0)).label("parked"),
+        )
+        .where(attempts.c.message_id.in_(candidates))
+        .group_by(attempts.c.message_id)
+    ).all()
+    doomed = [
+        row.message_id
+        for row in rows
+        if utc(row.last) < (handled_before if row.handled and not row.parked else failed_before)
+    ]
     if doomed:
         connection.execute(delete(attempts).where(attempts.c.message_id.in_(doomed)))
         connection.execute(delete(tags).where(tags.c.message_id.in_(doomed)))
-    connection.execute(delete(gaps).where(gaps.c.ended_at < failed_before))
     return len(doomed)

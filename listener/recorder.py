@@ -433,3 +433,8 @@ def cut(text: str | None, limit: int, *, keep_end: bool = False) -> str | None:
     if keep_end:  # the end of a traceback says where it failed
         return "..." + text[-(limit - 3) :]
     return text[: limit - 3] + "..."
+
+
+def utc(moment: dt.datetime) -> dt.datetime:
+    """`moment` as an aware UTC time: SQLite hands back naive ones, and ledger times are UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)

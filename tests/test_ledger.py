@@ -3,6 +3,7 @@ message is now; on SQLite and on the real PostgreSQL, with the real broker."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import socket
@@ -83,6 +84,7 @@ async def test_a_handled_message_shows_its_publish_and_one_attempt_with_where_an
     async with run_worker(orders, middleware=[LedgerMiddleware(worker_settings)]):
         message_id = await orders.anotify(account=121, instance=532)
         await eventually(_settled(engine, message_id, "handled"), timeout=15)
+    assert recorder_for(ledger).flush()  # the publish record, from this process
     [job] = jobs.show(message_id, engine=engine)
     assert job.state == "handled"
     assert job.where == "nowhere (acked)"
@@ -105,6 +107,7 @@ async def test_a_retried_then_parked_message_shows_each_failure_and_lies_in_the_
     async with run_worker(orders, middleware=[LedgerMiddleware(worker_settings)]):
         message_id = await orders.anotify(account=7, instance=8, fail="always")
         await eventually(_settled(engine, message_id, "parked"), timeout=15)
+    assert recorder_for(ledger).flush()  # the publish record, from this process
     [job] = jobs.show(message_id, engine=engine)
     assert job.where == f"{orders.queue}.dead"
     _, first, second = job.attempts
@@ -163,3 +166,41 @@ def test_an_attempt_that_died_with_its_worker_is_recorded_as_worker_lost(engine:
     assert attempt.duration is not None and attempt.duration >= 3
     assert job.state == "retrying"
     assert job.where == "orders"
+
+
+async def test_a_running_message_is_shown_running_then_its_one_row_becomes_handled(
+    database_url: str, engine: Engine, settings: Settings, run_worker: Any, unique: str
+) -> None:
+    release = asyncio.Event()
+
+    class Slow(Listener):
+        subscribes_to = f"{unique}.slow"
+        queue = f"{unique}.slow"
+
+        async def handle(self, message: int) -> None:
+            await release.wait()
+
+    worker_settings = settings.with_database_url(database_url)
+    async with run_worker(Slow, middleware=[LedgerMiddleware(worker_settings)]):
+        message_id = await Slow.anotify(1)
+        await eventually(_settled(engine, message_id, "running"), timeout=15)
+        [job] = jobs.show(message_id, engine=engine)
+        assert job.where == f"being handled on {socket.gethostname()} pid {os.getpid()}"
+        release.set()
+        await eventually(_settled(engine, message_id, "handled"), timeout=15)
+    [job] = jobs.show(message_id, engine=engine)
+    assert [attempt.outcome for attempt in job.attempts] == ["handled"]
+
+
+async def test_a_message_from_a_foreign_publisher_is_tagged_by_the_worker(
+    database_url: str, engine: Engine, settings: Settings, run_worker: Any, unique: str, rabbit: Any
+) -> None:
+    orders = _order_listener(unique)
+    worker_settings = settings.with_database_url(database_url)
+    async with run_worker(orders, middleware=[LedgerMiddleware(worker_settings)]):
+        body = b'{"account": 5, "instance": 6}'
+        rabbit.publish(
+            unique, "order", body, message_id="foreign-1", content_type="application/json"
+        )
+        await eventually(_settled(engine, "foreign-1", "handled"), timeout=15)
+    assert [job.message_id for job in jobs.find(tag="Account:5", engine=engine)] == ["foreign-1"]
