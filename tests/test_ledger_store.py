@@ -216,12 +216,13 @@ def test_jobs_show_of_an_unknown_id_fails_and_names_a_gap_that_may_explain_it(
 def test_jobs_list_filters_by_tag_and_state_and_runs_oldest_first(
     engine: Engine, database_url: str
 ) -> None:
+    now = dt.datetime.now(dt.UTC)
     write(
         engine,
-        record("a", 1, "parked", NOW - dt.timedelta(minutes=3), tags=("Account:1",)),
-        record("b", 1, "handled", NOW - dt.timedelta(minutes=2), tags=("Account:1",)),
-        record("c", 1, "parked", NOW - dt.timedelta(minutes=1), tags=("Account:1",)),
-        record("d", 1, "parked", NOW, tags=("Account:2",)),
+        record("a", 1, "parked", now - dt.timedelta(minutes=3), tags=("Account:1",)),
+        record("b", 1, "handled", now - dt.timedelta(minutes=2), tags=("Account:1",)),
+        record("c", 1, "parked", now - dt.timedelta(minutes=1), tags=("Account:1",)),
+        record("d", 1, "parked", now, tags=("Account:2",)),
     )
     document = json.loads(
         invoke(
