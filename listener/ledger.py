@@ -41,7 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
-from listener.recorder import MAX_MESSAGE, AttemptRecord, Gap, WorkerBeat, utc
+from listener.recorder import COLUMNS, MAX_MESSAGE, AttemptRecord, Gap, WorkerBeat, utc
 from listener.schema import create_tables, metadata, migration
 
 __all__ = [
@@ -161,16 +161,16 @@ def write_batch(
                 "listener": record.listener,
                 "created_at": record.started_at,
             }
-    inserts = [record.row() for key, record in starts.items() if key not in finals]
+    inserts = [record for key, record in starts.items() if key not in finals]
     updates = []
     for key, record in finals.items():
         if key in still_open:
             updates.append(record)
             still_open.discard(key)
         else:
-            inserts.append(record.row())
+            inserts.append(record)
     if inserts:
-        connection.execute(attempts.insert(), inserts)
+        insert_attempts(connection, inserts)
     if updates:
         _close_running(connection, updates)
     still_open.update(key for key in starts if key not in finals)
@@ -186,6 +186,37 @@ def write_batch(
             )
         )
     return still_open
+
+
+def insert_attempts(connection: Connection, records: Sequence[AttemptRecord]) -> None:
+    """Insert `records` as new rows, by the quickest way the driver has.
+
+    The writer runs beside the worker's event loop and shares its interpreter lock: the
+    fewer Python steps per row here, the more the handlers get. PostgreSQL takes the rows by
+    COPY (psycopg encodes them in C); SQLite by the driver's own executemany.
+    """
+    if connection.dialect.name == "postgresql":
+        names = ", ".join(COLUMNS)
+        driver = connection.connection.driver_connection
+        assert driver is not None
+        with (
+            driver.cursor() as cursor,
+            cursor.copy(f"COPY {attempts.name} ({names}) FROM STDIN") as copy,
+        ):
+            for record in records:
+                copy.write_row(record.values())
+        return
+    marks = ", ".join("?" * len(COLUMNS))
+    statement = f"INSERT INTO {attempts.name} ({', '.join(COLUMNS)}) VALUES ({marks})"
+    rows = [tuple(_sqlite_value(value) for value in record.values()) for record in records]
+    connection.exec_driver_sql(statement, rows)
+
+
+def _sqlite_value(value: Any) -> Any:
+    # As SQLAlchemy's SQLite DateTime stores them: naive UTC text with microseconds.
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    return value
 
 
 def report_worker(connection: Connection, host: str, pid: int, beat: WorkerBeat) -> None:

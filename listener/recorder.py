@@ -85,23 +85,47 @@ class AttemptRecord:
             self.started_at,
         )
 
+    def values(self) -> tuple[Any, ...]:
+        """The row's values, in the order of `COLUMNS`."""
+        return (
+            self.message_id,
+            self.listener,
+            self.queue,
+            self.attempt,
+            self.outcome,
+            self.host,
+            self.pid,
+            self.started_at,
+            self.finished_at,
+            self.duration,
+            self.next_queue,
+            self.exception_type,
+            cut(self.exception_message, MAX_MESSAGE),
+            cut(self.traceback, MAX_TRACEBACK, keep_end=True),
+        )
+
     def row(self) -> dict[str, Any]:
-        return {
-            "message_id": self.message_id,
-            "listener": self.listener,
-            "queue": self.queue,
-            "attempt": self.attempt,
-            "outcome": self.outcome,
-            "host": self.host,
-            "pid": self.pid,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "duration": self.duration,
-            "next_queue": self.next_queue,
-            "exception_type": self.exception_type,
-            "exception_message": cut(self.exception_message, MAX_MESSAGE),
-            "traceback": cut(self.traceback, MAX_TRACEBACK, keep_end=True),
-        }
+        """The row, by column name."""
+        return dict(zip(COLUMNS, self.values(), strict=True))
+
+
+#: The columns of an attempt row that a record fills (all but the id).
+COLUMNS = (
+    "message_id",
+    "listener",
+    "queue",
+    "attempt",
+    "outcome",
+    "host",
+    "pid",
+    "started_at",
+    "finished_at",
+    "duration",
+    "next_queue",
+    "exception_type",
+    "exception_message",
+    "traceback",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +166,9 @@ class Recorder:
         url: the database URL.
         capacity: records held at most; past that, new ones are dropped and counted.
         heartbeat: called every few seconds for this worker's row (workers only).
+        in_progress: the attempts under way now (workers only); one still running after
+            `linger` is written as a `running` row, which its end then completes. An attempt
+            that ends sooner costs the hot path one record and the database one row.
         retention: prune expired records every few minutes (workers only).
     """
 
@@ -151,12 +178,14 @@ class Recorder:
         *,
         capacity: int = 10_000,
         heartbeat: Callable[[], WorkerBeat] | None = None,
+        in_progress: Callable[[], list[AttemptRecord]] | None = None,
         retention: Retention | None = None,
         linger: float = _LINGER,
     ) -> None:
         self.url = url
         self.capacity = capacity
         self.heartbeat = heartbeat
+        self.in_progress = in_progress
         self.retention = retention
         self.linger = linger
         self.pid = os.getpid()
@@ -218,6 +247,13 @@ class Recorder:
         with self._lock:
             if self._thread is not None:
                 return
+            # Imports and the engine here, in the caller: done on the writer's thread they
+            # would compete for the interpreter lock with the caller's next steps. The first
+            # record of a process pays for them, as its first publish pays for a connection.
+            try:
+                self._database()
+            except Exception:
+                log.exception("ledger: cannot set up the database client; records will wait")
             self._thread = threading.Thread(
                 target=self._run, name="amqp-listener-ledger", daemon=True
             )
@@ -279,18 +315,22 @@ class Recorder:
     def _write_all(self) -> bool:
         from listener.ledger import write_batch
 
-        while self._records or self._gap is not None:
+        opened = self._long_running()
+        while self._records or self._gap is not None or opened:
             batch = [self._records[i] for i in range(min(_BATCH, len(self._records)))]
             with self._lock:
                 gap, self._gap = self._gap, None
             try:
                 with self._database().begin() as connection:
-                    still_open = write_batch(connection, batch, open_attempts=self._open, gap=gap)
+                    still_open = write_batch(
+                        connection, [*opened, *batch], open_attempts=self._open, gap=gap
+                    )
             except Exception as exc:
                 self._put_back(gap)
                 self._outage(exc)
                 return False
             self._open = still_open
+            opened = []
             for _ in batch:
                 self._records.popleft()
             self.written += len(batch)
@@ -298,6 +338,16 @@ class Recorder:
             with self._flushed:
                 self._flushed.notify_all()
         return True
+
+    def _long_running(self) -> list[AttemptRecord]:
+        if self.in_progress is None:
+            return []
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.linger)
+        return [
+            record
+            for record in self.in_progress()
+            if record.started_at <= cutoff and record.key not in self._open
+        ]
 
     def _put_back(self, gap: Gap | None) -> None:
         if gap is None:
@@ -376,6 +426,7 @@ class Recorder:
             if not self.url.startswith("sqlite"):
                 options["connect_args"] = {"connect_timeout": 5}
             self._engine = create_engine(self.url, **options)
+            from listener import ledger  # noqa: F401 - the writer's statements
         return self._engine
 
 

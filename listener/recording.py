@@ -39,17 +39,21 @@ class LedgerMiddleware(Middleware):
         self.started_at = dt.datetime.now(dt.UTC)
         self.listeners: tuple[str, ...] = ()
         self.counts = {"handled": 0, "retried": 0, "parked": 0}
-        #: What runs now, by delivery: message id, listener, since.
-        self.running: dict[int, dict[str, str]] = {}
+        #: What runs now, by delivery: message id, listener, queue, attempt, since.
+        self.running: dict[int, tuple[str, str, str, int, dt.datetime]] = {}
+        self._names: dict[type[Listener], str] = {}
+        self._pid = os.getpid()
 
     def on_worker_start(self, worker: Worker) -> None:
         self.listeners = tuple(cls.name() for cls in worker.listeners)
+        self._pid = os.getpid()
         if self.recorder is None:
             assert self.settings.database_url is not None
             self.recorder = Recorder(
                 self.settings.database_url.get_secret_value(),
                 capacity=self.settings.ledger_buffer,
                 heartbeat=self._beat,
+                in_progress=self._in_progress,
                 retention=Retention(
                     self.settings.ledger_keep_handled_days, self.settings.ledger_keep_failed_days
                 ),
@@ -62,28 +66,18 @@ class LedgerMiddleware(Middleware):
             self.recorder = None
 
     def before_handle(self, delivery: Delivery) -> None:
+        # Only remembered: the recorder writes a `running` row for an attempt still under
+        # way when it next writes (its `in_progress`), so a quick one costs one row.
         now = dt.datetime.now(dt.UTC)
         listener = delivery.listener
-        name = listener.name()
         delivery.state["ledger.started_at"] = now
-        self.running[id(delivery)] = {
-            "message_id": delivery.message_id,
-            "listener": name,
-            "since": now.isoformat(),
-        }
-        if self.recorder is not None:
-            self.recorder.add(
-                AttemptRecord(
-                    delivery.message_id,
-                    name,
-                    listener.queue,
-                    delivery.attempt,
-                    "running",
-                    HOST,
-                    os.getpid(),
-                    now,
-                )
-            )
+        self.running[id(delivery)] = (
+            delivery.message_id,
+            self._name(listener),
+            listener.queue,
+            delivery.attempt,
+            now,
+        )
 
     def on_retry(self, delivery: Delivery, *, delay: float, failure: Failure) -> None:
         queue = delivery.listener.queue
@@ -102,36 +96,51 @@ class LedgerMiddleware(Middleware):
         if self.recorder is None or started_at is None:
             return
         listener = delivery.listener
-        next_queue = delivery.state.get("ledger.next")
-        if outcome == "returned":
-            next_queue = listener.queue
+        next_queue = listener.queue if outcome == "returned" else delivery.state.get("ledger.next")
         tags = tags_of(listener, delivery.message) if delivery.message is not None else ()
         self.recorder.add(
             AttemptRecord(
                 delivery.message_id,
-                listener.name(),
+                self._name(listener),
                 listener.queue,
                 delivery.attempt,
                 outcome,
                 HOST,
-                os.getpid(),
+                self._pid,
                 started_at,
-                finished_at=started_at + dt.timedelta(seconds=duration),
-                duration=duration,
-                next_queue=next_queue,
-                exception_type=failure.exception_type if failure else None,
-                exception_message=failure.message if failure else None,
-                traceback=(failure.traceback or None) if failure else None,
-                tags=tags,
+                started_at + dt.timedelta(seconds=duration),
+                duration,
+                next_queue,
+                failure.exception_type if failure else None,
+                failure.message if failure else None,
+                (failure.traceback or None) if failure else None,
+                tags,
             )
         )
 
+    def _name(self, listener: type[Listener]) -> str:
+        name = self._names.get(listener)
+        if name is None:
+            name = self._names[listener] = listener.name()
+        return name
+
+    def _in_progress(self) -> list[AttemptRecord]:
+        # Runs on the recorder's thread: copy first, the loop changes the dict.
+        return [
+            AttemptRecord(message_id, name, queue, attempt, "running", HOST, self._pid, since)
+            for message_id, name, queue, attempt, since in self.running.copy().values()
+        ]
+
     def _beat(self) -> WorkerBeat:
-        # Runs on the recorder's thread: copy before reading, the loop may change them.
+        # Runs on the recorder's thread too.
+        running = [
+            {"message_id": message_id, "listener": name, "since": since.isoformat()}
+            for message_id, name, _, _, since in self.running.copy().values()
+        ]
         return WorkerBeat(
             listeners=self.listeners,
             started_at=self.started_at,
-            running=list(self.running.copy().values()),
+            running=running,
             handled=self.counts["handled"],
             retried=self.counts["retried"],
             parked=self.counts["parked"],
