@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CODE := listener tests examples bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install rabbitmq demo examples test test-fast bench lint format typecheck check clean
+.PHONY: help install rabbitmq postgres demo examples test test-fast bench lint format typecheck check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ install: $(BIN)/.installed ## create .venv and install the package with its dev 
 rabbitmq: ## start the local RabbitMQ if it is not answering
 	@scripts/ensure-rabbitmq
 
+postgres: ## start the local PostgreSQL if it is not answering (the database tests use it)
+	@scripts/ensure-postgres
+
 demo: install rabbitmq ## run the FileCopier example end to end against the local broker
 	$(BIN)/python -m examples.file_copier.demo
 
@@ -29,7 +32,7 @@ examples: install rabbitmq ## run every example's demo against the local broker
 	$(BIN)/python -m examples.provisioning.demo
 	$(BIN)/python -m examples.web_publisher.demo
 
-test: install rabbitmq ## run the whole test suite (needs RabbitMQ)
+test: install rabbitmq postgres ## run the whole test suite (needs RabbitMQ)
 	$(BIN)/pytest
 
 test-fast: install ## run the tests that need no broker and no subprocesses

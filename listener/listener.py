@@ -5,12 +5,16 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from listener import routing, topology
 from listener.codec import MessageCodec
 from listener.errors import ListenerDefinitionError
+from listener.recording import record_publish
 from listener.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from listener.jobs import Job
 
 __all__ = ["Listener"]
 
@@ -82,6 +86,31 @@ class Listener:
         """Handle one message. Return to ack it; raise to retry it (see the outcome table)."""
         raise NotImplementedError
 
+    def track(self, message: Any) -> Iterable[str]:
+        """Business keys the ledger files this message under, like `"Account:121"`.
+
+        Runs where the message is notified and again in the worker (keep it a quick, pure
+        function of the message). The default tracks nothing.
+        """
+        return ()
+
+    # -- the ledger (needs a database: AMQP_LISTENER_DATABASE_URL) ---------------------------
+
+    @classmethod
+    def pending_jobs(cls, tag: str) -> list[Job]:
+        """This listener's jobs tagged `tag` that have not finished: pending, running or
+        retrying; newest last."""
+        from listener import jobs
+
+        return jobs.find(listener=cls, tag=tag, state=jobs.UNFINISHED)
+
+    @classmethod
+    def failed_jobs(cls, tag: str) -> list[Job]:
+        """This listener's parked jobs tagged `tag`; newest last."""
+        from listener import jobs
+
+        return jobs.find(listener=cls, tag=tag, state="parked")
+
     # -- publishing -------------------------------------------------------------------------
 
     @classmethod
@@ -106,7 +135,9 @@ class Listener:
 
         body = cls.codec.encode(_message_value(cls, message, fields))
         key = cls._key_for(routing_key)
-        return default_publisher().publish_body(cls.exchange, key, body, headers=headers)
+        message_id = default_publisher().publish_body(cls.exchange, key, body, headers=headers)
+        record_publish(cls, (message_id,), (body,))
+        return message_id
 
     @classmethod
     async def anotify(
@@ -124,7 +155,9 @@ class Listener:
         body = cls.codec.encode(_message_value(cls, message, fields))
         key = cls._key_for(routing_key)
         publisher = default_async_publisher()
-        return await publisher.publish_body(cls.exchange, key, body, headers=headers)
+        message_id = await publisher.publish_body(cls.exchange, key, body, headers=headers)
+        record_publish(cls, (message_id,), (body,))
+        return message_id
 
     @classmethod
     def notify_many(cls, messages: Iterable[Any], *, routing_key: str | None = None) -> list[str]:
@@ -137,9 +170,11 @@ class Listener:
 
         bodies = [cls.codec.encode(m) for m in messages]
         key = cls._key_for(routing_key)
-        return run_in_background(
+        ids = run_in_background(
             lambda publisher: publisher.publish_bodies(cls.exchange, key, bodies)
         )
+        record_publish(cls, ids, bodies)
+        return ids
 
     @classmethod
     async def anotify_many(
@@ -150,7 +185,9 @@ class Listener:
 
         bodies = [cls.codec.encode(m) for m in messages]
         key = cls._key_for(routing_key)
-        return await default_async_publisher().publish_bodies(cls.exchange, key, bodies)
+        ids = await default_async_publisher().publish_bodies(cls.exchange, key, bodies)
+        record_publish(cls, ids, bodies)
+        return ids
 
     # -- description ------------------------------------------------------------------------
 

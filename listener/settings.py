@@ -96,6 +96,41 @@ class Settings(BaseSettings):
         description="Serve /livez and /readyz on this port, all interfaces (0: a free port, "
         "logged); `run --health-port`. Default: off.",
     )
+    # -- the database edge (ledger, outbox, inbox) -------------------------------------------
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="The framework's database: postgresql://user@host/db (psycopg 3) or "
+        "sqlite:///path/to/file.db. Default: none (no ledger).",
+    )
+    ledger_keep_handled_days: float = Field(
+        default=3.0, gt=0, description="Days the ledger keeps a handled message's records."
+    )
+    ledger_keep_failed_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="Days the ledger keeps the records of parked, failed and unfinished messages.",
+    )
+    ledger_buffer: int = Field(
+        default=10_000,
+        ge=100,
+        description="Ledger records a process holds while the database is away; past that, "
+        "new records are dropped, counted, and reported as a gap.",
+    )
+
+    @property
+    def redacted_database_url(self) -> str | None:
+        """The database URL with its password replaced by `***`, or None."""
+        from listener.database import redact_database_url
+
+        if self.database_url is None:
+            return None
+        return redact_database_url(self.database_url.get_secret_value())
+
+    def with_database_url(self, url: str | None) -> Settings:
+        """A copy whose database URL is `url` (a CLI flag), or this object when `url` is None."""
+        if url is None:
+            return self
+        return self.model_copy(update={"database_url": SecretStr(url)})
 
     @field_validator("url")
     @classmethod

@@ -208,3 +208,32 @@ async def run_worker(
             await asyncio.wait_for(task, timeout=30)
 
     yield start
+
+
+# -- databases (the ledger, outbox and inbox) --------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL database of this session's own, at the newest schema, dropped at the end."""
+    from support.databases import postgres_answers, scratch_postgres, upgraded
+
+    if not postgres_answers():
+        message = "no PostgreSQL answering at 127.0.0.1:5432 (set POSTGRES_TEST_URL)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with scratch_postgres() as url:
+        yield upgraded(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """An upgraded, empty database: a SQLite file, then the session's PostgreSQL database."""
+    from support.databases import empty_ledger, upgraded
+
+    if request.param == "sqlite":
+        return upgraded(f"sqlite:///{tmp_path}/ledger.db")
+    url: str = request.getfixturevalue("postgres_url")
+    empty_ledger(url)
+    return url

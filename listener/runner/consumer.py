@@ -201,7 +201,7 @@ class Consumer:
                     )
                     fatal = False
                     try:
-                        failure = await self._attempt(message, message_id)
+                        failure = await self._attempt(message, message_id, delivery)
                     except _LeaveUnacked:
                         fatal = True
                         return
@@ -233,7 +233,9 @@ class Consumer:
                 duration=time.monotonic() - delivery.started,
             )
 
-    async def _attempt(self, message: Inbound, message_id: str) -> Failure | None:
+    async def _attempt(
+        self, message: Inbound, message_id: str, delivery: Delivery
+    ) -> Failure | None:
         listener = self.listener
         try:
             value = listener.codec.decode(
@@ -241,6 +243,7 @@ class Consumer:
             )
         except DecodeFailure as exc:
             return _settling.decode_failure(exc)
+        delivery.message = value
         try:
             if self._threads is None:
                 await run_async(self._instance.handle, value, listener.timeout)
