@@ -5,12 +5,16 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from listener import routing, topology
 from listener.codec import MessageCodec
 from listener.errors import ListenerDefinitionError
 from listener.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import Session
 
 __all__ = ["Listener"]
 
@@ -87,20 +91,29 @@ class Listener:
         *,
         routing_key: str | None = None,
         headers: dict[str, Any] | None = None,
+        session: Session | None = None,
+        ordering_key: str | None = None,
         **fields: Any,
     ) -> str:
         """Validate, publish and wait for the broker's confirm. Returns the message id.
 
         Pass a model instance, or its fields as keyword arguments. Thread-safe.
 
+        With `session` (a SQLAlchemy `Session`), the message is written to the outbox in that
+        session's transaction instead, and the id returned at once: the relay publishes it
+        once the transaction commits, and never if it rolls back. `ordering_key` (outbox
+        only) keeps the messages of one key in commit order.
+
         Raises:
             InvalidMessage: the message does not fit the model (nothing was sent).
             PublishError: a subclass saying why the message is not safely with the broker.
         """
-        from listener.publisher import default_publisher
-
         body = cls.codec.encode(_message_value(cls, message, fields))
         key = cls._key_for(routing_key)
+        if session is not None or ordering_key is not None:
+            return outbox_write(session, cls.exchange, key, [body], headers, ordering_key)[0]
+        from listener.publisher import default_publisher
+
         return default_publisher().publish_body(cls.exchange, key, body, headers=headers)
 
     @classmethod
@@ -111,40 +124,62 @@ class Listener:
         *,
         routing_key: str | None = None,
         headers: dict[str, Any] | None = None,
+        session: AsyncSession | Session | None = None,
+        ordering_key: str | None = None,
         **fields: Any,
     ) -> str:
-        """The asyncio twin of `notify()`."""
-        from listener.apublisher import default_async_publisher
-
+        """The asyncio twin of `notify()`; `session` is an `AsyncSession` (or a `Session`)."""
         body = cls.codec.encode(_message_value(cls, message, fields))
         key = cls._key_for(routing_key)
+        if session is not None or ordering_key is not None:
+            ids = await outbox_awrite(session, cls.exchange, key, [body], headers, ordering_key)
+            return ids[0]
+        from listener.apublisher import default_async_publisher
+
         publisher = default_async_publisher()
         return await publisher.publish_body(cls.exchange, key, body, headers=headers)
 
     @classmethod
-    def notify_many(cls, messages: Iterable[Any], *, routing_key: str | None = None) -> list[str]:
+    def notify_many(
+        cls,
+        messages: Iterable[Any],
+        *,
+        routing_key: str | None = None,
+        session: Session | None = None,
+        ordering_key: str | None = None,
+    ) -> list[str]:
         """Publish a batch with pipelined confirms; returns the ids once all are confirmed.
 
         Every message is validated before the first is sent. If some fail, the first error
         is raised after all confirms are in; messages confirmed before it stay published.
+        With `session`, the batch is written to the outbox as `notify()` does.
         """
-        from listener.apublisher import run_in_background
-
         bodies = [cls.codec.encode(m) for m in messages]
         key = cls._key_for(routing_key)
+        if session is not None or ordering_key is not None:
+            return outbox_write(session, cls.exchange, key, bodies, None, ordering_key)
+        from listener.apublisher import run_in_background
+
         return run_in_background(
             lambda publisher: publisher.publish_bodies(cls.exchange, key, bodies)
         )
 
     @classmethod
     async def anotify_many(
-        cls, messages: Iterable[Any], *, routing_key: str | None = None
+        cls,
+        messages: Iterable[Any],
+        *,
+        routing_key: str | None = None,
+        session: AsyncSession | Session | None = None,
+        ordering_key: str | None = None,
     ) -> list[str]:
         """The asyncio twin of `notify_many()`."""
-        from listener.apublisher import default_async_publisher
-
         bodies = [cls.codec.encode(m) for m in messages]
         key = cls._key_for(routing_key)
+        if session is not None or ordering_key is not None:
+            return await outbox_awrite(session, cls.exchange, key, bodies, None, ordering_key)
+        from listener.apublisher import default_async_publisher
+
         return await default_async_publisher().publish_bodies(cls.exchange, key, bodies)
 
     # -- description ------------------------------------------------------------------------
@@ -182,6 +217,45 @@ class Listener:
                 f"{cls.routing_key!r}: the message would not reach it"
             )
         return routing_key
+
+
+def outbox_write(
+    session: Session | None,
+    exchange: str,
+    key: str,
+    bodies: list[bytes],
+    headers: dict[str, Any] | None,
+    ordering_key: str | None,
+) -> list[str]:
+    """Write validated bodies to the outbox through `session` (see `listener.outbox`)."""
+    from listener import outbox
+
+    rows = outbox.rows(exchange, key, bodies, headers=headers, ordering_key=ordering_key)
+    return outbox.write(_session_for_outbox(session), rows)
+
+
+async def outbox_awrite(
+    session: AsyncSession | Session | None,
+    exchange: str,
+    key: str,
+    bodies: list[bytes],
+    headers: dict[str, Any] | None,
+    ordering_key: str | None,
+) -> list[str]:
+    """The asyncio twin of `outbox_write()`."""
+    from listener import outbox
+
+    rows = outbox.rows(exchange, key, bodies, headers=headers, ordering_key=ordering_key)
+    return await outbox.awrite(_session_for_outbox(session), rows)
+
+
+def _session_for_outbox(session: Any) -> Any:
+    if session is None:
+        raise ValueError(
+            "ordering_key is kept by the outbox: pass session=... (the transaction to write "
+            "the message in) with it"
+        )
+    return session
 
 
 def _message_value(cls: type[Listener], message: Any, fields: dict[str, Any]) -> Any:
