@@ -17,8 +17,9 @@ import typer
 from pythonjsonlogger.json import JsonFormatter
 
 from listener import registry
-from listener._cli_db import db_app
+from listener._cli_db import DatabaseUrlOption, db_app
 from listener._cli_operate import JsonOption, dead_app, status
+from listener._cli_outbox import relay, with_outbox
 from listener.errors import BrokerError, ConfigurationError, ListenerError, PublishError
 from listener.settings import Settings, get_settings
 
@@ -157,6 +158,15 @@ def run(
             show_default=False,
         ),
     ] = None,
+    outbox: Annotated[
+        bool,
+        typer.Option(
+            "--outbox",
+            help="Also run an outbox relay, a supervised process (needs "
+            "AMQP_LISTENER_DATABASE_URL or --database-url).",
+        ),
+    ] = False,
+    database_url: DatabaseUrlOption = None,
 ) -> None:
     """Host the listeners in MODULES and consume until stopped (SIGTERM/SIGINT drain).
 
@@ -171,6 +181,7 @@ def run(
         settings = settings.model_copy(update={"grace_period": grace})
     if health_port is not None:
         settings = settings.model_copy(update={"health_port": health_port})
+    settings = with_outbox(settings, outbox=outbox, database_url=database_url)
     endpoint = None
     if metrics_port is not None:
         from listener.metrics import MultiprocessEndpoint
@@ -266,6 +277,7 @@ def publish(
 app.command()(status)
 app.add_typer(dead_app, name="dead")
 app.add_typer(db_app, name="db")
+app.command()(relay)
 
 
 def main() -> None:

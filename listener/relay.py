@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     import aiormq.abc
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-__all__ = ["BATCH_SIZE", "Relay", "lag"]
+__all__ = ["BATCH_SIZE", "Relay", "RelayCounts", "has_outbox", "lag"]
 
 log = logging.getLogger("listener.relay")
 
@@ -70,8 +70,9 @@ BATCH_SIZE = 1000
 POLL_SECONDS = 1.0
 #: Poll on SQLite (see the module docstring for why this often).
 SQLITE_POLL_SECONDS = 0.2
-#: How long a SQLite relay's lease lasts unless renewed: longer than a batch may take.
-LEASE_SECONDS = 60.0
+#: How long a SQLite relay's lease lasts unless renewed: longer than a batch may take. A
+#: relay of the same host that died frees it at once.
+LEASE_SECONDS = 30.0
 #: Back-off after a failure to reach the broker or the database, doubled up to the cap.
 _FIRST_BACKOFF = 0.5
 _BACKOFF_CAP = 15.0
@@ -116,6 +117,7 @@ class Relay:
         self._stopping = asyncio.Event()
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._transient: Exception | None = None
+        self._checked = False  # the outbox table exists
         self._postgres = database.normalize_url(self._url).get_backend_name() == "postgresql"
 
     def __repr__(self) -> str:
@@ -153,7 +155,9 @@ class Relay:
                     self.counts.failures += 1
                     wait = backoff * random.uniform(0.8, 1.2)
                     log.warning(
-                        "outbox relay: %s; the rows wait, retrying in %.1fs", _describe(exc), wait
+                        "outbox relay: %s; the rows wait, retrying in %.1fs",
+                        self._describe(exc),
+                        wait,
                     )
                     backoff = min(backoff * 2, _BACKOFF_CAP)
                     await self._sleep(wait)
@@ -179,6 +183,13 @@ class Relay:
         """
         if self._engine is None:
             self._engine = database.create_async_engine(self._url, pool_size=2)
+        if not self._checked:
+            if not await has_outbox(self._engine):
+                raise ConfigurationError(
+                    f"the database {self.settings.redacted_database_url} has no outbox table: "
+                    "run `amqp-listener db upgrade` first"
+                )
+            self._checked = True
         channel = await self._publisher._underlay()  # connect before claiming anything
         if self._postgres:
             return await self._batch_postgres(channel)
@@ -238,24 +249,26 @@ class Relay:
                 yield writing
 
     async def _take_lease(self) -> bool:
+        """Hold the SQLite relay lease: free, lapsed, ours already, or left by a relay of
+        this host that died (SQLite lives on one host, so its processes can be checked)."""
         lease = outbox.lease_table
         now = time.time()
         async with self._writing() as writing:
-            await writing.execute(
-                sa.text(
-                    "INSERT OR IGNORE INTO amqp_listener_outbox_lease (name, holder, expires_at) "
-                    "VALUES ('relay', '', 0)"
+            row = (
+                await writing.execute(
+                    sa.select(lease.c.holder, lease.c.expires_at).where(lease.c.name == "relay")
                 )
-            )
-            taken = await writing.execute(
-                lease.update()
-                .where(
-                    lease.c.name == "relay",
-                    sa.or_(lease.c.holder == self._holder, lease.c.expires_at < now),
-                )
-                .values(holder=self._holder, expires_at=now + LEASE_SECONDS)
-            )
-        return taken.rowcount == 1
+            ).first()
+            if row is not None and not (
+                row.holder == self._holder or row.expires_at < now or _gone(row.holder)
+            ):
+                return False
+            values = {"holder": self._holder, "expires_at": now + LEASE_SECONDS}
+            if row is None:
+                await writing.execute(sa.insert(lease).values(name="relay", **values))
+            else:
+                await writing.execute(lease.update().where(lease.c.name == "relay").values(values))
+        return True
 
     # -- both -----------------------------------------------------------------------------
 
@@ -349,6 +362,11 @@ class Relay:
             await self._publisher.aclose()
             raise error if isinstance(error, PublishError) else PublishError(str(error))
 
+    def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, sa.exc.SQLAlchemyError):
+            return database.describe_error(exc, self._url)
+        return str(exc)
+
     # -- waiting --------------------------------------------------------------------------
 
     async def _sleep(self, seconds: float) -> None:
@@ -386,6 +404,21 @@ class Relay:
                 backoff = min(backoff * 2, _BACKOFF_CAP)
 
 
+def _gone(holder: str) -> bool:
+    """Whether `holder` (`host:pid:token`) names a process of this host that has ended."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
 async def _send(channel: aiormq.abc.AbstractChannel, row: sa.Row[Any]) -> None:
     import aiormq
 
@@ -405,14 +438,18 @@ async def _send(channel: aiormq.abc.AbstractChannel, row: sa.Row[Any]) -> None:
     )
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, sa.exc.SQLAlchemyError):
-        return f"the database failed ({type(getattr(exc, 'orig', exc)).__name__})"
-    return str(exc)
+async def has_outbox(engine: AsyncEngine) -> bool:
+    """Whether `db upgrade` created the outbox table in this database."""
+    async with engine.connect() as connection:
+        name = outbox.outbox_table.name
+        return bool(await connection.run_sync(lambda sync: sa.inspect(sync).has_table(name)))
 
 
-async def lag(engine: AsyncEngine) -> dict[str, Any]:
-    """The outbox lag: rows waiting, and the age in seconds of the oldest (None when empty)."""
+async def lag(engine: AsyncEngine) -> dict[str, Any] | None:
+    """The outbox lag: rows waiting, and the age in seconds of the oldest (None when empty);
+    None without an outbox table."""
+    if not await has_outbox(engine):
+        return None
     async with engine.connect() as connection:
         waiting, oldest = (
             await connection.execute(

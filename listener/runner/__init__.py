@@ -56,6 +56,8 @@ def run(
             raise ConfigurationError(
                 "--workers above 1, --metrics-port and --health-port need Linux (fork and prctl)"
             )
+        if settings.outbox_relay:
+            raise ConfigurationError("run --outbox needs Linux: run `amqp-listener relay` instead")
         log.warning("worker processes cannot be supervised on this platform; running one")
         return run_worker(listeners, settings, fail_fast=fail_fast)
     return supervisor.supervise(
