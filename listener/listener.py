@@ -40,6 +40,9 @@ class Listener:
         retry_delays: seconds before attempt 2, 3, ...; the last value repeats.
         timeout: seconds one attempt may take; then it counts as failed.
         concurrency: messages in flight per worker process (the consumer prefetch).
+        idempotent: handle each message id once, atomically with the handler's database
+            writes (`listener.inbox`); `handle(self, message, session)` then gets a
+            SQLAlchemy session (an `AsyncSession` when it is `async def`).
 
     Pass `abstract=True` in the class statement for a base class that shares settings
     (`class Base(Listener, abstract=True)`): it needs no `subscribes_to` and is never hosted.
@@ -51,6 +54,7 @@ class Listener:
     retry_delays: ClassVar[tuple[float, ...]] = (1, 5, 30)
     timeout: ClassVar[float] = 60
     concurrency: ClassVar[int] = 8
+    idempotent: ClassVar[bool] = False
 
     # Derived at class creation; read-only by convention.
     exchange: ClassVar[str]
@@ -339,8 +343,22 @@ def _check_handle(cls: type[Listener], settings: Settings) -> None:
         for p in parameters[1:]
         if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     ]
-    if not positional or required:
-        raise _error(cls, "handle", "must take exactly one argument besides self: the message")
+    if not isinstance(cls.idempotent, bool):
+        raise _error(cls, "idempotent", f"must be True or False, got {cls.idempotent!r}")
+    if cls.idempotent and (len(positional) < 2 or len(required) > 1):
+        raise _error(
+            cls,
+            "handle",
+            "of an idempotent listener must take two arguments besides self: the message and "
+            "the database session, handle(self, message, session)",
+        )
+    if not cls.idempotent and (not positional or required):
+        raise _error(
+            cls,
+            "handle",
+            "must take exactly one argument besides self: the message (a second, the session, "
+            "needs idempotent = True)",
+        )
     try:
         hints = typing.get_type_hints(handle)
     except Exception as exc:  # NameError for a forward reference, TypeError for bad syntax

@@ -50,6 +50,10 @@ def run(
     """
     if workers < 1:
         raise ConfigurationError(f"--workers must be at least 1, not {workers}")
+    if any(cls.idempotent for cls in listeners):  # the database is an optional extra
+        from listener.inbox import check_listeners
+
+        check_listeners(listeners, settings)
     loop.loop_factory(settings.event_loop)  # an unusable choice fails here, once
     if not supervisor.supported():
         if workers > 1 or metrics is not None or settings.health_port is not None:

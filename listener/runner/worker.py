@@ -530,6 +530,9 @@ class Worker:
             await asyncio.wait(pending, timeout=_CANCEL_WAIT)
         if self._transport is not None:
             await self._transport.close(timeout=_CANCEL_WAIT)
+        for consumer in self.consumers:  # idempotent listeners' database connections
+            if consumer.inbox is not None:
+                await consumer.inbox.aclose()
         self.chain.after("on_worker_stop", self)
         log.info("worker pid=%d stopped: %r", os.getpid(), self)
 
