@@ -189,11 +189,17 @@ class Inbox:
         threading.Thread(target=self._prune, name="amqp-listener-inbox-prune", daemon=True).start()
 
     def _prune(self) -> None:
+        from listener.database import create_engine
+
+        # An engine of its own, closed here: the worker may close its own meanwhile.
+        engine = create_engine(self._url, poolclass=sa.NullPool)
         try:
-            removed = prune(self._sync_engine(), self.settings.inbox_retention_days)
+            removed = prune(engine, self.settings.inbox_retention_days)
         except Exception as exc:  # pruning is housekeeping: never a delivery's failure
             log.warning("pruning the inbox failed (%s); trying again in an hour", exc)
             return
+        finally:
+            engine.dispose()
         if removed:
             log.info(
                 "inbox: pruned %d message id(s) older than %g days",

@@ -90,17 +90,15 @@ _TRIGGERS = [
     f"""
 CREATE OR REPLACE FUNCTION amqp_listener_outbox_order() RETURNS trigger AS $$
 BEGIN
-    IF NEW.ordering_key IS NOT NULL THEN
-        PERFORM pg_advisory_xact_lock({WRITER_LOCK_CLASS}, hashtext(NEW.ordering_key));
-        NEW.id := nextval(pg_get_serial_sequence('amqp_listener_outbox', 'id'));
-    END IF;
+    PERFORM pg_advisory_xact_lock({WRITER_LOCK_CLASS}, hashtext(NEW.ordering_key));
+    NEW.id := nextval(pg_get_serial_sequence('amqp_listener_outbox', 'id'));
     RETURN NEW;
 END $$ LANGUAGE plpgsql
 """,
     "DROP TRIGGER IF EXISTS amqp_listener_outbox_order ON amqp_listener_outbox",
     """
 CREATE TRIGGER amqp_listener_outbox_order BEFORE INSERT ON amqp_listener_outbox
-FOR EACH ROW EXECUTE FUNCTION amqp_listener_outbox_order()
+FOR EACH ROW WHEN (NEW.ordering_key IS NOT NULL) EXECUTE FUNCTION amqp_listener_outbox_order()
 """,
     f"""
 CREATE OR REPLACE FUNCTION amqp_listener_outbox_notify() RETURNS trigger AS $$
