@@ -113,7 +113,7 @@ class Inbox:
             if inserted.first() is None:
                 self._duplicate(message_id)
                 return None
-            result = instance.handle(value, session)  # type: ignore[call-arg]
+            result = instance.handle(value, session)
         self._maybe_prune()
         return result
 
@@ -126,7 +126,7 @@ class Inbox:
             if inserted.first() is None:
                 self._duplicate(message_id)
                 return None
-            handled: Awaitable[Any] = instance.handle(value, session)  # type: ignore[call-arg]
+            handled: Awaitable[Any] = instance.handle(value, session)
             result = await handled
         self._maybe_prune()
         return result

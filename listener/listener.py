@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from listener import routing, topology
@@ -81,9 +81,16 @@ class Listener:
 
         registry.register(cls)
 
-    def handle(self, message: Any) -> Any:
-        """Handle one message. Return to ack it; raise to retry it (see the outcome table)."""
-        raise NotImplementedError
+    if TYPE_CHECKING:
+        # `handle(self, message)`, or `handle(self, message, session)` with `idempotent`:
+        # typed loosely so that either signature type-checks in a subclass.
+        handle: Callable[..., Any]
+    else:
+
+        def handle(self, message):
+            """Handle one message. Return to ack it; raise to retry it (see the outcome
+            table)."""
+            raise NotImplementedError
 
     # -- publishing -------------------------------------------------------------------------
 
