@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +15,7 @@ from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from support.proxy import TcpProxy
-from support.waiting import eventually
+from support.waiting import eventually, wait_until
 
 import listener
 from listener import InvalidMessage, Listener, database
@@ -224,3 +225,68 @@ async def test_a_broker_outage_only_delays_the_rows(
         await asyncio.wait_for(running, 10)
     engine.dispose()
     assert order_ids(rabbit.drain(shipper.queue)) == list(range(20))
+
+
+async def test_two_relays_publish_each_ordering_key_in_commit_order(
+    database_url: str, shipper: type[Listener], settings: Settings, rabbit: Any
+) -> None:
+    engine = database.create_engine(database_url)
+    with Session(engine) as session, session.begin():
+        for n in range(300):
+            shipper.notify(order_id=n, session=session, ordering_key=f"customer-{n % 3}")
+    engine.dispose()
+    # Small batches, so that the two relays take turns many times.
+    relays = [Relay(relay_settings(settings, database_url), batch_size=7) for _ in range(2)]
+    running = [asyncio.create_task(relay.run()) for relay in relays]
+    await eventually(lambda: sum(r.counts.published for r in relays) >= 300, timeout=30)
+    for relay in relays:
+        relay.stop()
+    await asyncio.wait_for(asyncio.gather(*running), 15)
+    published = order_ids(rabbit.drain(shipper.queue))
+    assert sorted(published) == list(range(300))
+    for key in range(3):
+        of_key = [n for n in published if n % 3 == key]
+        assert of_key == sorted(of_key)
+
+
+def test_writers_of_one_ordering_key_wait_for_each_others_commit(
+    postgres_url: str, shipper: type[Listener]
+) -> None:
+    engine = database.create_engine(postgres_url)
+    second_done = threading.Event()
+    try:
+        with Session(engine) as first, first.begin():
+            first_id = shipper.notify(order_id=1, session=first, ordering_key="customer-1")
+
+            def second_writer() -> None:
+                with Session(engine) as second, second.begin():
+                    shipper.notify(order_id=2, session=second, ordering_key="customer-1")
+                second_done.set()
+
+            thread = threading.Thread(target=second_writer)
+            thread.start()
+            wait_until(lambda: lock_waiters(engine) == 1, 10, "the second writer to wait")
+            assert not second_done.is_set()
+        thread.join(10)
+        assert second_done.is_set()
+        with engine.connect() as connection:
+            ids = connection.execute(
+                sa.select(outbox_table.c.message_id).order_by(outbox_table.c.id)
+            ).scalars()
+            assert next(ids) == first_id  # the first to commit has the smaller id
+    finally:
+        with engine.begin() as connection:
+            connection.execute(sa.delete(outbox_table))
+        engine.dispose()
+
+
+def lock_waiters(engine: sa.Engine) -> int:
+    with engine.connect() as connection:
+        return int(
+            connection.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_locks JOIN pg_database ON pg_database.oid = database "
+                    "WHERE locktype = 'advisory' AND NOT granted AND datname = current_database()"
+                )
+            ).scalar_one()
+        )
