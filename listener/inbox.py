@@ -90,6 +90,13 @@ class Inbox:
     def __repr__(self) -> str:
         return f"<Inbox {self.listener.__name__} duplicates={self.duplicates}>"
 
+    @property
+    def on_sqlite(self) -> bool:
+        """Whether the database is SQLite."""
+        from listener.database import normalize_url
+
+        return normalize_url(self._url).get_backend_name() == "sqlite"
+
     async def aclose(self) -> None:
         """Close the database connections (the worker stopped); reopened if used again."""
         engine, self._engine = self._engine, None
