@@ -33,7 +33,9 @@ def _fail(message: str, code: int) -> NoReturn:
 def relay(
     url: UrlOption = None,
     database_url: DatabaseUrlOption = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    log_level: Annotated[
+        str, typer.Option(help="How much the relay logs: DEBUG, INFO, WARNING or ERROR.")
+    ] = "INFO",
 ) -> None:
     """Publish the outbox's committed messages with confirms until SIGTERM/SIGINT.
 
@@ -41,6 +43,8 @@ def relay(
     """
     from listener.cli import _configure_logging
 
+    if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        _fail(f"--log-level must be DEBUG, INFO, WARNING or ERROR, not {log_level!r}", 2)
     _configure_logging(log_level)
     try:
         settings = get_settings().with_url(url).with_database_url(database_url)
