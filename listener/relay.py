@@ -314,7 +314,7 @@ class Relay:
             translated = publish_error(
                 error, exchange=row.exchange, routing_key=row.routing_key, message_id=row.message_id
             )
-            outcomes[index] = str(translated) if isinstance(translated, Unroutable) else translated
+            outcomes[index] = str(translated) if _refused(translated, row) else translated
         return outcomes
 
     async def _settle(
@@ -421,6 +421,19 @@ class Relay:
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_CAP)
+
+
+def _refused(error: PublishError, row: sa.Row[Any]) -> bool:
+    """Whether the broker refused this row for good (it goes to the dead table).
+
+    A returned message is refused alone. A missing exchange closes the whole channel, and
+    every row still waiting for its confirm fails with the same error: only the rows for
+    that exchange are refused; the others are retried with the next batch.
+    """
+    if not isinstance(error, Unroutable):
+        return False
+    text = str(error)
+    return "does not exist" not in text or f"exchange {row.exchange!r} does not exist" in text
 
 
 def _gone(holder: str) -> bool:

@@ -290,3 +290,26 @@ def lock_waiters(engine: sa.Engine) -> int:
                 )
             ).scalar_one()
         )
+
+
+async def test_a_row_for_a_missing_exchange_goes_dead_and_the_rows_behind_it_follow(
+    database_url: str, shipper: type[Listener], settings: Settings, rabbit: Any
+) -> None:
+    engine = database.create_engine(database_url)
+    with Session(engine) as session, session.begin():
+        listener.publish(
+            f"{shipper.exchange}_missing.order_placed", {"order_id": 0}, session=session
+        )
+        shipper.notify_many([{"order_id": n} for n in range(1, 4)], session=session)
+    relay = Relay(relay_settings(settings, database_url))
+    running = asyncio.create_task(relay.run())
+    try:
+        await eventually(lambda: waiting(engine) == 0, timeout=20)
+    finally:
+        relay.stop()
+        await asyncio.wait_for(running, 15)
+    with engine.connect() as connection:
+        reason = connection.execute(sa.select(dead_table.c.reason)).scalar_one()
+    engine.dispose()
+    assert "does not exist" in reason
+    assert order_ids(rabbit.drain(shipper.queue)) == [1, 2, 3]
