@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupted)
     load = os.getloadavg()
     broker = Broker(plan.url)
+    runner: Runner | None = None
     try:
         broker_version = broker.server_version()
         with tempfile.TemporaryDirectory(prefix="amqp-listener-bench-") as workdir:
@@ -195,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         _progress(f"failed: {exc}")
         return 1
     finally:
+        if runner is not None:
+            runner.ledgers.close()
         try:
             broker.delete_all()
         except pika.exceptions.AMQPError as exc:

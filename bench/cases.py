@@ -48,6 +48,8 @@ class Case:
     baseline_argv: tuple[str, ...] = ()
     publisher: str = ""
     uvloop: bool = False
+    #: With the job ledger on: "postgresql" or "sqlite" (see bench.measure).
+    database: str = ""
 
     @property
     def framework(self) -> bool:
@@ -91,6 +93,24 @@ CASES: tuple[Case, ...] = (
         listener="AsyncNoop",
         workers=2,
     ),
+    Case(
+        "async-ledger-pg",
+        "consume",
+        "async no-op, ledger on PostgreSQL (vs without)",
+        "async",
+        Goal(0.7),
+        listener="AsyncNoop",
+        database="postgresql",
+    ),
+    Case(
+        "async-ledger-sqlite",
+        "consume",
+        "async no-op, ledger on SQLite (vs without)",
+        "async",
+        Goal(0.6),
+        listener="AsyncNoop",
+        database="sqlite",
+    ),
     # -- publish one at a time, each confirmed --
     Case(
         "pika-serial",
@@ -105,6 +125,15 @@ CASES: tuple[Case, ...] = (
         "pika-serial",
         Goal(0.95),
         publisher="notify",
+    ),
+    Case(
+        "notify-ledger",
+        "serial",
+        "notify(), database URL set: pending rows (vs without)",
+        "notify",
+        Goal(0.95),
+        publisher="notify",
+        database="postgresql",
     ),
     # -- publish in windows, confirms pipelined --
     Case(

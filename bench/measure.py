@@ -34,6 +34,7 @@ import pika.exceptions
 
 from bench.broker import Broker
 from bench.cases import Case
+from bench.ledgers import Ledgers
 from bench.names import Target, new_token, target
 from bench.procs import ChildFailed, cli, peak_rss_kib, running, wait_count
 from bench.profiling import summarize
@@ -75,6 +76,8 @@ class Runner:
         self.workdir = workdir
         #: What every run so far declared, in order: its exchange and its queues.
         self.declared: list[dict[str, Any]] = []
+        #: The job ledger's databases, for the cases that turn it on.
+        self.ledgers = Ledgers()
 
     def run(self, case: Case, deadline: float, *, profile: bool = False) -> dict[str, Any]:
         """Measure `case` once; the numbers of the run.
@@ -103,7 +106,7 @@ class Runner:
             self.broker.prefill(
                 where.exchange, where.routing_key, n, item, where.queue, _left(deadline)
             )
-            env = self._env(where, scratch, expect=n if profile else 0, profile=profile)
+            env = self._env(where, scratch, case, expect=n if profile else 0, profile=profile)
             with running(self._argv(case, where), env, scratch / "output.log") as child:
                 stats = wait_count(scratch, n, deadline, child)
                 rss = {s["pid"]: peak_rss_kib(s["pid"]) for s in stats}
@@ -130,7 +133,7 @@ class Runner:
         with self._fresh(case) as (where, scratch):
             out = scratch / "result.json"
             argv = self._argv(case, where, count=count, out=out)
-            with running(argv, self._env(where, scratch), scratch / "output.log") as child:
+            with running(argv, self._env(where, scratch, case), scratch / "output.log") as child:
                 if child.wait(deadline) != 0 or not out.exists():
                     raise child.failed("the publisher failed")
             result = json.loads(out.read_text())
@@ -149,7 +152,7 @@ class Runner:
     def _latency(self, case: Case, deadline: float) -> dict[str, Any]:
         count, rate = self.plan.latency_n, self.plan.latency_rate
         with self._fresh(case) as (where, scratch):
-            argv, env = self._argv(case, where), self._env(where, scratch)
+            argv, env = self._argv(case, where), self._env(where, scratch, case)
             with running(argv, env, scratch / "output.log") as child:
                 while self.broker.counts(where.queue)[1] == 0:  # until it consumes
                     if not child.alive():
@@ -264,7 +267,13 @@ class Runner:
         ]
 
     def _env(
-        self, where: Target, scratch: Path, *, expect: int = 0, profile: bool = False
+        self,
+        where: Target,
+        scratch: Path,
+        case: Case,
+        *,
+        expect: int = 0,
+        profile: bool = False,
     ) -> dict[str, str]:
         # The framework's settings at their defaults: a stray AMQP_LISTENER_QUEUE_TYPE would
         # make the framework's queues differ from the baseline's.
@@ -280,6 +289,8 @@ class Runner:
         )
         if profile:
             env[ENV_PROFILE] = "1"
+        if case.database:
+            env["AMQP_LISTENER_DATABASE_URL"] = self.ledgers.url(case.database, scratch)
         return env
 
 

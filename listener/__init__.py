@@ -5,6 +5,7 @@ Everything a user writes is importable from here:
     from listener import Listener, Retry, Reject, PublishError
 """
 
+from listener import jobs
 from listener.apublisher import AsyncPublisher, apublish
 from listener.errors import (
     AuthenticationFailed,
@@ -59,5 +60,6 @@ __all__ = [
     "__version__",
     "add_middleware",
     "apublish",
+    "jobs",
     "publish",
 ]

@@ -18,6 +18,7 @@ from pythonjsonlogger.json import JsonFormatter
 
 from listener import registry
 from listener._cli_db import DatabaseUrlOption, db_app
+from listener._cli_jobs import jobs_app, workers
 from listener._cli_operate import JsonOption, dead_app, status
 from listener._cli_outbox import relay, with_outbox
 from listener.errors import BrokerError, ConfigurationError, ListenerError, PublishError
@@ -176,6 +177,9 @@ def run(
     from listener.runner import run as run_listeners
 
     _configure_logging(log_level.value, log_format.value)
+    if database_url is not None:  # read by the workers' ledger, as the variable would be
+        os.environ["AMQP_LISTENER_DATABASE_URL"] = database_url
+        get_settings.cache_clear()
     settings = _settings(url)
     if grace is not None:
         settings = settings.model_copy(update={"grace_period": grace})
@@ -277,6 +281,8 @@ def publish(
 app.command()(status)
 app.add_typer(dead_app, name="dead")
 app.add_typer(db_app, name="db")
+app.add_typer(jobs_app, name="jobs")
+app.command()(workers)
 app.command()(relay)
 
 

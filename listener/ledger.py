@@ -15,6 +15,7 @@ to a bounded length.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,26 +32,29 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
+    case,
     delete,
+    func,
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
+from listener.recorder import COLUMNS, MAX_MESSAGE, AttemptRecord, Gap, WorkerBeat, utc
 from listener.schema import create_tables, metadata, migration
 
 __all__ = [
+    "AttemptRecord",
+    "Gap",
     "LostAttempt",
     "attempts",
     "gaps",
     "record_lost",
     "tags",
     "workers",
+    "write_batch",
 ]
-
-#: Exception messages and tracebacks are cut to these many characters.
-MAX_MESSAGE = 500
-MAX_TRACEBACK = 4000
 
 _Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
 _When = DateTime(timezone=True)
@@ -125,6 +129,151 @@ def _create_ledger(connection: Connection) -> None:
 
 
 # -- writing ---------------------------------------------------------------------------------
+
+
+def write_batch(
+    connection: Connection,
+    records: Sequence[AttemptRecord],
+    *,
+    open_attempts: set[tuple[str, str, int, str, int, dt.datetime]],
+    gap: Gap | None = None,
+) -> set[tuple[str, str, int, str, int, dt.datetime]]:
+    """Write `records` in order, in the caller's transaction.
+
+    `open_attempts` are the keys of `running` rows written by earlier batches: a record that
+    closes one of them updates it. Returns the new set of open keys (the caller keeps it only
+    if the transaction commits).
+    """
+    still_open = set(open_attempts)
+    finals: dict[tuple[str, str, int, str, int, dt.datetime], AttemptRecord] = {}
+    starts: dict[tuple[str, str, int, str, int, dt.datetime], AttemptRecord] = {}
+    tag_rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for record in records:
+        key = record.key
+        if record.outcome == "running":
+            starts[key] = record
+        else:
+            finals[key] = record
+        for tag in record.tags:
+            tag_rows[(tag[:255], record.message_id, record.listener)] = {
+                "tag": tag[:255],
+                "message_id": record.message_id,
+                "listener": record.listener,
+                "created_at": record.started_at,
+            }
+    inserts = [record for key, record in starts.items() if key not in finals]
+    updates = []
+    for key, record in finals.items():
+        if key in still_open:
+            updates.append(record)
+            still_open.discard(key)
+        else:
+            inserts.append(record)
+    if inserts:
+        insert_attempts(connection, inserts)
+    if updates:
+        _close_running(connection, updates)
+    still_open.update(key for key in starts if key not in finals)
+    insert_ignoring_duplicates(connection, tags, list(tag_rows.values()))
+    if gap is not None:
+        connection.execute(
+            gaps.insert().values(
+                host=gap.host,
+                pid=gap.pid,
+                started_at=gap.started_at,
+                ended_at=gap.ended_at,
+                dropped=gap.dropped,
+            )
+        )
+    return still_open
+
+
+def insert_attempts(connection: Connection, records: Sequence[AttemptRecord]) -> None:
+    """Insert `records` as new rows, by the quickest way the driver has.
+
+    The writer runs beside the worker's event loop and shares its interpreter lock: the
+    fewer Python steps per row here, the more the handlers get. PostgreSQL takes the rows by
+    COPY (psycopg encodes them in C); SQLite by the driver's own executemany.
+    """
+    if connection.dialect.name == "postgresql":
+        names = ", ".join(COLUMNS)
+        driver = connection.connection.driver_connection
+        assert driver is not None
+        with (
+            driver.cursor() as cursor,
+            cursor.copy(f"COPY {attempts.name} ({names}) FROM STDIN") as copy,
+        ):
+            for record in records:
+                copy.write_row(record.values())
+        return
+    marks = ", ".join("?" * len(COLUMNS))
+    statement = f"INSERT INTO {attempts.name} ({', '.join(COLUMNS)}) VALUES ({marks})"
+    rows = [tuple(_sqlite_value(value) for value in record.values()) for record in records]
+    connection.exec_driver_sql(statement, rows)
+
+
+def _sqlite_value(value: Any) -> Any:
+    # As SQLAlchemy's SQLite DateTime stores them: naive UTC text with microseconds.
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    return value
+
+
+def report_worker(connection: Connection, host: str, pid: int, beat: WorkerBeat) -> None:
+    """Write this worker's heartbeat row: what it serves, runs now, and has done."""
+    upsert(
+        connection,
+        workers,
+        {
+            "host": host,
+            "pid": pid,
+            "listeners": ",".join(beat.listeners),
+            "started_at": beat.started_at,
+            "seen_at": dt.datetime.now(dt.UTC),
+            "running": json.dumps(beat.running),
+            "handled": beat.handled,
+            "retried": beat.retried,
+            "parked": beat.parked,
+        },
+    )
+
+
+def forget_worker(connection: Connection, host: str, pid: int) -> None:
+    """Remove a worker's row: it stopped cleanly."""
+    connection.execute(delete(workers).where(workers.c.host == host, workers.c.pid == pid))
+
+
+def _close_running(connection: Connection, records: Sequence[AttemptRecord]) -> None:
+    statement = (
+        attempts.update()
+        .where(
+            attempts.c.message_id == bindparam("k_message_id"),
+            attempts.c.listener == bindparam("k_listener"),
+            attempts.c.attempt == bindparam("k_attempt"),
+            attempts.c.host == bindparam("k_host"),
+            attempts.c.pid == bindparam("k_pid"),
+            attempts.c.started_at == bindparam("k_started_at"),
+        )
+        .values({name: bindparam(f"v_{name}") for name in _CLOSING_COLUMNS})
+    )
+    rows = []
+    for record in records:
+        row = record.row()
+        keys = {f"k_{name}": row[name] for name in _KEY_COLUMNS}
+        rows.append({**keys, **{f"v_{name}": row[name] for name in _CLOSING_COLUMNS}})
+    connection.execute(statement, rows)
+
+
+_KEY_COLUMNS = ("message_id", "listener", "attempt", "host", "pid", "started_at")
+_CLOSING_COLUMNS = (
+    "outcome",
+    "finished_at",
+    "duration",
+    "next_queue",
+    "exception_type",
+    "exception_message",
+    "traceback",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,34 +373,42 @@ def prune(
     *,
     handled_before: dt.datetime,
     failed_before: dt.datetime,
-    batch: int = 1000,
+    batch: int = 500,
 ) -> int:
-    """Delete one batch of expired messages (every row of each); returns how many messages.
+    """Delete one batch of expired messages, every record of each; returns how many.
 
-    A message expires by its last record: handled ones at `handled_before`, all others at
-    `failed_before`. Small batches keep each transaction, and its locks, short.
+    A message expires by its last record: at `handled_before` when it was handled, at
+    `failed_before` otherwise (parked, or never finished). Small batches keep each
+    transaction, and its locks, short; the caller repeats while something was deleted.
     """
-    expired = (
+    handled = (
         select(attempts.c.message_id)
         .where(attempts.c.outcome == "handled", attempts.c.finished_at < handled_before)
         .limit(batch)
-    ).union(select(attempts.c.message_id).where(attempts.c.started_at < failed_before).limit(batch))
-    ids = list(connection.execute(select(expired.subquery().c.message_id).limit(batch)).scalars())
-    if not ids:
-        return 0
-    # A message with a newer record than the cut-off is kept whole.
-    recent = set(
-        connection.execute(
-            select(attempts.c.message_id).where(
-                attempts.c.message_id.in_(ids),
-                attempts.c.started_at >= handled_before,
-                attempts.c.outcome != "handled",
-            )
-        ).scalars()
     )
-    doomed = [message_id for message_id in ids if message_id not in recent]
+    old = select(attempts.c.message_id).where(attempts.c.started_at < failed_before).limit(batch)
+    candidates = set(connection.execute(handled).scalars()) | set(connection.execute(old).scalars())
+    connection.execute(delete(gaps).where(gaps.c.ended_at < failed_before))
+    connection.execute(delete(workers).where(workers.c.seen_at < handled_before))
+    if not candidates:
+        return 0
+    last = func.max(func.coalesce(attempts.c.finished_at, attempts.c.started_at))
+    rows = connection.execute(
+        select(
+            attempts.c.message_id,
+            last.label("last"),
+            func.max(case((attempts.c.outcome == "handled", 1), else_=0)).label("handled"),
+            func.max(case((attempts.c.outcome == "parked", 1), else_=0)).label("parked"),
+        )
+        .where(attempts.c.message_id.in_(candidates))
+        .group_by(attempts.c.message_id)
+    ).all()
+    doomed = [
+        row.message_id
+        for row in rows
+        if utc(row.last) < (handled_before if row.handled and not row.parked else failed_before)
+    ]
     if doomed:
         connection.execute(delete(attempts).where(attempts.c.message_id.in_(doomed)))
         connection.execute(delete(tags).where(tags.c.message_id.in_(doomed)))
-    connection.execute(delete(gaps).where(gaps.c.ended_at < failed_before))
     return len(doomed)

@@ -10,11 +10,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from listener import routing, topology
 from listener.codec import MessageCodec
 from listener.errors import ListenerDefinitionError
+from listener.recording import record_publish
 from listener.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
     from sqlalchemy.orm import Session
+
+    from listener.jobs import Job
 
 __all__ = ["Listener"]
 
@@ -92,6 +95,31 @@ class Listener:
             table)."""
             raise NotImplementedError
 
+    def track(self, message: Any) -> Iterable[str]:
+        """Business keys the ledger files this message under, like `"Account:121"`.
+
+        Runs where the message is notified and again in the worker (keep it a quick, pure
+        function of the message). The default tracks nothing.
+        """
+        return ()
+
+    # -- the ledger (needs a database: AMQP_LISTENER_DATABASE_URL) ---------------------------
+
+    @classmethod
+    def pending_jobs(cls, tag: str) -> list[Job]:
+        """This listener's jobs tagged `tag` that have not finished: pending, running or
+        retrying; newest last."""
+        from listener import jobs
+
+        return jobs.find(listener=cls, tag=tag, state=jobs.UNFINISHED)
+
+    @classmethod
+    def failed_jobs(cls, tag: str) -> list[Job]:
+        """This listener's parked jobs tagged `tag`; newest last."""
+        from listener import jobs
+
+        return jobs.find(listener=cls, tag=tag, state="parked")
+
     # -- publishing -------------------------------------------------------------------------
 
     @classmethod
@@ -125,7 +153,9 @@ class Listener:
             return outbox_write(session, cls.exchange, key, [body], headers, ordering_key)[0]
         from listener.publisher import default_publisher
 
-        return default_publisher().publish_body(cls.exchange, key, body, headers=headers)
+        message_id = default_publisher().publish_body(cls.exchange, key, body, headers=headers)
+        record_publish(cls, (message_id,), (body,))
+        return message_id
 
     @classmethod
     async def anotify(
@@ -148,7 +178,9 @@ class Listener:
         from listener.apublisher import default_async_publisher
 
         publisher = default_async_publisher()
-        return await publisher.publish_body(cls.exchange, key, body, headers=headers)
+        message_id = await publisher.publish_body(cls.exchange, key, body, headers=headers)
+        record_publish(cls, (message_id,), (body,))
+        return message_id
 
     @classmethod
     def notify_many(
@@ -171,9 +203,11 @@ class Listener:
             return outbox_write(session, cls.exchange, key, bodies, None, ordering_key)
         from listener.apublisher import run_in_background
 
-        return run_in_background(
+        ids = run_in_background(
             lambda publisher: publisher.publish_bodies(cls.exchange, key, bodies)
         )
+        record_publish(cls, ids, bodies)
+        return ids
 
     @classmethod
     async def anotify_many(
@@ -191,7 +225,9 @@ class Listener:
             return await outbox_awrite(session, cls.exchange, key, bodies, None, ordering_key)
         from listener.apublisher import default_async_publisher
 
-        return await default_async_publisher().publish_bodies(cls.exchange, key, bodies)
+        ids = await default_async_publisher().publish_bodies(cls.exchange, key, bodies)
+        record_publish(cls, ids, bodies)
+        return ids
 
     # -- description ------------------------------------------------------------------------
 

@@ -47,6 +47,8 @@ class Delivery:
     redelivered: bool
     started: float = field(default_factory=time.monotonic)
     state: dict[str, Any] = field(default_factory=dict)
+    #: The decoded message, once decoded (None before, and when it could not be).
+    message: Any = None
 
 
 class Middleware:
@@ -142,8 +144,11 @@ def add_middleware(middleware: Middleware) -> None:
 
 
 def installed_middleware() -> list[Middleware]:
-    """The middleware a new worker runs: `OutcomeLog` first, then what was added."""
-    return [OutcomeLog(), *_installed]
+    """The middleware a new worker runs: `OutcomeLog` first, the ledger's recorder when a
+    database is configured, then what was added."""
+    from listener.recording import ledger_middleware
+
+    return [OutcomeLog(), *ledger_middleware(), *_installed]
 
 
 class Chain:

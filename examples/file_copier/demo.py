@@ -1,12 +1,16 @@
-"""End-to-end demo: start a runner, notify a few copies, show them handled and one parked.
+"""End-to-end demo: start a runner, notify a few copies, show them handled and one parked,
+then ask the job ledger "did it run?" for a handled message and for the parked one.
 
     python -m examples.file_copier.demo        (or: make demo)
 
-Needs RabbitMQ at AMQP_URL (default amqp://guest:guest@localhost:5672/%2F).
+Needs RabbitMQ at AMQP_URL (default amqp://guest:guest@localhost:5672/%2F). The ledger is a
+SQLite file in the demo's temporary directory, unless AMQP_LISTENER_DATABASE_URL names one.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +43,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="file-copier-demo-"))
     for name in ("a", "b", "c"):
         (work / f"{name}.txt").write_text(f"contents of {name}\n")
+    # The ledger: this process records what it notifies, the runner every attempt.
+    os.environ.setdefault("AMQP_LISTENER_DATABASE_URL", f"sqlite:///{work}/ledger.db")
+    get_settings.cache_clear()
+    print("0. creating the ledger's tables: amqp-listener db upgrade")
+    amqp_listener("db", "upgrade")
 
     print("1. starting the runner: amqp-listener run examples.file_copier.listeners")
     runner = start_runner(["examples.file_copier.listeners"])
@@ -46,10 +55,12 @@ def main() -> int:
         broker.wait_consuming(runner, [FileCopier])
 
         print("2. notifying: three copies that work, one whose source never appears")
-        for case_id, name in enumerate(("a", "b", "c"), start=1):
+        handled_ids = [
             FileCopier.notify(
                 case_id=case_id, src=str(work / f"{name}.txt"), dst=str(work / f"{name}.copy")
             )
+            for case_id, name in enumerate(("a", "b", "c"), start=1)
+        ]
         missing_id = FileCopier.notify(
             case_id=4, src=str(work / "missing.txt"), dst=str(work / "d.copy")
         )
@@ -76,7 +87,19 @@ def main() -> int:
         print(f"   runner exit code: {code}")
     if code != 0:
         raise DemoFailed(f"the runner exited with code {code}")
+
+    print(f"6. did it run? amqp-listener jobs show {handled_ids[0]}")
+    amqp_listener("jobs", "show", handled_ids[0])
+    print(f"7. and the parked one? amqp-listener jobs show {missing_id}")
+    amqp_listener("jobs", "show", missing_id)
     return 0
+
+
+def amqp_listener(*args: str) -> None:
+    """Run one `amqp-listener` command, its output shown as it is."""
+    command = [str(Path(sys.executable).with_name("amqp-listener")), *args]
+    if subprocess.run(command, check=False).returncode != 0:
+        raise DemoFailed(f"`amqp-listener {' '.join(args)}` failed")
 
 
 if __name__ == "__main__":

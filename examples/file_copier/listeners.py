@@ -7,6 +7,7 @@ Ask it:   FileCopier.notify(case_id=1, src="/tmp/a.txt", dst="/tmp/b.txt")
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -34,3 +35,7 @@ class FileCopier(Listener):
         # A missing source may still appear (an upload in progress): the exception makes
         # the framework retry after 1 s, then 2 s, then park the message.
         shutil.copyfile(message.src, destination)
+
+    def track(self, message: CopyRequest) -> Iterable[str]:
+        # Business keys for the ledger: `FileCopier.failed_jobs("Case:4")`.
+        return [f"Case:{message.case_id}"]

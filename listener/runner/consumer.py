@@ -159,7 +159,7 @@ class Consumer:
                 failure = lost
             else:
                 try:
-                    failure = await self._attempt(message, message_id)
+                    failure = await self._attempt(message, message_id, delivery)
                 except _LeaveUnacked:
                     return
             decision = outcome.decide(
@@ -181,7 +181,9 @@ class Consumer:
                 duration=time.monotonic() - delivery.started,
             )
 
-    async def _attempt(self, message: Inbound, message_id: str) -> Failure | None:
+    async def _attempt(
+        self, message: Inbound, message_id: str, delivery: Delivery
+    ) -> Failure | None:
         listener = self.listener
         try:
             value = listener.codec.decode(
@@ -189,6 +191,7 @@ class Consumer:
             )
         except DecodeFailure as exc:
             return _settling.decode_failure(exc)
+        delivery.message = value
         handle: Callable[[Any], Any] = self._instance.handle
         if self.inbox is not None:  # the same call, inside the inbox's transaction
             handle = self.inbox.bind(self._instance, message_id)

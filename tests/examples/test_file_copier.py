@@ -57,3 +57,6 @@ def test_the_demo_handles_three_copies_and_parks_the_fourth(
     assert "x-attempts: 3" in result.stdout
     assert "x-exception-type: FileNotFoundError" in result.stdout
     assert "runner exit code: 0" in result.stdout
+    # Did it run? The ledger answers for a handled message and for the parked one.
+    assert "state: handled   now: nowhere (acked)" in result.stdout
+    assert "state: parked   now: file_copier.dead" in result.stdout

@@ -1,0 +1,404 @@
+"""Reading the ledger: did it run, did it fail, how, where.
+
+A *job* is one message as one listener sees it (two listeners on one key make two jobs of
+one message). Its state comes from its last record:
+
+| last record                               | state      | where it is now            |
+| ----------------------------------------- | ---------- | -------------------------- |
+| the publish (no attempt yet)              | `pending`  | the listener's queue       |
+| an attempt under way                      | `running`  | with the worker            |
+| retried, or its worker died, or handed back | `retrying` | a delay queue, or the queue |
+| handled                                   | `handled`  | nowhere: acked             |
+| parked                                    | `parked`   | `<queue>.dead`             |
+
+    from listener import jobs
+    for job in jobs.find(tag="Account:121", state="parked"):
+        print(job.message_id, job.attempts[-1].exception_type)
+
+Everything here needs a database (`AMQP_LISTENER_DATABASE_URL`) and the `db` extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from listener.errors import ConfigurationError
+from listener.recorder import utc
+from listener.settings import get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection, Engine
+
+    from listener.listener import Listener
+
+__all__ = [
+    "STATES",
+    "UNFINISHED",
+    "Attempt",
+    "Gap",
+    "Job",
+    "Running",
+    "WorkerStatus",
+    "find",
+    "gaps_since",
+    "show",
+    "workers",
+]
+
+STATES = ("pending", "running", "retrying", "handled", "parked")
+UNFINISHED = ("pending", "running", "retrying")
+
+_STATE_OF = {
+    "pending": "pending",
+    "running": "running",
+    "retried": "retrying",
+    "worker_lost": "retrying",
+    "returned": "retrying",
+    "handled": "handled",
+    "parked": "parked",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One attempt: where, when, how long, how it ended (attempt 0 is the publish)."""
+
+    attempt: int
+    outcome: str
+    host: str
+    pid: int
+    started_at: dt.datetime
+    finished_at: dt.datetime | None
+    duration: float | None
+    next_queue: str | None
+    exception_type: str | None
+    exception_message: str | None
+    traceback: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One message as one listener saw it: its publish and every attempt, oldest first."""
+
+    message_id: str
+    listener: str
+    queue: str
+    state: str
+    where: str
+    attempts: tuple[Attempt, ...]
+    tags: tuple[str, ...] = field(default=())
+
+    @property
+    def published(self) -> Attempt | None:
+        """The publish record (host, pid, time), if a process with the database URL sent it."""
+        first = self.attempts[0] if self.attempts else None
+        return first if first is not None and first.attempt == 0 else None
+
+    @property
+    def updated_at(self) -> dt.datetime:
+        last = self.attempts[-1]
+        return last.finished_at or last.started_at
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """A stretch of time in which a process dropped ledger records (the database was away)."""
+
+    host: str
+    pid: int
+    started_at: dt.datetime
+    ended_at: dt.datetime
+    dropped: int
+
+
+def find(
+    *,
+    listener: type[Listener] | str | None = None,
+    tag: str | None = None,
+    state: str | Sequence[str] | None = None,
+    since: dt.datetime | dt.timedelta | None = None,
+    limit: int = 100,
+    engine: Engine | None = None,
+) -> list[Job]:
+    """Jobs by listener (a class or its `module:Class` name), tag, state and time.
+
+    `since` (a moment, or a duration back from now) keeps jobs with a record since then.
+    Returns the `limit` most recently active jobs, oldest first.
+
+    Raises:
+        ValueError: an unknown state.
+        ConfigurationError: no database is configured.
+    """
+    states = _states(state)
+    with _connection(engine) as connection:
+        return _find(connection, listener, tag, states, _moment(since), limit)
+
+
+def show(message_id: str, *, engine: Engine | None = None) -> list[Job]:
+    """Every job of one message (one per listener that saw it); empty when unknown."""
+    from listener.ledger import attempts
+
+    with _connection(engine) as connection:
+        rows = connection.execute(
+            attempts.select()
+            .where(attempts.c.message_id == message_id)
+            .order_by(attempts.c.listener, attempts.c.attempt, attempts.c.started_at)
+        ).all()
+        return _jobs(connection, rows)
+
+
+def gaps_since(since: dt.datetime, *, engine: Engine | None = None) -> list[Gap]:
+    """Stretches since `since` in which records were dropped, oldest first."""
+    from listener.ledger import gaps
+
+    with _connection(engine) as connection:
+        rows = connection.execute(
+            gaps.select().where(gaps.c.ended_at >= since).order_by(gaps.c.started_at)
+        ).all()
+    return [
+        Gap(row.host, row.pid, utc(row.started_at), utc(row.ended_at), row.dropped) for row in rows
+    ]
+
+
+#: A worker silent for this long is shown as lost.
+LOST_AFTER = dt.timedelta(seconds=30)
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A message a worker runs now."""
+
+    message_id: str
+    listener: str
+    since: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """One worker process as it last reported itself."""
+
+    host: str
+    pid: int
+    listeners: tuple[str, ...]
+    started_at: dt.datetime
+    seen_at: dt.datetime
+    running: tuple[Running, ...]
+    handled: int
+    retried: int
+    parked: int
+    lost: bool
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running) and not self.lost
+
+
+def workers(*, engine: Engine | None = None) -> list[WorkerStatus]:
+    """Every worker that reported itself, by host and pid; `lost` when silent for 30 s."""
+    from listener.ledger import workers as table
+
+    now = dt.datetime.now(dt.UTC)
+    with _connection(engine) as connection:
+        rows = connection.execute(table.select().order_by(table.c.host, table.c.pid)).all()
+    found = []
+    for row in rows:
+        seen = utc(row.seen_at)
+        running = tuple(
+            Running(item["message_id"], item["listener"], dt.datetime.fromisoformat(item["since"]))
+            for item in json.loads(row.running)
+        )
+        found.append(
+            WorkerStatus(
+                row.host,
+                row.pid,
+                tuple(name for name in row.listeners.split(",") if name),
+                utc(row.started_at),
+                seen,
+                running,
+                row.handled,
+                row.retried,
+                row.parked,
+                lost=now - seen > LOST_AFTER,
+            )
+        )
+    return found
+
+
+# -- queries ---------------------------------------------------------------------------------
+
+
+def _find(
+    connection: Connection,
+    listener: type[Listener] | str | None,
+    tag: str | None,
+    states: tuple[str, ...] | None,
+    since: dt.datetime | None,
+    limit: int,
+) -> list[Job]:
+    from sqlalchemy import and_, func, select
+
+    from listener.ledger import attempts, tags
+
+    name = listener if isinstance(listener, str) or listener is None else listener.name()
+    candidates = select(attempts.c.message_id, attempts.c.listener).distinct()
+    if tag is not None:
+        candidates = candidates.join(
+            tags,
+            and_(
+                tags.c.message_id == attempts.c.message_id, tags.c.listener == attempts.c.listener
+            ),
+        ).where(tags.c.tag == tag)
+    if name is not None:
+        candidates = candidates.where(attempts.c.listener == name)
+    if since is not None:
+        candidates = candidates.where(attempts.c.started_at >= since)
+    chosen = candidates.subquery()
+    ranked = (
+        select(
+            attempts.c.message_id,
+            attempts.c.listener,
+            attempts.c.outcome,
+            func.coalesce(attempts.c.finished_at, attempts.c.started_at).label("at"),
+            func.row_number()
+            .over(
+                partition_by=(attempts.c.message_id, attempts.c.listener),
+                order_by=(
+                    attempts.c.attempt.desc(),
+                    attempts.c.started_at.desc(),
+                    attempts.c.id.desc(),
+                ),
+            )
+            .label("rank"),
+        )
+        .join(
+            chosen,
+            and_(
+                chosen.c.message_id == attempts.c.message_id,
+                chosen.c.listener == attempts.c.listener,
+            ),
+        )
+        .subquery()
+    )
+    latest = select(ranked.c.message_id, ranked.c.listener).where(ranked.c.rank == 1)
+    if states is not None:
+        outcomes = [outcome for outcome, state in _STATE_OF.items() if state in states]
+        latest = latest.where(ranked.c.outcome.in_(outcomes))
+    keys = connection.execute(latest.order_by(ranked.c.at.desc()).limit(limit)).all()
+    if not keys:
+        return []
+    rows = connection.execute(
+        attempts.select()
+        .where(attempts.c.message_id.in_({key.message_id for key in keys}))
+        .order_by(attempts.c.listener, attempts.c.attempt, attempts.c.started_at)
+    ).all()
+    wanted = {(key.message_id, key.listener) for key in keys}
+    found = [job for job in _jobs(connection, rows) if (job.message_id, job.listener) in wanted]
+    return sorted(found, key=lambda job: job.updated_at)
+
+
+def _jobs(connection: Connection, rows: Sequence[Any]) -> list[Job]:
+    from sqlalchemy import select
+
+    from listener.ledger import tags
+
+    by_job: dict[tuple[str, str], list[Any]] = {}
+    for row in rows:
+        by_job.setdefault((row.message_id, row.listener), []).append(row)
+    if not by_job:
+        return []
+    tag_rows = connection.execute(
+        select(tags.c.message_id, tags.c.listener, tags.c.tag)
+        .where(tags.c.message_id.in_({message_id for message_id, _ in by_job}))
+        .order_by(tags.c.tag)
+    ).all()
+    tags_of: dict[tuple[str, str], list[str]] = {}
+    for tag_row in tag_rows:
+        tags_of.setdefault((tag_row.message_id, tag_row.listener), []).append(tag_row.tag)
+    jobs = []
+    for (message_id, listener), job_rows in by_job.items():
+        attempts = tuple(_attempt(row) for row in job_rows)
+        last = job_rows[-1]
+        state = _STATE_OF.get(last.outcome, "retrying")
+        jobs.append(
+            Job(
+                message_id,
+                listener,
+                last.queue,
+                state,
+                _where(state, last),
+                attempts,
+                tuple(tags_of.get((message_id, listener), ())),
+            )
+        )
+    return jobs
+
+
+def _attempt(row: Any) -> Attempt:
+    return Attempt(
+        row.attempt,
+        row.outcome,
+        row.host,
+        row.pid,
+        utc(row.started_at),
+        utc(row.finished_at) if row.finished_at is not None else None,
+        row.duration,
+        row.next_queue,
+        row.exception_type,
+        row.exception_message,
+        row.traceback,
+    )
+
+
+def _where(state: str, last: Any) -> str:
+    if state == "handled":
+        return "nowhere (acked)"
+    if state == "running":
+        return f"being handled on {last.host} pid {last.pid}"
+    if state == "pending":
+        return str(last.queue)
+    return str(last.next_queue or last.queue)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _states(state: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    if state is None:
+        return None
+    states = (state,) if isinstance(state, str) else tuple(state)
+    unknown = [name for name in states if name not in STATES]
+    if unknown:
+        raise ValueError(f"unknown state {unknown[0]!r}: use one of {', '.join(STATES)}")
+    return states
+
+
+def _moment(since: dt.datetime | dt.timedelta | None) -> dt.datetime | None:
+    if isinstance(since, dt.timedelta):
+        return dt.datetime.now(dt.UTC) - since
+    return since
+
+
+@contextlib.contextmanager
+def _connection(engine: Engine | None) -> Iterator[Connection]:
+    """A connection to `engine`, or to the configured database (disposed after)."""
+    own = None
+    if engine is None:
+        settings = get_settings()
+        if settings.database_url is None:
+            raise ConfigurationError(
+                "no database is configured: set AMQP_LISTENER_DATABASE_URL to read the ledger"
+            )
+        from listener.database import create_engine
+
+        engine = own = create_engine(settings.database_url.get_secret_value())
+    try:
+        with engine.connect() as connection:
+            yield connection
+    finally:
+        if own is not None:
+            own.dispose()
