@@ -31,6 +31,7 @@ demo: install rabbitmq ## run the FileCopier example end to end against the loca
 examples: install rabbitmq ## run every example's demo against the local broker
 	$(BIN)/python -m examples.provisioning.demo
 	$(BIN)/python -m examples.web_publisher.demo
+	$(BIN)/python -m examples.orders.demo
 
 test: install rabbitmq postgres ## run the whole test suite (needs RabbitMQ)
 	$(BIN)/pytest

@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from listener import registry
+from listener._cli_db import DatabaseUrlOption
+from listener._cli_outbox import describe_lag, outbox_lag
 from listener.errors import BrokerError, ConfigurationError, ListenerError, PublishError
 from listener.operations import Operator, Parked, Target
 from listener.settings import Settings, get_settings
@@ -114,8 +116,10 @@ def status(
     ] = None,
     url: UrlOption = None,
     as_json: JsonOption = False,
+    database_url: DatabaseUrlOption = None,
 ) -> None:
-    """Every listener with its queue: ready, unacked, consumers, waiting for a retry, parked."""
+    """Every listener with its queue: ready, unacked, consumers, waiting for a retry, parked;
+    with a database, the outbox lag (rows waiting, age of the oldest)."""
     listeners = None
     if modules:
         try:
@@ -123,9 +127,11 @@ def status(
         except ListenerError as exc:
             _fail(str(exc), 2)
     rows = _operate(url, lambda operator: operator.status(listeners))
+    outbox = outbox_lag(get_settings().with_database_url(database_url))
     if as_json:
         _emit_json(
             {
+                **({"outbox": outbox} if outbox is not None else {}),
                 "listeners": [
                     {
                         "listener": row.listener,
@@ -141,7 +147,7 @@ def status(
                         "source": row.source,
                     }
                     for row in rows
-                ]
+                ],
             }
         )
         return
@@ -161,6 +167,8 @@ def status(
         )
     console = _console()
     console.print(table)
+    if outbox is not None:
+        console.print(describe_lag(outbox))
     if rows and all(row.source == "amqp" for row in rows):
         console.print(
             "unacked counts need the management plugin's API (rabbitmq-plugins enable "

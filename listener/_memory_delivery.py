@@ -39,7 +39,9 @@ from listener.runner.execution import AttemptTimedOut, HandlerExited, run_async
 from listener.topology import delay_tier
 
 if TYPE_CHECKING:
+    from listener.inbox import Inbox
     from listener.listener import Listener
+    from listener.settings import Settings
 
 __all__ = ["Deliveries"]
 
@@ -77,11 +79,43 @@ class Deliveries:
         self.store = store
         self.chain = chain
         self.instances: dict[type[Listener], Listener] = {}
+        #: Idempotent listeners' inboxes, once the broker has a database (`use_database`).
+        self.inboxes: dict[type[Listener], Inbox] = {}
+        self.settings: Settings | None = None
 
     def add(self, cls: type[Listener]) -> None:
         """Create the listener's instance, once, as a worker does when it starts."""
         if cls not in self.instances:
             self.instances[cls] = cls()
+        if cls.idempotent and cls not in self.inboxes and self.settings is not None:
+            from listener.inbox import Inbox
+
+            self.inboxes[cls] = Inbox(cls, self.settings)
+
+    def use_database(self, settings: Settings) -> None:
+        """Run idempotent listeners with the inbox on `settings.database_url`."""
+        self.settings = settings
+        for cls in self.instances:
+            self.add(cls)
+
+    def _handle(self, run: _Run) -> Callable[[Any], Any]:
+        cls = run.listener
+        inbox = self.inboxes.get(cls)
+        if inbox is not None:
+            if cls.is_async and inbox.on_sqlite and _virtual_loop_running():
+                # aiosqlite waits on a thread of its own, which the virtual clock cannot
+                # see: it would jump to the time-out while the database works.
+                raise TypeError(
+                    f"{cls.__name__} is an async idempotent listener on SQLite: deliver with "
+                    "`await broker.ajoin()`, whose clock is real, not with join()"
+                )
+            return inbox.bind(self.instances[cls], run.message_id)
+        if cls.idempotent:
+            raise TypeError(
+                f"{cls.__name__} is idempotent: its handle() needs a database session. Give "
+                "the broker the database: MemoryBroker(..., database_url=...)"
+            )
+        return self.instances[cls].handle
 
     def run(
         self,
@@ -155,7 +189,7 @@ class Deliveries:
         started = time.monotonic()
         result: Result = (None, None)
         try:
-            check_sync_result(self.instances[cls].handle(run.value))
+            check_sync_result(self._handle(run)(run.value))
         except (SystemExit, KeyboardInterrupt) as exc:
             raise _Exited(exc) from None
         except Exception as exc:
@@ -171,7 +205,7 @@ class Deliveries:
     async def _call_async(self, run: _Run) -> Result:
         cls = run.listener
         try:
-            await run_async(self.instances[cls].handle, run.value, cls.timeout)
+            await run_async(self._handle(run), run.value, cls.timeout)
         except AttemptTimedOut as exc:
             return timeout_failure(str(exc)), None
         except HandlerExited as exc:
@@ -281,3 +315,12 @@ def _try_decode(cls: type[Listener], envelope: Envelope) -> Any:
         return cls.codec.decode(envelope.body, envelope.content_type, envelope.content_encoding)
     except DecodeFailure:
         return None
+
+
+def _virtual_loop_running() -> bool:
+    from listener._virtual_loop import VirtualTimeLoop
+
+    try:
+        return isinstance(asyncio.get_running_loop(), VirtualTimeLoop)
+    except RuntimeError:
+        return False

@@ -255,8 +255,22 @@ def default_async_publisher() -> AsyncPublisher:
     return publisher
 
 
-async def apublish(address: str, value: Any, *, headers: dict[str, Any] | None = None) -> str:
-    """The asyncio twin of `listener.publish()`."""
+async def apublish(
+    address: str,
+    value: Any,
+    *,
+    headers: dict[str, Any] | None = None,
+    session: Any = None,
+    ordering_key: str | None = None,
+) -> str:
+    """The asyncio twin of `listener.publish()`; `session` is an `AsyncSession` (or a
+    `Session`)."""
+    if session is not None or ordering_key is not None:
+        from listener.listener import outbox_awrite
+
+        exchange, key = routing.parse_address(address, wildcards=False)
+        body = [codec.encode(value)]
+        return (await outbox_awrite(session, exchange, key, body, headers, ordering_key))[0]
     return await default_async_publisher().publish(address, value, headers=headers)
 
 

@@ -20,6 +20,7 @@ from listener import registry
 from listener._cli_db import DatabaseUrlOption, db_app
 from listener._cli_jobs import jobs_app, workers
 from listener._cli_operate import JsonOption, dead_app, status
+from listener._cli_outbox import relay, with_outbox
 from listener.errors import BrokerError, ConfigurationError, ListenerError, PublishError
 from listener.settings import Settings, get_settings
 
@@ -158,6 +159,14 @@ def run(
             show_default=False,
         ),
     ] = None,
+    outbox: Annotated[
+        bool,
+        typer.Option(
+            "--outbox",
+            help="Also run an outbox relay, a supervised process (needs "
+            "AMQP_LISTENER_DATABASE_URL or --database-url).",
+        ),
+    ] = False,
     database_url: DatabaseUrlOption = None,
 ) -> None:
     """Host the listeners in MODULES and consume until stopped (SIGTERM/SIGINT drain).
@@ -176,6 +185,7 @@ def run(
         settings = settings.model_copy(update={"grace_period": grace})
     if health_port is not None:
         settings = settings.model_copy(update={"health_port": health_port})
+    settings = with_outbox(settings, outbox=outbox, database_url=database_url)
     endpoint = None
     if metrics_port is not None:
         from listener.metrics import MultiprocessEndpoint
@@ -273,6 +283,7 @@ app.add_typer(dead_app, name="dead")
 app.add_typer(db_app, name="db")
 app.add_typer(jobs_app, name="jobs")
 app.command()(workers)
+app.command()(relay)
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from listener import routing, topology
@@ -14,6 +14,9 @@ from listener.recording import record_publish
 from listener.settings import Settings, get_settings
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import Session
+
     from listener.jobs import Job
 
 __all__ = ["Listener"]
@@ -44,6 +47,9 @@ class Listener:
             was lost, each time) after which a message is parked as `delivery_limit`, a
             backstop for deaths that blame cannot see; default (None): 3 x max_attempts,
             at most the queue's own delivery limit (20).
+        idempotent: handle each message id once, atomically with the handler's database
+            writes (`listener.inbox`); `handle(self, message, session)` then gets a
+            SQLAlchemy session (an `AsyncSession` when it is `async def`).
 
     Pass `abstract=True` in the class statement for a base class that shares settings
     (`class Base(Listener, abstract=True)`): it needs no `subscribes_to` and is never hosted.
@@ -56,6 +62,7 @@ class Listener:
     timeout: ClassVar[float] = 60
     concurrency: ClassVar[int] = 8
     max_deliveries: ClassVar[int | None] = None
+    idempotent: ClassVar[bool] = False
 
     # Derived at class creation; read-only by convention.
     exchange: ClassVar[str]
@@ -82,9 +89,16 @@ class Listener:
 
         registry.register(cls)
 
-    def handle(self, message: Any) -> Any:
-        """Handle one message. Return to ack it; raise to retry it (see the outcome table)."""
-        raise NotImplementedError
+    if TYPE_CHECKING:
+        # `handle(self, message)`, or `handle(self, message, session)` with `idempotent`:
+        # typed loosely so that either signature type-checks in a subclass.
+        handle: Callable[..., Any]
+    else:
+
+        def handle(self, message):
+            """Handle one message. Return to ack it; raise to retry it (see the outcome
+            table)."""
+            raise NotImplementedError
 
     def track(self, message: Any) -> Iterable[str]:
         """Business keys the ledger files this message under, like `"Account:121"`.
@@ -121,20 +135,29 @@ class Listener:
         *,
         routing_key: str | None = None,
         headers: dict[str, Any] | None = None,
+        session: Session | None = None,
+        ordering_key: str | None = None,
         **fields: Any,
     ) -> str:
         """Validate, publish and wait for the broker's confirm. Returns the message id.
 
         Pass a model instance, or its fields as keyword arguments. Thread-safe.
 
+        With `session` (a SQLAlchemy `Session`), the message is written to the outbox in that
+        session's transaction instead, and the id returned at once: the relay publishes it
+        once the transaction commits, and never if it rolls back. `ordering_key` (outbox
+        only) keeps the messages of one key in commit order.
+
         Raises:
             InvalidMessage: the message does not fit the model (nothing was sent).
             PublishError: a subclass saying why the message is not safely with the broker.
         """
-        from listener.publisher import default_publisher
-
         body = cls.codec.encode(_message_value(cls, message, fields))
         key = cls._key_for(routing_key)
+        if session is not None or ordering_key is not None:
+            return outbox_write(session, cls.exchange, key, [body], headers, ordering_key)[0]
+        from listener.publisher import default_publisher
+
         message_id = default_publisher().publish_body(cls.exchange, key, body, headers=headers)
         record_publish(cls, (message_id,), (body,))
         return message_id
@@ -147,29 +170,44 @@ class Listener:
         *,
         routing_key: str | None = None,
         headers: dict[str, Any] | None = None,
+        session: AsyncSession | Session | None = None,
+        ordering_key: str | None = None,
         **fields: Any,
     ) -> str:
-        """The asyncio twin of `notify()`."""
-        from listener.apublisher import default_async_publisher
-
+        """The asyncio twin of `notify()`; `session` is an `AsyncSession` (or a `Session`)."""
         body = cls.codec.encode(_message_value(cls, message, fields))
         key = cls._key_for(routing_key)
+        if session is not None or ordering_key is not None:
+            ids = await outbox_awrite(session, cls.exchange, key, [body], headers, ordering_key)
+            return ids[0]
+        from listener.apublisher import default_async_publisher
+
         publisher = default_async_publisher()
         message_id = await publisher.publish_body(cls.exchange, key, body, headers=headers)
         record_publish(cls, (message_id,), (body,))
         return message_id
 
     @classmethod
-    def notify_many(cls, messages: Iterable[Any], *, routing_key: str | None = None) -> list[str]:
+    def notify_many(
+        cls,
+        messages: Iterable[Any],
+        *,
+        routing_key: str | None = None,
+        session: Session | None = None,
+        ordering_key: str | None = None,
+    ) -> list[str]:
         """Publish a batch with pipelined confirms; returns the ids once all are confirmed.
 
         Every message is validated before the first is sent. If some fail, the first error
         is raised after all confirms are in; messages confirmed before it stay published.
+        With `session`, the batch is written to the outbox as `notify()` does.
         """
-        from listener.apublisher import run_in_background
-
         bodies = [cls.codec.encode(m) for m in messages]
         key = cls._key_for(routing_key)
+        if session is not None or ordering_key is not None:
+            return outbox_write(session, cls.exchange, key, bodies, None, ordering_key)
+        from listener.apublisher import run_in_background
+
         ids = run_in_background(
             lambda publisher: publisher.publish_bodies(cls.exchange, key, bodies)
         )
@@ -178,13 +216,20 @@ class Listener:
 
     @classmethod
     async def anotify_many(
-        cls, messages: Iterable[Any], *, routing_key: str | None = None
+        cls,
+        messages: Iterable[Any],
+        *,
+        routing_key: str | None = None,
+        session: AsyncSession | Session | None = None,
+        ordering_key: str | None = None,
     ) -> list[str]:
         """The asyncio twin of `notify_many()`."""
-        from listener.apublisher import default_async_publisher
-
         bodies = [cls.codec.encode(m) for m in messages]
         key = cls._key_for(routing_key)
+        if session is not None or ordering_key is not None:
+            return await outbox_awrite(session, cls.exchange, key, bodies, None, ordering_key)
+        from listener.apublisher import default_async_publisher
+
         ids = await default_async_publisher().publish_bodies(cls.exchange, key, bodies)
         record_publish(cls, ids, bodies)
         return ids
@@ -232,6 +277,45 @@ class Listener:
                 f"{cls.routing_key!r}: the message would not reach it"
             )
         return routing_key
+
+
+def outbox_write(
+    session: Session | None,
+    exchange: str,
+    key: str,
+    bodies: list[bytes],
+    headers: dict[str, Any] | None,
+    ordering_key: str | None,
+) -> list[str]:
+    """Write validated bodies to the outbox through `session` (see `listener.outbox`)."""
+    from listener import outbox
+
+    rows = outbox.rows(exchange, key, bodies, headers=headers, ordering_key=ordering_key)
+    return outbox.write(_session_for_outbox(session), rows)
+
+
+async def outbox_awrite(
+    session: AsyncSession | Session | None,
+    exchange: str,
+    key: str,
+    bodies: list[bytes],
+    headers: dict[str, Any] | None,
+    ordering_key: str | None,
+) -> list[str]:
+    """The asyncio twin of `outbox_write()`."""
+    from listener import outbox
+
+    rows = outbox.rows(exchange, key, bodies, headers=headers, ordering_key=ordering_key)
+    return await outbox.awrite(_session_for_outbox(session), rows)
+
+
+def _session_for_outbox(session: Any) -> Any:
+    if session is None:
+        raise ValueError(
+            "ordering_key is kept by the outbox: pass session=... (the transaction to write "
+            "the message in) with it"
+        )
+    return session
 
 
 def _message_value(cls: type[Listener], message: Any, fields: dict[str, Any]) -> Any:
@@ -317,8 +401,22 @@ def _check_handle(cls: type[Listener], settings: Settings) -> None:
         for p in parameters[1:]
         if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     ]
-    if not positional or required:
-        raise _error(cls, "handle", "must take exactly one argument besides self: the message")
+    if not isinstance(cls.idempotent, bool):
+        raise _error(cls, "idempotent", f"must be True or False, got {cls.idempotent!r}")
+    if cls.idempotent and (len(positional) < 2 or len(required) > 1):
+        raise _error(
+            cls,
+            "handle",
+            "of an idempotent listener must take two arguments besides self: the message and "
+            "the database session, handle(self, message, session)",
+        )
+    if not cls.idempotent and (not positional or required):
+        raise _error(
+            cls,
+            "handle",
+            "must take exactly one argument besides self: the message (a second, the session, "
+            "needs idempotent = True)",
+        )
     try:
         hints = typing.get_type_hints(handle)
     except Exception as exc:  # NameError for a forward reference, TypeError for bad syntax

@@ -289,12 +289,26 @@ def default_publisher() -> Publisher:
     return _default
 
 
-def publish(address: str, value: Any, *, headers: dict[str, Any] | None = None) -> str:
+def publish(
+    address: str,
+    value: Any,
+    *,
+    headers: dict[str, Any] | None = None,
+    session: Any = None,
+    ordering_key: str | None = None,
+) -> str:
     """Publish `value` as JSON to `"exchange.routing_key"`, confirmed. Returns the message id.
 
     For services that do not import the listener's code. Raises a PublishError subclass when
-    the message is not known to be safely with the broker.
+    the message is not known to be safely with the broker. With `session` (a SQLAlchemy
+    `Session`), the message goes to the outbox in its transaction, as `notify()` does.
     """
+    if session is not None or ordering_key is not None:
+        from listener.listener import outbox_write
+
+        exchange, key = routing.parse_address(address, wildcards=False)
+        body = [codec.encode(value)]
+        return outbox_write(session, exchange, key, body, headers, ordering_key)[0]
     return default_publisher().publish(address, value, headers=headers)
 
 

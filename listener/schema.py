@@ -176,7 +176,7 @@ def _record(connection: Connection, step: Migration, *, known: bool) -> None:
 def _load_components() -> None:
     # Each component registers its tables and steps when imported; importing them here makes
     # `metadata` complete for Alembic as soon as this module is imported.
-    from listener import ledger  # noqa: F401
+    from listener import inbox, ledger, outbox  # noqa: F401
 
 
 _load_components()

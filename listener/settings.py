@@ -116,6 +116,17 @@ class Settings(BaseSettings):
         description="Ledger records a process holds while the database is away; past that, "
         "new records are dropped, counted, and reported as a gap.",
     )
+    # -- the outbox and the inbox -----------------------------------------------------------
+    outbox_relay: bool = Field(
+        default=False,
+        description="`run` also starts an outbox relay, a supervised process (`run --outbox`).",
+    )
+    inbox_retention_days: float = Field(
+        default=7.0,
+        gt=0,
+        description="Days an idempotent listener remembers a handled message id; a delivery "
+        "after that runs again. Must exceed the longest retry span.",
+    )
 
     @property
     def redacted_database_url(self) -> str | None:

@@ -17,6 +17,11 @@ delays (on a virtual clock: nothing sleeps), parking reasons and failure headers
 With pytest, the `memory_broker` fixture (from this package's pytest plugin) is an active
 broker with nothing subscribed: `memory_broker.subscribe(FileCopier)`.
 
+With `MemoryBroker(..., database_url=...)`, `join()` first relays what committed to the
+outbox (`notify(..., session=)`) into the broker, and again as handlers commit more, so a test
+commits and then joins; idempotent listeners get their session and inbox on that database
+(an async one on SQLite: deliver with `ajoin()`).
+
 What it does not model: connections, confirms and their failures, worker processes and their
 deaths, prefetch and concurrency (deliveries run one at a time, in order), signals, queue
 arguments and limits, broker-written headers (`x-death`, `x-delivery-count`), and the
@@ -32,7 +37,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from listener import _redirect, codec, routing
-from listener._memory_broker import Clock, ParkedMessage, PublishedMessage, Store
+from listener._memory_broker import Clock, Envelope, ParkedMessage, PublishedMessage, Store
 from listener._memory_delivery import Deliveries
 from listener._memory_publishers import (
     MemoryAsyncPublisher,
@@ -41,8 +46,11 @@ from listener._memory_publishers import (
 )
 from listener._virtual_loop import VirtualTimeLoop
 from listener.middleware import Chain, Middleware, installed_middleware
+from listener.settings import get_settings
 
 if TYPE_CHECKING:
+    import sqlalchemy as sa
+
     from listener.apublisher import AsyncPublisher
     from listener.listener import Listener
     from listener.publisher import Publisher
@@ -66,6 +74,9 @@ class MemoryBroker:
             handler raises, after its message was settled (retried or parked).
         middleware: the middleware whose hooks fire around each delivery; default: the
             installed middleware (`listener.add_middleware`), as a worker would run.
+        database_url: the database of the outbox and the inbox. `join()` then relays what
+            committed to the outbox first (and what handlers commit to it as they run), and
+            idempotent listeners get their session and inbox on it.
 
     Use it as a context manager (`with` or `async with`); one broker is active at a time.
     """
@@ -79,12 +90,19 @@ class MemoryBroker:
         *listeners: type[Listener],
         fail_fast: bool = True,
         middleware: Sequence[Middleware] | None = None,
+        database_url: str | None = None,
     ) -> None:
         self.fail_fast = fail_fast
         self._store = Store()
         self._deliveries = Deliveries(
             self._store, Chain(installed_middleware() if middleware is None else middleware)
         )
+        self._outbox: sa.Engine | None = None
+        if database_url is not None:
+            from listener.database import create_engine
+
+            self._outbox = create_engine(database_url)
+            self._deliveries.use_database(get_settings().with_database_url(database_url))
         self._publisher = MemoryPublisher(self._store)
         self._async_publisher = MemoryAsyncPublisher(self._store)
         self._loop: VirtualTimeLoop | None = None
@@ -145,13 +163,26 @@ class MemoryBroker:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        await self._close_inboxes()
         self.close()
+
+    async def _close_inboxes(self) -> None:
+        for inbox in self._deliveries.inboxes.values():
+            await inbox.aclose()
 
     def close(self) -> None:
         """Stop taking publishes (they go to RabbitMQ again). What was recorded stays readable."""
         if _redirect.active is self:
             _redirect.active = None
+        if self._outbox is not None:
+            self._outbox.dispose()
         loop, self._loop = self._loop, None
+        if self._deliveries.inboxes and not _loop_running():  # else __aexit__ closed them
+            closing = self._close_inboxes()
+            if loop is not None and not loop.is_closed():
+                loop.run_until_complete(closing)  # where their connections were opened
+            else:
+                asyncio.run(closing)
         if loop is not None and not loop.is_closed():
             if not _loop_running():
                 loop.run_until_complete(loop.shutdown_asyncgens())
@@ -223,7 +254,7 @@ class MemoryBroker:
         fail_fast = self.fail_fast if fail_fast is None else fail_fast
         with self._joined():
             for _ in range(self.max_deliveries):
-                taken = self._store.take(wait_for_retries=wait_for_retries)
+                taken = self._take(wait_for_retries)
                 if taken is None:
                     return
                 # A context per delivery, as each delivery is a task of its own in a worker.
@@ -240,7 +271,7 @@ class MemoryBroker:
         fail_fast = self.fail_fast if fail_fast is None else fail_fast
         with self._joined():
             for _ in range(self.max_deliveries):
-                taken = self._store.take(wait_for_retries=wait_for_retries)
+                taken = self._take(wait_for_retries)
                 if taken is None:
                     return
                 error = await asyncio.create_task(self._deliveries.arun(*taken))
@@ -311,6 +342,14 @@ class MemoryBroker:
                 "use it as `with broker:` (or the memory_broker fixture)"
             )
         return _Joining(self)
+
+    def _take(self, wait_for_retries: bool) -> tuple[type[Listener], Envelope] | None:
+        """The next delivery, after relaying what committed to the outbox meanwhile."""
+        if self._outbox is not None:
+            from listener._memory_outbox import flush  # the database is an optional extra
+
+            flush(self._outbox, self._store)
+        return self._store.take(wait_for_retries=wait_for_retries)
 
     def _private_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:

@@ -87,10 +87,12 @@ def main() -> int:
 
 
 @contextlib.contextmanager
-def serve_app(env: dict[str, str] | None = None) -> Iterator[str]:
-    """Run the app under uvicorn in a subprocess; yields its base URL."""
+def serve_app(
+    env: dict[str, str] | None = None, app: str = "examples.web_publisher.app:app"
+) -> Iterator[str]:
+    """Run `app` under uvicorn in a subprocess; yields its base URL."""
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "examples.web_publisher.app:app"]
+    command = [sys.executable, "-m", "uvicorn", app]
     command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     environment = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
     server = subprocess.Popen(command, cwd=ROOT, env=environment)

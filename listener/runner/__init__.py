@@ -50,12 +50,18 @@ def run(
     """
     if workers < 1:
         raise ConfigurationError(f"--workers must be at least 1, not {workers}")
+    if any(cls.idempotent for cls in listeners):  # the database is an optional extra
+        from listener.inbox import check_listeners
+
+        check_listeners(listeners, settings)
     loop.loop_factory(settings.event_loop)  # an unusable choice fails here, once
     if not supervisor.supported():
         if workers > 1 or metrics is not None or settings.health_port is not None:
             raise ConfigurationError(
                 "--workers above 1, --metrics-port and --health-port need Linux (fork and prctl)"
             )
+        if settings.outbox_relay:
+            raise ConfigurationError("run --outbox needs Linux: run `amqp-listener relay` instead")
         log.warning("worker processes cannot be supervised on this platform; running one")
         return run_worker(listeners, settings, fail_fast=fail_fast)
     return supervisor.supervise(

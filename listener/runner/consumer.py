@@ -79,6 +79,11 @@ class Consumer:
             None if listener.is_async else HandlerThreads(f"{listener.__name__}-handler")
         )
         self._known_queues: set[str] = {spec.name for spec in listener.topology(settings).queues}
+        self.inbox = None
+        if listener.idempotent:  # imported only here: the database is an optional extra
+            from listener.inbox import Inbox
+
+            self.inbox = Inbox(listener, settings)
         self.in_flight: set[asyncio.Task[None]] = set()
         #: Deliveries whose outcome is being carried out: the drain lets these finish rather
         #: than cancel them half-way (a copy published, the original not yet acked).
@@ -244,11 +249,14 @@ class Consumer:
         except DecodeFailure as exc:
             return _settling.decode_failure(exc)
         delivery.message = value
+        handle: Callable[[Any], Any] = self._instance.handle
+        if self.inbox is not None:  # the same call, inside the inbox's transaction
+            handle = self.inbox.bind(self._instance, message_id)
         try:
             if self._threads is None:
-                await run_async(self._instance.handle, value, listener.timeout)
+                await run_async(handle, value, listener.timeout)
             else:
-                await run_sync(self._threads, self._instance.handle, value, listener.timeout)
+                await run_sync(self._threads, handle, value, listener.timeout)
         except AttemptTimedOut as exc:
             if self._threads is not None and self._on_stuck is not None:
                 self._on_stuck()

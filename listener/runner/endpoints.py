@@ -35,6 +35,7 @@ from listener.runner.restarts import Slot, back_off, describe
 
 if TYPE_CHECKING:
     from listener.metrics import MultiprocessEndpoint
+    from listener.settings import Settings
 
 __all__ = ["Endpoints", "Service", "health_state"]
 
@@ -49,6 +50,8 @@ class Service:
     url: str
     serve: Callable[[], None]
     slot: Slot = field(default_factory=lambda: Slot(0))
+    #: Seconds a SIGTERM gets to end it before the SIGKILL (0: SIGKILL at once).
+    stop_wait: float = 0.0
 
 
 class Endpoints:
@@ -72,6 +75,7 @@ class Endpoints:
         heartbeat: float,
         state: Callable[[], dict[str, Any]],
         close_in_child: Callable[[], None],
+        settings: Settings | None = None,
     ) -> None:
         self.metrics = metrics
         self.health: HealthEndpoint | None = None
@@ -85,6 +89,9 @@ class Endpoints:
         self._health_service: Service | None = None
         self._health_sent = ""
         self._health_at = 0.0
+        self._relay_service: Service | None = None
+        if settings is not None and settings.outbox_relay:
+            self._relay_service = _relay_service(settings)
 
     def open(self, mask: set[int | signal.Signals], handoff: Mapping[str, Any] | None) -> None:
         """Bind the ports (or take over the health endpoint a reload handed down); fork the
@@ -125,13 +132,15 @@ class Endpoints:
         self._spawn(self._health_service)
 
     def start_metrics(self) -> None:
-        """Fork the metrics server (the workers may start)."""
-        if self._metrics_service is not None:
-            self._spawn(self._metrics_service)
+        """Fork the metrics server and the outbox relay (the workers may start)."""
+        for service in (self._metrics_service, self._relay_service):
+            if service is not None:
+                self._spawn(service)
 
     def services(self) -> list[Service]:
         """The serving processes there are (running, or waiting to restart)."""
-        return [s for s in (self._metrics_service, self._health_service) if s is not None]
+        services = (self._metrics_service, self._health_service, self._relay_service)
+        return [s for s in services if s is not None]
 
     def publish(self, *, force: bool = False) -> None:
         """Tell the health endpoint the state: on a change, and at least once per tick."""
@@ -181,6 +190,8 @@ class Endpoints:
         again); what the new image needs to keep the health probes answering."""
         if self._metrics_service is not None:
             _kill(self._metrics_service)  # the new image binds the port again
+        if self._relay_service is not None:
+            _kill(self._relay_service)  # the new image starts its own
         if self.metrics is not None:
             self.metrics.close()
         if self.health is not None and self._health_service is not None:
@@ -278,15 +289,40 @@ def _reap(service: Service, *, stopping: bool) -> None:
     )
 
 
+def _relay_service(settings: Settings) -> Service:
+    """The outbox relay (`run --outbox`): stopped by SIGTERM, which lets it settle its batch."""
+
+    def serve() -> None:
+        from listener._cli_outbox import serve_relay
+
+        serve_relay(settings)
+
+    where = settings.redacted_database_url or "no database"
+    return Service("outbox relay", f"the outbox of {where}", serve, stop_wait=children.REAP_WAIT)
+
+
 def _kill(service: Service) -> None:
-    """SIGKILL a serving process and reap it (bounded); it holds nothing to save."""
+    """End a serving process and reap it (bounded): SIGKILL, as most hold nothing to save, or
+    first SIGTERM for one that does (the relay finishes its batch)."""
     server = service.slot
     server.restart_at = None
     if server.pid is None:
         return
+    if service.stop_wait > 0:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server.pid, signal.SIGTERM)
+        _wait_reaped(server, service.stop_wait)
+        if server.pid is None:
+            return
     with contextlib.suppress(ProcessLookupError):
         os.kill(server.pid, signal.SIGKILL)
-    deadline = time.monotonic() + children.REAP_WAIT
+    _wait_reaped(server, children.REAP_WAIT)
+    if server.pid is not None:
+        log.error("%s pid=%d did not die after SIGKILL", service.name, server.pid)
+
+
+def _wait_reaped(server: Slot, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
     while server.pid is not None and time.monotonic() < deadline:
         try:
             pid, _status = os.waitpid(server.pid, os.WNOHANG)
@@ -296,8 +332,6 @@ def _kill(service: Service) -> None:
             server.pid = None
         else:
             signal.sigtimedwait({signal.SIGCHLD}, 0.05)
-    if server.pid is not None:
-        log.error("%s pid=%d did not die after SIGKILL", service.name, server.pid)
 
 
 def health_state(

@@ -197,6 +197,7 @@ class Supervisor:
             heartbeat=_TICK,
             state=self._health_state,
             close_in_child=self._close_in_child,
+            settings=settings,
         )
         self._mask: set[int | signal.Signals] = set()
         self._up = False  # every slot has had a worker that consumed

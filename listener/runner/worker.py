@@ -572,6 +572,9 @@ class Worker:
             closing.cancel()
         if self._retiring:
             await asyncio.wait(self._retiring, timeout=_CANCEL_WAIT)
+        for consumer in self.consumers:  # idempotent listeners' database connections
+            if consumer.inbox is not None:
+                await consumer.inbox.aclose()
         self.chain.after("on_worker_stop", self)
         log.info("worker pid=%d stopped: %r", os.getpid(), self)
 

@@ -8,7 +8,12 @@ from collections.abc import Callable
 
 import pytest
 
-DEMOS = ["examples.file_copier.demo", "examples.provisioning.demo", "examples.web_publisher.demo"]
+DEMOS = [
+    "examples.file_copier.demo",
+    "examples.provisioning.demo",
+    "examples.web_publisher.demo",
+    "examples.orders.demo",
+]
 
 
 @pytest.mark.slow

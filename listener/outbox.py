@@ -1,0 +1,177 @@
+"""The transactional outbox: messages written in the caller's database transaction.
+
+`notify(..., session=session)` validates the message as `notify()` does, then inserts one
+row into `amqp_listener_outbox` through the caller's SQLAlchemy session, and returns the
+message id at once. Nothing reaches the broker until the transaction commits; a rollback
+takes the message with it. The relay (`listener.relay`) publishes what committed.
+
+On PostgreSQL, two triggers created by `amqp-listener db upgrade` do the rest inside the
+writing transaction, without a round trip of their own:
+
+- a statement-level `NOTIFY amqp_listener_outbox`, delivered at commit, wakes the relays;
+- a row with an `ordering_key` first takes a transaction-level advisory lock on that key and
+  then draws its id, so that the ids of one key follow their commit order (writers of one
+  key wait for each other's commit; writers of different keys never do).
+
+On SQLite every write transaction holds the database's write lock, so ids follow commit
+order already.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from listener import codec
+from listener.schema import create_tables, metadata, migration
+from listener.settings import get_settings
+from listener.tracing import inject_trace_context
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import Session
+
+__all__ = ["NOTIFY_CHANNEL", "awrite", "dead_table", "lease_table", "outbox_table", "rows", "write"]
+
+#: The channel the writers' trigger notifies and the relays listen on.
+NOTIFY_CHANNEL = "amqp_listener_outbox"
+
+_Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite's rowid alias
+
+outbox_table = sa.Table(
+    "amqp_listener_outbox",
+    metadata,
+    sa.Column("id", _Id, primary_key=True, autoincrement=True),
+    sa.Column("message_id", sa.String(64), nullable=False),
+    sa.Column("exchange", sa.String(255), nullable=False),
+    sa.Column("routing_key", sa.String(255), nullable=False),
+    sa.Column("ordering_key", sa.String(255), nullable=True),
+    sa.Column("headers", sa.JSON(), nullable=True),
+    sa.Column("body", sa.LargeBinary(), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+#: Rows the broker would not take (unroutable, too large), with the reason; never retried
+#: by the relay, kept for an operator.
+dead_table = sa.Table(
+    "amqp_listener_outbox_dead",
+    metadata,
+    sa.Column("id", _Id, primary_key=True, autoincrement=True),
+    sa.Column("message_id", sa.String(64), nullable=False, index=True),
+    sa.Column("exchange", sa.String(255), nullable=False),
+    sa.Column("routing_key", sa.String(255), nullable=False),
+    sa.Column("ordering_key", sa.String(255), nullable=True),
+    sa.Column("headers", sa.JSON(), nullable=True),
+    sa.Column("body", sa.LargeBinary(), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("failed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("reason", sa.Text(), nullable=False),
+)
+
+#: SQLite has no row locks: one relay at a time holds this lease, renewed every batch.
+lease_table = sa.Table(
+    "amqp_listener_outbox_lease",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.String(128), nullable=False),
+    sa.Column("expires_at", sa.Float(), nullable=False),
+)
+
+#: Advisory lock classes (the first key of the two-key form): one for writers of an
+#: ordering key, one for the relay publishing it.
+WRITER_LOCK_CLASS = 0x0B0C
+RELAY_LOCK_CLASS = 0x0B0D
+
+_TRIGGERS = [
+    f"""
+CREATE OR REPLACE FUNCTION amqp_listener_outbox_order() RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock({WRITER_LOCK_CLASS}, hashtext(NEW.ordering_key));
+    NEW.id := nextval(pg_get_serial_sequence('amqp_listener_outbox', 'id'));
+    RETURN NEW;
+END $$ LANGUAGE plpgsql
+""",
+    "DROP TRIGGER IF EXISTS amqp_listener_outbox_order ON amqp_listener_outbox",
+    """
+CREATE TRIGGER amqp_listener_outbox_order BEFORE INSERT ON amqp_listener_outbox
+FOR EACH ROW WHEN (NEW.ordering_key IS NOT NULL) EXECUTE FUNCTION amqp_listener_outbox_order()
+""",
+    f"""
+CREATE OR REPLACE FUNCTION amqp_listener_outbox_notify() RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
+    RETURN NULL;
+END $$ LANGUAGE plpgsql
+""",
+    "DROP TRIGGER IF EXISTS amqp_listener_outbox_notify ON amqp_listener_outbox",
+    """
+CREATE TRIGGER amqp_listener_outbox_notify AFTER INSERT ON amqp_listener_outbox
+FOR EACH STATEMENT EXECUTE FUNCTION amqp_listener_outbox_notify()
+""",
+]
+for _statement in _TRIGGERS:
+    _ddl = sa.DDL(_statement)  # type: ignore[no-untyped-call]
+    event.listen(outbox_table, "after_create", _ddl.execute_if(dialect="postgresql"))
+
+
+@migration("outbox", 1, "the outbox, its dead table and the SQLite relay lease")
+def _create(connection: sa.Connection) -> None:
+    create_tables(connection, [outbox_table, dead_table, lease_table])
+
+
+def rows(
+    exchange: str,
+    routing_key: str,
+    bodies: Sequence[bytes],
+    *,
+    headers: dict[str, Any] | None,
+    ordering_key: str | None,
+) -> list[dict[str, Any]]:
+    """The outbox rows for `bodies`, each with a fresh message id (checked for size first)."""
+    limit = get_settings().max_body_bytes
+    for body in bodies:
+        codec.check_size(body, limit)
+    if ordering_key is not None and not (isinstance(ordering_key, str) and ordering_key):
+        raise ValueError(f"ordering_key must be a non-empty string, got {ordering_key!r}")
+    stored = inject_trace_context(dict(headers) if headers else None) or None
+    now = dt.datetime.now(dt.UTC)
+    return [
+        {
+            "message_id": codec.new_message_id(),
+            "exchange": exchange,
+            "routing_key": routing_key,
+            "ordering_key": ordering_key,
+            "headers": stored,
+            "body": body,
+            "created_at": now,
+        }
+        for body in bodies
+    ]
+
+
+def write(session: Session, new_rows: list[dict[str, Any]]) -> list[str]:
+    """Insert `new_rows` through `session` (in its transaction); their message ids."""
+    if _is_async(session):
+        raise TypeError(
+            "notify(session=...) got an AsyncSession: use `await Cls.anotify(..., session=...)` "
+            "(or anotify_many, apublish) with an async session"
+        )
+    session.execute(sa.insert(outbox_table), new_rows)
+    return [row["message_id"] for row in new_rows]
+
+
+async def awrite(session: AsyncSession | Session, new_rows: list[dict[str, Any]]) -> list[str]:
+    """The asyncio twin of `write()`; a sync `Session` is accepted too."""
+    if _is_async(session):
+        await session.execute(sa.insert(outbox_table), new_rows)  # type: ignore[misc]
+    else:
+        session.execute(sa.insert(outbox_table), new_rows)
+    return [row["message_id"] for row in new_rows]
+
+
+def _is_async(session: Any) -> bool:
+    return hasattr(session, "sync_session")
