@@ -5,7 +5,9 @@ right after notify()."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -89,6 +91,35 @@ def test_workers_shows_two_runners_busy_with_what_they_run_then_jobs_show_where_
         [attempt] = job["attempts"]  # published by a foreign client: no publish record
         assert (attempt["outcome"], attempt["pid"]) == ("handled", pid)
         assert attempt["duration"] > 0
+
+
+def test_a_message_killed_with_its_worker_shows_as_worker_lost_where_it_ran_then_handled(
+    app: GatedApp, postgres_url: str
+) -> None:
+    env = {"AMQP_LISTENER_DATABASE_URL": postgres_url}
+    app.declare()
+    runner = app.launch(app.module, [], env)
+    runner.wait_log("consuming on")
+    app.publish(1, "wait")
+    [victim] = app.wait_marked("started", 1)
+    os.kill(victim, signal.SIGKILL)
+    runner.wait_log(f"worker pid={victim} died")
+    app.release(1)
+    app.wait_marked("done", 1)
+    reader = app.env(AMQP_LISTENER_DATABASE_URL=postgres_url)
+
+    def story() -> dict[str, Any] | None:
+        shown = cli("jobs", "show", "job-1", "--json", env=reader)
+        document = json.loads(shown.stdout) if shown.returncode == 0 else None
+        handled = document and document["jobs"][0]["state"] == "handled"
+        return document if handled else None
+
+    [job] = wait_until(story, 15, "job-1 handled")["jobs"]
+    lost, handled = job["attempts"]
+    assert (lost["outcome"], lost["pid"]) == ("worker_lost", victim)
+    assert handled["outcome"] == "handled" and handled["pid"] != victim
+    runner.send(signal.SIGTERM)
+    assert runner.wait_exit(15) == 0, runner.stderr
 
 
 def test_a_publisher_that_exits_right_after_notify_leaves_its_pending_row(

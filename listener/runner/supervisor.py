@@ -101,6 +101,7 @@ from listener.runner.blame import Blame
 from listener.runner.children import close
 from listener.runner.endpoints import Endpoints, health_state
 from listener.runner.journal import Running
+from listener.runner.lost import ledger_recorder
 from listener.runner.reload import HANDOFF_VAR, ReloadCheck
 from listener.runner.restarts import Slot, clean_stop, describe, restart_after_death
 from listener.runner.roll import Roll
@@ -180,6 +181,8 @@ class Supervisor:
         metrics: MultiprocessEndpoint | None = None,
         on_lost: Callable[[int, list[Running]], None] | None = None,
     ) -> None:
+        # on_lost: told of the deliveries each worker death interrupted; by default the job
+        # ledger records them when a database is configured (`listener.runner.lost`).
         if workers < 1:
             raise ConfigurationError(f"the number of workers must be at least 1, not {workers}")
         if not supported():
@@ -219,6 +222,8 @@ class Supervisor:
             grace_period=settings.grace_period,
         )
         self._handoff = reload.take_handoff()
+        if on_lost is None:
+            on_lost = ledger_recorder(self.listeners, settings)
         self.blame = Blame(self._pid, fresh=self._handoff is None, on_lost=on_lost)
         if self._handoff is not None:
             self._adopt(self._handoff)
