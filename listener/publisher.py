@@ -8,12 +8,9 @@ PublishError saying why it may not have.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import select
 import threading
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import pika
@@ -21,7 +18,7 @@ import pika.adapters.blocking_connection
 import pika.exceptions
 import pika.spec
 
-from listener import _redirect, codec, routing
+from listener import _pika_internals, _redirect, codec, routing
 from listener._amqp_errors import connect_error, is_connection_lost, publish_error
 from listener.errors import PublishTimeout
 from listener.settings import Settings, get_settings
@@ -46,10 +43,10 @@ class _ThreadChannel:
         self.channel = connection.channel()
         self.channel.confirm_delivery()
         self.owner = threading.current_thread()
-        # The SelectConnection underneath; see arm_deadline for why it is reached into.
-        self._adapter: Any = connection._impl  # type: ignore[attr-defined]
-        self._readable = _readable_probe(self._adapter)
-        _coalesce_frames(self._adapter)
+        # The SelectConnection underneath: its timers, socket and writer (_pika_internals).
+        self._adapter: Any = _pika_internals.select_connection(connection)
+        self._readable = _pika_internals.readable_probe(self._adapter)
+        _pika_internals.coalesce_frames(self._adapter)
 
     def arm_deadline(self, seconds: float) -> object:
         """Make a blocking publish raise _ConfirmTimedOut after `seconds`.
@@ -58,11 +55,10 @@ class _ThreadChannel:
         while basic_publish() waits for its confirm; a timer on the adapter underneath fires
         inside that wait too. pika 1.x exposes no public hook for this.
         """
-        return self._adapter._adapter_call_later(seconds, _raise_timed_out)
+        return _pika_internals.call_later(self._adapter, seconds, _raise_timed_out)
 
     def disarm(self, timer: object) -> None:
-        with contextlib.suppress(Exception):
-            self._adapter._adapter_remove_timeout(timer)
+        _pika_internals.remove_timeout(self._adapter, timer)
 
     def abort(self) -> None:
         """Drop the connection without the closing handshake (the peer may not answer).
@@ -70,13 +66,7 @@ class _ThreadChannel:
         pika has no public abort: terminate the stream as a lost one, let the I/O loop run
         its callbacks once, then close the loop and its wake-up sockets.
         """
-        with contextlib.suppress(Exception):
-            self._adapter._terminate_stream(
-                pika.exceptions.StreamLostError("dropped: the broker did not confirm in time")
-            )
-            self._adapter.ioloop.process_timeouts()
-        with contextlib.suppress(Exception):
-            self._adapter.ioloop.close()
+        _pika_internals.terminate(self._adapter, "dropped: the broker did not confirm in time")
 
     def alive(self) -> bool:
         if not (self.connection.is_open and self.channel.is_open):
@@ -228,43 +218,6 @@ class Publisher:
             self._open -= orphans
         for slot in orphans:
             slot.discard()
-
-
-def _readable_probe(adapter: Any) -> Callable[[], bool] | None:
-    """A check, one poll(2) call, for whether the connection's socket has anything to read.
-
-    Running pika's I/O loop once to find out costs a good part of a publish's time; most
-    of the time nothing arrived, and then there is nothing for it to do. pika keeps the
-    socket private: without it (another pika version), every publish runs the loop.
-    """
-    try:
-        fd = adapter._transport._sock.fileno()
-    except Exception:
-        return None
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
-    return lambda: bool(poller.poll(0))
-
-
-def _coalesce_frames(adapter: Any) -> None:
-    """Write a message's frames (method, header, body) to the socket in one go.
-
-    pika writes each frame on its own: three sends, and three TCP segments the broker wakes
-    up for, per publish. Joined, a one-at-a-time publish costs less on both sides. pika
-    keeps the writer private: with another pika version that lacks it, nothing changes.
-    """
-    emit = getattr(adapter, "_adapter_emit_data", None)
-    if emit is None or not hasattr(adapter, "_output_marshaled_frames"):
-        return
-
-    def output(frames: Sequence[bytes]) -> None:
-        data = b"".join(frames)
-        # pika's heartbeat checker reads these counters to tell an idle connection.
-        adapter.bytes_sent += len(data)
-        adapter.frames_sent += len(frames)
-        emit(data)
-
-    adapter._output_marshaled_frames = output
 
 
 def _raise_timed_out() -> None:

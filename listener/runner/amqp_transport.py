@@ -21,9 +21,9 @@ import pika.channel
 import pika.connection
 from pika.adapters.asyncio_connection import AsyncioConnection
 
+from listener import _pika_internals
 from listener._amqp_errors import connect_error, consume_error, declare_error, publish_error
 from listener.apublisher import connection_alive
-from listener.runner import _pika_fields
 from listener.runner.inbound import Inbound, Subscription
 from listener.settings import Settings
 from listener.topology import QueueSpec, Topology
@@ -173,10 +173,11 @@ class Transport:
         """
         for subscription in list(self.subscriptions):
             subscription.flush()
-        deadline = asyncio.get_running_loop().time() + timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         # pika signals nothing when its buffer empties: each turn of the loop lets its
         # writer run once.
-        while _unsent(self.consuming) and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+        while _pika_internals.unsent_bytes(self.consuming) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0)
 
     async def close(self, timeout: float = 5.0) -> None:
@@ -224,7 +225,7 @@ class Transport:
 
 async def _open_pika(settings: Settings, name: str) -> AsyncioConnection:
     """Open the consuming connection; its closing later is reported to the transport."""
-    _pika_fields.install()
+    _pika_internals.install_field_decoder()
     loop = asyncio.get_running_loop()
     parameters = pika.URLParameters(settings.url.get_secret_value())
     parameters.heartbeat = settings.heartbeat
@@ -267,21 +268,9 @@ async def _close_pika(connection: AsyncioConnection) -> None:
     await closed
 
 
-def _unsent(connection: AsyncioConnection) -> int:
-    """Bytes pika holds for the socket. Its transport is private to the connection; an
-    unknown layout reads as nothing held."""
-    transport = getattr(connection, "_transport", None)
-    try:
-        return int(transport.get_write_buffer_size()) if transport is not None else 0
-    except Exception:
-        return 0
-
-
 def _abort_pika(connection: AsyncioConnection) -> None:
-    """Drop the socket at once. pika has no public abort; this is what it does itself when
-    the stream breaks."""
-    with contextlib.suppress(Exception):
-        connection._adapter_disconnect_stream()  # type: ignore[attr-defined]
+    """Drop the socket at once."""
+    _pika_internals.abort(connection)
 
 
 def _resolver(future: asyncio.Future[Any]) -> Callable[[Any], None]:

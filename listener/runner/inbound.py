@@ -23,6 +23,8 @@ import pika.channel
 import pika.exceptions
 import pika.spec
 
+from listener import _pika_internals
+
 __all__ = ["Inbound", "Subscription"]
 
 
@@ -76,12 +78,9 @@ class Subscription:
         self.channel.basic_cancel(tag, callback=lambda _frame: _set(future))
         # Deliveries the broker sent before it saw the cancel still arrive until Cancel-Ok.
         # pika would reject them with requeue, and RabbitMQ counts a requeue as a delivery
-        # lost with its consumer (`x-delivery-count`): an attempt gone for nothing. They go
-        # to the consumer instead, which hands them back uncounted. (pika keeps the set of
-        # cancelling tags private; without it, pika's rejects stand.)
-        cancelling = getattr(self.channel, "_cancelled", None)
-        if isinstance(cancelling, set):
-            cancelling.discard(tag)
+        # without an outcome (`x-delivery-count`). They go to the consumer instead, which
+        # hands them back uncounted.
+        _pika_internals.forget_cancelling(self.channel, tag)
         await future
 
     async def close(self) -> None:

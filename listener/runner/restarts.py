@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from listener.errors import BrokerError
+from listener.runner.backoff import Backoff
 from listener.runner.worker import EXIT_RECYCLE
 
 __all__ = [
@@ -66,17 +66,17 @@ class Slot:
     boot_error: BrokerError | None = None  # the current worker could not start
     spawns: int = 0
     started_at: float = 0.0
-    delay: float = 0.0  # the last restart delay of a crash loop; 0 after a long life
+    #: Restart delays of a crash loop; reset after a long life.
+    backoff: Backoff = field(default_factory=lambda: Backoff(BACKOFF_FIRST, BACKOFF_CAP))
     restart_at: float | None = None
 
 
 def back_off(slot: Slot, lived: float) -> float:
     """Schedule the slot's next start; returns the delay (grows while it keeps failing)."""
     if lived < SHORT_LIFE:
-        slot.delay = min(slot.delay * 2, BACKOFF_CAP) if slot.delay else BACKOFF_FIRST
-        wait = min(slot.delay * random.uniform(0.8, 1.2), BACKOFF_CAP)
+        wait = slot.backoff.next()
     else:
-        slot.delay = 0.0
+        slot.backoff.reset()
         wait = 0.0
     slot.restart_at = time.monotonic() + wait
     return wait

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from listener.errors import AuthenticationFailed, BrokerUnreachable
 from listener.runner.amqp_transport import Transport
+from listener.runner.backoff import Backoff
 from listener.settings import Settings
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class StartRetries:
     def __init__(self, settings: Settings, *, fail_fast: bool, log: logging.Logger) -> None:
         self.attempts = 1 if fail_fast else settings.connect_attempts
         self.attempt = 0
-        self._delay = FIRST_DELAY
+        self._backoff = Backoff(FIRST_DELAY, DELAY_CAP)
         self._log = log
 
     def failed(self, exc: BrokerUnreachable) -> float:
@@ -61,7 +61,7 @@ class StartRetries:
         self.attempt += 1
         if self.attempt >= self.attempts:
             raise BrokerUnreachable(f"{exc} (gave up after {self.attempts} attempt(s))") from exc
-        wait = self._delay * random.uniform(0.8, 1.2)
+        wait = self._backoff.next()
         self._log.warning(
             "broker not reachable (attempt %d of %d): %s; retrying in %.1fs",
             self.attempt,
@@ -69,7 +69,6 @@ class StartRetries:
             exc,
             wait,
         )
-        self._delay = min(self._delay * 2, DELAY_CAP)
         return wait
 
 

@@ -21,7 +21,6 @@ import contextlib
 import functools
 import logging
 import os
-import random
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -30,6 +29,7 @@ from listener.errors import AuthenticationFailed, BrokerUnreachable
 from listener.middleware import Chain, Middleware, installed_middleware
 from listener.runner import signals
 from listener.runner.amqp_transport import Subscription, Transport
+from listener.runner.backoff import Backoff
 from listener.runner.consumer import Consumer
 from listener.runner.startup import StartRetries
 from listener.settings import Settings
@@ -423,7 +423,7 @@ class Worker:
 
     async def _resubscribe(self, consumer: Consumer) -> None:
         """Give one listener a fresh channel and consumer; the others are left alone."""
-        delay = _BACKOFF_FIRST
+        backoff = _reconnect_backoff()
         try:
             while not (self._closing or self._lost.is_set() or self._stop.is_set()):
                 transport = self._transport
@@ -441,7 +441,7 @@ class Worker:
                         await transport.declare(consumer.listener.topology(self.settings))
                         await self._subscribe(consumer, transport)
                 except Exception as exc:
-                    wait = delay * random.uniform(0.5, 1.5)
+                    wait = backoff.next()
                     log.warning(
                         "%s: subscribing again failed (%s); next try in %.1fs",
                         consumer.listener.__name__,
@@ -450,7 +450,6 @@ class Worker:
                     )
                     if await _stopped_within(self._stop, wait):
                         return
-                    delay = min(delay * 2, _BACKOFF_CAP)
                     continue
                 log.info(
                     "%s: consuming %s again", consumer.listener.__name__, consumer.listener.queue
@@ -497,7 +496,7 @@ class Worker:
             self._closing = True
             await old.close(timeout=_CANCEL_WAIT)
             self._closing = False
-        delay = _BACKOFF_FIRST
+        backoff = _reconnect_backoff()
         while not self._stop.is_set():
             transport: Transport | None = None
             try:
@@ -506,11 +505,10 @@ class Worker:
             except Exception as exc:
                 if transport is not None:
                     await transport.close(timeout=_CANCEL_WAIT)
-                wait = delay * random.uniform(0.5, 1.5)
+                wait = backoff.next()
                 log.warning("reconnecting failed (%s); next try in %.1fs", exc, wait)
                 if await _stopped_within(self._stop, wait):
                     return None
-                delay = min(delay * 2, _BACKOFF_CAP)
                 continue
             log.info("reconnected to %s", self.settings.redacted_url)
             return transport
@@ -621,6 +619,10 @@ async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
     return stop.is_set()
+
+
+def _reconnect_backoff() -> Backoff:
+    return Backoff(_BACKOFF_FIRST, _BACKOFF_CAP, jitter=(0.5, 1.5))
 
 
 def _describe(exc: BaseException | None) -> str:
