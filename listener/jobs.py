@@ -53,6 +53,9 @@ __all__ = [
 STATES = ("pending", "running", "retrying", "handled", "parked")
 UNFINISHED = ("pending", "running", "retrying")
 
+#: The most records a search without a tag reads (see `_recent`).
+_WIDEST = 50_000
+
 _STATE_OF = {
     "pending": "pending",
     "running": "running",
@@ -245,14 +248,13 @@ def _find(
     from listener.ledger import attempts, tags
 
     name = listener if isinstance(listener, str) or listener is None else listener.name()
+    if tag is None:
+        return _recent(connection, name, states, since, limit)
     candidates = select(attempts.c.message_id, attempts.c.listener).distinct()
-    if tag is not None:
-        candidates = candidates.join(
-            tags,
-            and_(
-                tags.c.message_id == attempts.c.message_id, tags.c.listener == attempts.c.listener
-            ),
-        ).where(tags.c.tag == tag)
+    candidates = candidates.join(
+        tags,
+        and_(tags.c.message_id == attempts.c.message_id, tags.c.listener == attempts.c.listener),
+    ).where(tags.c.tag == tag)
     if name is not None:
         candidates = candidates.where(attempts.c.listener == name)
     if since is not None:
@@ -299,6 +301,53 @@ def _find(
     wanted = {(key.message_id, key.listener) for key in keys}
     found = [job for job in _jobs(connection, rows) if (job.message_id, job.listener) in wanted]
     return sorted(found, key=lambda job: job.updated_at)
+
+
+def _recent(
+    connection: Connection,
+    name: str | None,
+    states: tuple[str, ...] | None,
+    since: dt.datetime | None,
+    limit: int,
+) -> list[Job]:
+    """The `limit` most recently active jobs, without a tag to narrow them down.
+
+    Reads the newest records first (the primary key follows insertion), a few times `limit`
+    of them, and widens the window only while it found too few jobs and rows remain: a
+    query never ranks the whole table (seconds at a million rows). Past `_WIDEST` records it
+    answers with what it found: narrow such a search down with a tag, a listener or `since`.
+    """
+    from sqlalchemy import select
+
+    from listener.ledger import attempts
+
+    outcomes = None
+    if states is not None:
+        outcomes = [outcome for outcome, state in _STATE_OF.items() if state in states]
+    window = limit * 4
+    while True:
+        recent = select(attempts.c.message_id, attempts.c.listener)
+        if name is not None:
+            recent = recent.where(attempts.c.listener == name)
+        if since is not None:
+            recent = recent.where(attempts.c.started_at >= since)
+        if outcomes is not None:
+            recent = recent.where(attempts.c.outcome.in_(outcomes))
+        keys = connection.execute(recent.order_by(attempts.c.id.desc()).limit(window)).all()
+        wanted = {(key.message_id, key.listener) for key in keys}
+        rows = connection.execute(
+            attempts.select()
+            .where(attempts.c.message_id.in_({message_id for message_id, _ in wanted}))
+            .order_by(attempts.c.listener, attempts.c.attempt, attempts.c.started_at)
+        ).all()
+        found = [
+            job
+            for job in _jobs(connection, rows)
+            if (job.message_id, job.listener) in wanted and (states is None or job.state in states)
+        ]
+        if len(found) >= limit or len(keys) < window or window >= _WIDEST:
+            return sorted(found, key=lambda job: job.updated_at)[-limit:]
+        window *= 4
 
 
 def _jobs(connection: Connection, rows: Sequence[Any]) -> list[Job]:
