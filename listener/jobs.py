@@ -61,7 +61,7 @@ _STATE_OF = {
     "running": "running",
     "retried": "retrying",
     "worker_lost": "retrying",
-    "returned": "retrying",
+    "returned": "pending",  # handed back unsettled (a stop, a lost channel): not charged
     "handled": "handled",
     "parked": "parked",
 }
@@ -368,6 +368,7 @@ def _jobs(connection: Connection, rows: Sequence[Any]) -> list[Job]:
     tags_of: dict[tuple[str, str], list[str]] = {}
     for tag_row in tag_rows:
         tags_of.setdefault((tag_row.message_id, tag_row.listener), []).append(tag_row.tag)
+    silent = _silent_workers(connection, [rows[-1] for rows in by_job.values()])
     jobs = []
     for (message_id, listener), job_rows in by_job.items():
         attempts = tuple(_attempt(row) for row in job_rows)
@@ -379,12 +380,30 @@ def _jobs(connection: Connection, rows: Sequence[Any]) -> list[Job]:
                 listener,
                 last.queue,
                 state,
-                _where(state, last),
+                _where(state, last, silent),
                 attempts,
                 tuple(tags_of.get((message_id, listener), ())),
             )
         )
     return jobs
+
+
+def _silent_workers(connection: Connection, last_rows: Sequence[Any]) -> set[tuple[str, int]]:
+    """Of the workers running these jobs, those gone or silent for `LOST_AFTER`."""
+    from sqlalchemy import and_, or_, select
+
+    from listener.ledger import workers as table
+
+    running = {(row.host, row.pid) for row in last_rows if row.outcome == "running"}
+    if not running:
+        return set()
+    heard = connection.execute(
+        select(table.c.host, table.c.pid).where(
+            or_(*(and_(table.c.host == host, table.c.pid == pid) for host, pid in running)),
+            table.c.seen_at >= dt.datetime.now(dt.UTC) - LOST_AFTER,
+        )
+    ).all()
+    return running - {(row.host, row.pid) for row in heard}
 
 
 def _attempt(row: Any) -> Attempt:
@@ -403,9 +422,14 @@ def _attempt(row: Any) -> Attempt:
     )
 
 
-def _where(state: str, last: Any) -> str:
+def _where(state: str, last: Any, silent: set[tuple[str, int]]) -> str:
     if state == "handled":
         return "nowhere (acked)"
+    if state == "running" and (last.host, last.pid) in silent:
+        return (
+            f"unknown: its worker, {last.host} pid {last.pid}, stopped reporting (if it died, "
+            f"the broker gives the message to another worker from {last.queue})"
+        )
     if state == "running":
         return f"being handled on {last.host} pid {last.pid}"
     if state == "pending":

@@ -158,3 +158,17 @@ def test_db_upgrade_on_an_unreachable_database_fails_in_one_line() -> None:
 def test_the_metadata_holds_every_framework_table_for_alembic() -> None:
     names = {table.name for table in schema.metadata.sorted_tables}
     assert {"amqp_listener_schema", "amqp_listener_attempts", "amqp_listener_workers"} <= names
+
+
+def test_the_database_url_comes_from_the_environment_and_never_shows_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from listener.settings import Settings
+
+    monkeypatch.setenv("AMQP_LISTENER_DATABASE_URL", "postgresql://app:hunter2@db/app")
+    settings = Settings()
+    assert settings.database_url is not None
+    assert settings.database_url.get_secret_value() == "postgresql://app:hunter2@db/app"
+    assert settings.redacted_database_url == "postgresql://app:***@db/app"
+    assert "hunter2" not in repr(settings)
+    assert settings.with_database_url("sqlite:///x.db").redacted_database_url == "sqlite:///x.db"
