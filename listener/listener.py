@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
 import typing
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
+from listener import delay as _delay
 from listener import routing, topology
 from listener.codec import MessageCodec
 from listener.errors import ListenerDefinitionError
@@ -87,21 +89,26 @@ class Listener:
         *,
         routing_key: str | None = None,
         headers: dict[str, Any] | None = None,
+        delay: float | None = None,
+        at: dt.datetime | None = None,
         **fields: Any,
     ) -> str:
         """Validate, publish and wait for the broker's confirm. Returns the message id.
 
-        Pass a model instance, or its fields as keyword arguments. Thread-safe.
+        Pass a model instance, or its fields as keyword arguments. Thread-safe. With
+        `delay=` seconds or `at=` an aware datetime, the broker holds the message and it
+        reaches this listener's queue at that moment, never early (see `listener.delay`).
 
         Raises:
             InvalidMessage: the message does not fit the model (nothing was sent).
+            ValueError: a negative or too long delay, a naive or past `at`.
             PublishError: a subclass saying why the message is not safely with the broker.
         """
         from listener.publisher import default_publisher
 
         body = cls.codec.encode(_message_value(cls, message, fields))
-        key = cls._key_for(routing_key)
-        return default_publisher().publish_body(cls.exchange, key, body, headers=headers)
+        exchange, key, headers = cls._route(routing_key, headers, delay, at)
+        return default_publisher().publish_body(exchange, key, body, headers=headers)
 
     @classmethod
     async def anotify(
@@ -111,41 +118,57 @@ class Listener:
         *,
         routing_key: str | None = None,
         headers: dict[str, Any] | None = None,
+        delay: float | None = None,
+        at: dt.datetime | None = None,
         **fields: Any,
     ) -> str:
         """The asyncio twin of `notify()`."""
         from listener.apublisher import default_async_publisher
 
         body = cls.codec.encode(_message_value(cls, message, fields))
-        key = cls._key_for(routing_key)
+        exchange, key, headers = cls._route(routing_key, headers, delay, at)
         publisher = default_async_publisher()
-        return await publisher.publish_body(cls.exchange, key, body, headers=headers)
+        return await publisher.publish_body(exchange, key, body, headers=headers)
 
     @classmethod
-    def notify_many(cls, messages: Iterable[Any], *, routing_key: str | None = None) -> list[str]:
+    def notify_many(
+        cls,
+        messages: Iterable[Any],
+        *,
+        routing_key: str | None = None,
+        delay: float | None = None,
+        at: dt.datetime | None = None,
+    ) -> list[str]:
         """Publish a batch with pipelined confirms; returns the ids once all are confirmed.
 
         Every message is validated before the first is sent. If some fail, the first error
         is raised after all confirms are in; messages confirmed before it stay published.
+        `delay=` or `at=` applies to the whole batch.
         """
         from listener.apublisher import run_in_background
 
         bodies = [cls.codec.encode(m) for m in messages]
-        key = cls._key_for(routing_key)
+        exchange, key, headers = cls._route(routing_key, None, delay, at)
         return run_in_background(
-            lambda publisher: publisher.publish_bodies(cls.exchange, key, bodies)
+            lambda publisher: publisher.publish_bodies(exchange, key, bodies, headers=headers)
         )
 
     @classmethod
     async def anotify_many(
-        cls, messages: Iterable[Any], *, routing_key: str | None = None
+        cls,
+        messages: Iterable[Any],
+        *,
+        routing_key: str | None = None,
+        delay: float | None = None,
+        at: dt.datetime | None = None,
     ) -> list[str]:
         """The asyncio twin of `notify_many()`."""
         from listener.apublisher import default_async_publisher
 
         bodies = [cls.codec.encode(m) for m in messages]
-        key = cls._key_for(routing_key)
-        return await default_async_publisher().publish_bodies(cls.exchange, key, bodies)
+        exchange, key, headers = cls._route(routing_key, None, delay, at)
+        publisher = default_async_publisher()
+        return await publisher.publish_bodies(exchange, key, bodies, headers=headers)
 
     # -- description ------------------------------------------------------------------------
 
@@ -165,6 +188,24 @@ class Listener:
             retry_delays=cls.retry_delays,
             queue_type=settings.queue_type,
         )
+
+    @classmethod
+    def _route(
+        cls,
+        routing_key: str | None,
+        headers: dict[str, Any] | None,
+        delay: float | None,
+        at: dt.datetime | None,
+    ) -> tuple[str, str, dict[str, Any] | None]:
+        """Exchange, key and headers of a notify: the listener's address, or, for a delay,
+        its first delay level, from where the broker takes it to this listener's queue."""
+        key = cls._key_for(routing_key)
+        hop = _delay.first_hop(cls.queue, _delay.seconds_until(delay=delay, at=at))
+        if hop is None:
+            return cls.exchange, key, headers
+        # Where the message was meant to go, for the headers of a retry or a park.
+        original = {"x-original-exchange": cls.exchange, "x-original-routing-key": key}
+        return "", hop.queue, {**original, **(headers or {}), **hop.headers}
 
     @classmethod
     def _key_for(cls, routing_key: str | None) -> str:

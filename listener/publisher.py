@@ -9,6 +9,7 @@ PublishError saying why it may not have.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import select
@@ -22,6 +23,7 @@ import pika.exceptions
 import pika.spec
 
 from listener import _redirect, codec, routing
+from listener import delay as _delay
 from listener._amqp_errors import connect_error, is_connection_lost, publish_error
 from listener.errors import PublishTimeout
 from listener.settings import Settings, get_settings
@@ -123,13 +125,25 @@ class Publisher:
             f"published={self._published}>"
         )
 
-    def publish(self, address: str, value: Any, *, headers: dict[str, Any] | None = None) -> str:
+    def publish(
+        self,
+        address: str,
+        value: Any,
+        *,
+        headers: dict[str, Any] | None = None,
+        delay: float | None = None,
+        at: dt.datetime | None = None,
+    ) -> str:
         """Publish `value` as JSON to `"exchange.routing_key"` and wait for the confirm.
+        With `delay=` seconds or `at=` an aware datetime, it reaches every listener bound
+        there at that moment (see `listener.delay`).
 
         Returns:
             The message id.
         """
         exchange, key = routing.parse_address(address, wildcards=False)
+        seconds = _delay.seconds_until(delay=delay, at=at)
+        exchange, key, headers = _delay.address_route(exchange, key, headers, seconds)
         return self.publish_body(exchange, key, codec.encode(value), headers=headers)
 
     def publish_body(
@@ -289,13 +303,21 @@ def default_publisher() -> Publisher:
     return _default
 
 
-def publish(address: str, value: Any, *, headers: dict[str, Any] | None = None) -> str:
+def publish(
+    address: str,
+    value: Any,
+    *,
+    headers: dict[str, Any] | None = None,
+    delay: float | None = None,
+    at: dt.datetime | None = None,
+) -> str:
     """Publish `value` as JSON to `"exchange.routing_key"`, confirmed. Returns the message id.
 
-    For services that do not import the listener's code. Raises a PublishError subclass when
+    For services that do not import the listener's code. `delay=` (seconds) or `at=` (an
+    aware datetime) holds it in the broker until then. Raises a PublishError subclass when
     the message is not known to be safely with the broker.
     """
-    return default_publisher().publish(address, value, headers=headers)
+    return default_publisher().publish(address, value, headers=headers, delay=delay, at=at)
 
 
 def _forget_after_fork() -> None:

@@ -87,6 +87,8 @@ class Rabbit:
         """Delete `cls`'s exchange and every queue of its topology after the test."""
         topology = cls.topology()
         self.exchanges.add(topology.exchange)
+        # The delay levels' exchanges are the listener's own; the shared entry exchange stays.
+        self.exchanges.update(spec.name for spec in topology.levels)
         self.queues.update(spec.name for spec in topology.queues)
 
     def declare_exchange(self, name: str) -> None:

@@ -26,7 +26,7 @@ from listener.apublisher import connection_alive
 from listener.runner import _pika_fields
 from listener.runner.inbound import Inbound, Subscription
 from listener.settings import Settings
-from listener.topology import QueueSpec, Topology
+from listener.topology import Binding, QueueSpec, Topology
 
 __all__ = ["Inbound", "Subscription", "Transport"]
 
@@ -89,10 +89,14 @@ class Transport:
             await channel.declare_exchange(
                 topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
             )
+            for name in topology.exchanges:
+                await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
             for spec in topology.queues:
                 await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
             queue = await channel.get_queue(topology.queue.name, ensure=False)
             await queue.bind(topology.exchange, topology.binding_key)
+            for binding in topology.level_bindings:
+                await _bind(channel, binding)
 
     async def declare_queue(self, spec: QueueSpec) -> None:
         """Declare one queue (a delay queue first used by `Retry(delay=...)`)."""
@@ -204,6 +208,15 @@ class Transport:
                 )
                 self._publish_channel = channel
             return channel
+
+
+async def _bind(channel: aio_pika.abc.AbstractChannel, binding: Binding) -> None:
+    if binding.to_exchange:
+        destination = await channel.get_exchange(binding.destination, ensure=False)
+        await destination.bind(binding.source, binding.key)
+    else:
+        queue = await channel.get_queue(binding.destination, ensure=False)
+        await queue.bind(binding.source, binding.key)
 
 
 async def _open_pika(settings: Settings, name: str) -> AsyncioConnection:
