@@ -115,7 +115,8 @@ def status(
     url: UrlOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Every listener with its queue: ready, unacked, consumers, waiting for a retry, parked."""
+    """Every listener with its queue: ready, unacked, consumers, waiting for a retry,
+    delayed (not yet due), parked."""
     listeners = None
     if modules:
         try:
@@ -135,6 +136,7 @@ def status(
                         "unacked": row.unacked,
                         "consumers": row.consumers,
                         "waiting_retry": row.waiting_retry,
+                        "delayed": row.delayed,
                         "parked": row.parked,
                         "publish_rate": row.publish_rate,
                         "ack_rate": row.ack_rate,
@@ -145,10 +147,12 @@ def status(
             }
         )
         return
-    table = Table("listener", "queue", "ready", "unacked", "consumers", "waiting retry", "parked")
+    table = Table(
+        "listener", "queue", "ready", "unacked", "consumers", "waiting retry", "delayed", "parked"
+    )
     for row in rows:
         if row.missing:
-            table.add_row(row.listener, row.queue, "not declared", "-", "-", "-", "-")
+            table.add_row(row.listener, row.queue, "not declared", "-", "-", "-", "-", "-")
             continue
         table.add_row(
             row.listener,
@@ -157,6 +161,7 @@ def status(
             "-" if row.unacked is None else str(row.unacked),
             str(row.consumers),
             str(row.waiting_retry),
+            str(row.delayed),
             str(row.parked if row.parked is not None else "-"),
         )
     console = _console()
