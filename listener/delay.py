@@ -13,8 +13,8 @@ dead-letters it with all of them. Level n's exchange sends a message whose bit n
 its queue and one whose bit is 0 straight on to level n-1; after level 0 the message goes to
 the listener's queue by name (so never to another listener bound to the same key).
 
-    STEP = 0.125 s: never early; late by under one step plus about 2.5 ms per level waited
-    in (measured on RabbitMQ 3.10), so by at most about 0.2 s.
+    STEP = 0.125 s: never early; late by under one step, plus about 2.5 ms per level waited
+    in (measured on RabbitMQ 3.10), plus the broker's and the consumer's own latency.
     MAX_DELAY = (2**26 - 1) * STEP, about 97 days; the top level's TTL, 2**25 * 125 ms,
     stays within the 32-bit TTL RabbitMQ's timers take.
 """
