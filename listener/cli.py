@@ -182,6 +182,9 @@ def run(
         except ConfigurationError as exc:
             _fail(str(exc), 2)
     listeners = _listeners(modules, listener)
+    from listener import _scheduler_process as scheduler  # listeners with a schedule: its process
+
+    ticking = scheduler.start(modules, listener, listeners, settings)
     try:
         code = run_listeners(
             listeners, settings, workers=workers, fail_fast=fail_fast, metrics=endpoint
@@ -190,6 +193,8 @@ def run(
         _fail(str(exc), 1)
     except ConfigurationError as exc:
         _fail(str(exc), 2)
+    finally:
+        scheduler.stop(ticking)
     raise typer.Exit(code)
 
 

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from listener import delay as _delay
 from listener import routing, topology
+from listener import schedule as _schedule
 from listener.codec import MessageCodec
 from listener.errors import ListenerDefinitionError
 from listener.settings import Settings, get_settings
@@ -49,6 +50,11 @@ class Listener:
     retry_delays: ClassVar[tuple[float, ...]] = (1, 5, 30)
     timeout: ClassVar[float] = 60
     concurrency: ClassVar[int] = 8
+    #: A cron expression ("0 3 * * *") or an interval: a message per tick (`listener.schedule`).
+    schedule: ClassVar[str | None] = None
+    every: ClassVar[dt.timedelta | None] = None
+    #: Ticks missed while no runner ran: "last" fires the latest of them once, "skip" none.
+    missed_ticks: ClassVar[str] = "last"
 
     # Derived at class creation; read-only by convention.
     exchange: ClassVar[str]
@@ -71,6 +77,7 @@ class Listener:
         if own_queue is None:
             cls.queue = topology.default_queue_name(cls.__name__, settings.queue_prefix)
         _check_queue_name(cls, derived=own_queue is None)
+        _check_schedule(cls)
         from listener import registry
 
         registry.register(cls)
@@ -78,6 +85,12 @@ class Listener:
     def handle(self, message: Any) -> Any:
         """Handle one message. Return to ack it; raise to retry it (see the outcome table)."""
         raise NotImplementedError
+
+    @classmethod
+    def schedule_message(cls, tick: dt.datetime) -> Any:
+        """The message of the tick at `tick` (UTC) for a scheduled listener: by default an
+        empty model, or the model's only field (a datetime) set to the tick."""
+        return _schedule.default_message(cls, tick)
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -249,6 +262,36 @@ def _check_queue_name(cls: type[Listener], *, derived: bool) -> None:
             f"{name[:40]!r}...{source} is longer than {_MAX_QUEUE_BYTES} bytes; the retry "
             "and dead-letter queues named after it must fit RabbitMQ's 255-byte limit",
         )
+
+
+def _check_schedule(cls: type[Listener]) -> None:
+    cron, every = cls.schedule, cls.every
+    if cron is None and every is None:
+        return
+    if cron is not None and every is not None:
+        raise _error(cls, "schedule", "and every are both set: choose one")
+    if every is not None and (not isinstance(every, dt.timedelta) or every.total_seconds() < 1):
+        raise _error(cls, "every", f"must be a timedelta of at least 1 second, got {every!r}")
+    if cron is not None:
+        try:
+            from croniter import croniter
+        except ImportError:  # pragma: no cover - the [cron] extra is missing
+            raise _error(
+                cls, "schedule", "needs the croniter package: pip install 'amqp-listener[cron]'"
+            ) from None
+        if not isinstance(cron, str) or len(cron.split()) != 5 or not croniter.is_valid(cron):
+            raise _error(
+                cls,
+                "schedule",
+                f"must be a cron expression of five fields (minute hour day month weekday), "
+                f"such as '0 3 * * *'; got {cron!r}",
+            )
+    if cls.missed_ticks not in ("last", "skip"):
+        raise _error(cls, "missed_ticks", f"must be 'last' or 'skip', got {cls.missed_ticks!r}")
+    if cls.schedule_message.__func__ is Listener.schedule_message.__func__:  # type: ignore[attr-defined]
+        problem = _schedule.check_message_model(cls)
+        if problem is not None:
+            raise _error(cls, "schedule_message", problem)
 
 
 def _check_subscription(cls: type[Listener]) -> None:
