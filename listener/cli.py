@@ -18,6 +18,7 @@ from pythonjsonlogger.json import JsonFormatter
 
 from listener import registry
 from listener._cli_operate import JsonOption, dead_app, status
+from listener._cli_schedules import schedules
 from listener.errors import BrokerError, ConfigurationError, ListenerError, PublishError
 from listener.settings import Settings, get_settings
 
@@ -268,6 +269,7 @@ def publish(
 
 
 app.command()(status)
+app.command()(schedules)
 app.add_typer(dead_app, name="dead")
 
 

@@ -406,6 +406,25 @@ class Operator:
         # Replays publish on the peeking channel: its acks then follow the confirms in order.
         return self._peek_channel()
 
+    def peek_latest(self, queue: str) -> bytes | None:
+        """The body of the one message a length-one queue holds, handed back at once; None
+        when the queue is empty or missing."""
+        channel = self._connection.channel()
+        try:
+            method, _properties, body = channel.basic_get(queue, auto_ack=False)
+            if method is None:
+                return None
+            assert method.delivery_tag is not None
+            channel.basic_nack(method.delivery_tag, requeue=True)
+            return body if isinstance(body, bytes) else None
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                return None
+            raise
+        finally:
+            if channel.is_open:
+                channel.close()
+
     def _declare_ok(self, queue: str) -> Any:
         channel = self._connection.channel()
         try:

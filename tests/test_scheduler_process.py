@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,10 @@ from support.runner_process import EXECUTABLE, REPO, clean_env
 from support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def read_ticks(path: Path) -> list[dt.datetime]:
@@ -77,7 +82,7 @@ def test_two_runners_fire_each_tick_once_and_a_kill_9_hands_the_schedule_over_wi
             return leading[0] if len(leading) == 1 else None
 
         killed, _log = wait_until(leader, 10, "one runner leading")
-        survivor_log = next(log for process, log in runners if process is not killed)
+        survivor, survivor_log = next(r for r in runners if r[0] is not killed)
         killed.send_signal(signal.SIGKILL)
         killed.wait(10)
         at_kill = dt.datetime.now(dt.UTC)
@@ -91,6 +96,25 @@ def test_two_runners_fire_each_tick_once_and_a_kill_9_hands_the_schedule_over_wi
         after = read_ticks(ticks_file)
         # At most the tick fired at the moment of the kill comes twice (same message id).
         assert len(after) - len(set(after)) <= 1
+
+        listed = subprocess.run(
+            [EXECUTABLE, "schedules", module, "--json"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert listed.returncode == 0, listed.stderr
+        (row,) = json.loads(listed.stdout)["schedules"]
+        assert row["listener"] == f"{module}:Beat"
+        assert row["expression"] == "every 1s"
+        assert dt.datetime.fromisoformat(row["last_tick"]) > at_kill
+        assert dt.datetime.fromisoformat(row["next_tick"]) > dt.datetime.fromisoformat(
+            row["last_tick"]
+        )
+        assert parent_of(row["pid"]) == survivor.pid  # the survivor's scheduler process
     finally:
         for process, _log in runners:
             if process.poll() is None:
