@@ -40,6 +40,7 @@ import aio_pika
 import aio_pika.abc
 
 from listener import schedule as _schedule
+from listener._amqp_errors import connect_error
 from listener.codec import CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -120,13 +121,16 @@ class Scheduler:
                 await asyncio.wait_for(stop.wait(), _RECONNECT_PAUSE)
 
     async def _session(self, stop: asyncio.Event) -> None:
-        url = self.settings.url.get_secret_value().split(",")[0]
-        connection = await aio_pika.connect(
-            url,
-            client_properties={"connection_name": f"amqp-listener scheduler pid={os.getpid()}"},
-            # A short heartbeat: a leader cut off is noticed, and replaced, within seconds.
-            heartbeat=5,
-        )
+        try:
+            connection = await aio_pika.connect(
+                self.settings.url.get_secret_value(),
+                client_properties={"connection_name": f"amqp-listener scheduler pid={os.getpid()}"},
+                # A short heartbeat: a leader cut off is noticed, and replaced, within seconds.
+                heartbeat=5,
+                timeout=self.settings.connect_timeout,
+            )
+        except Exception as exc:  # translated: the text never holds the password
+            raise connect_error(exc, self.settings.redacted_url) from exc
         async with connection:
             lost = self._lost = asyncio.Event()
             connection.close_callbacks.add(lambda *_: lost.set())
