@@ -106,6 +106,14 @@ CASES: tuple[Case, ...] = (
         Goal(0.95),
         publisher="notify",
     ),
+    Case(
+        "notify-delayed",
+        "serial",
+        "notify(delay=3600), one at a time (vs notify())",
+        "notify",
+        Goal(0.9),
+        publisher="notify-delayed",
+    ),
     # -- publish in windows, confirms pipelined --
     Case(
         "aio-pika-pipelined",
