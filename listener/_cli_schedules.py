@@ -58,6 +58,7 @@ def schedules(
                     "last_tick": state.get("last_tick"),
                     "host": state.get("host"),
                     "pid": state.get("pid"),
+                    "runner_pid": state.get("runner_pid"),
                 }
             )
         return rows
@@ -68,7 +69,9 @@ def schedules(
         return
     table = Table("listener", "schedule", "next tick (UTC)", "last tick (UTC)", "fired by")
     for row in rows:
-        fired_by = f"{row['host']} pid {row['pid']}" if row["host"] else "-"
+        fired_by = "-"
+        if row["host"]:
+            fired_by = f"{row['host']} pid {row['pid']} (runner {row['runner_pid']})"
         table.add_row(
             row["listener"],
             row["expression"] + (f" ({row['timezone']})" if row["timezone"] != "UTC" else ""),

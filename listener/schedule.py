@@ -95,7 +95,7 @@ class Schedule:
                 return tick
 
     def missed(
-        self, last: dt.datetime | None, now: dt.datetime, policy: MissedTicks
+        self, last: dt.datetime | None, now: dt.datetime, policy: MissedTicks | str
     ) -> dt.datetime | None:
         """The one tick to fire late on taking over: the latest after `last` and not after
         `now`, under the policy "last"; none under "skip" or when none was fired before."""

@@ -195,7 +195,7 @@ class Scheduler:
     async def _tick(self, lead: _Lead, channel: _Publishing) -> None:
         await asyncio.sleep(_SETTLE)
         now = dt.datetime.now(dt.UTC)
-        late = lead.plan.missed(lead.last, now, lead.cls.missed_ticks)  # type: ignore[arg-type]
+        late = lead.plan.missed(lead.last, now, lead.cls.missed_ticks)
         if late is not None:
             await self._fire(channel, lead, late)
         start = now if lead.last is None else max(now, lead.last)
@@ -215,17 +215,22 @@ class Scheduler:
 
     async def _fire(self, channel: _Publishing, lead: _Lead, tick: dt.datetime) -> None:
         cls = lead.cls
-        body = cls.codec.encode(cls.schedule_message(tick))
         stamp = tick.astimezone(dt.UTC).isoformat()
-        await channel.publish(
-            cls.queue,
-            body,
-            message_id=_schedule.tick_message_id(cls, tick),
-            headers={_schedule.TICK_HEADER: stamp, "x-scheduled-by": f"{_HOST} {os.getpid()}"},
-        )
+        try:
+            body = cls.codec.encode(cls.schedule_message(tick))
+        except Exception:
+            # The application's own code failed: this tick is skipped, the next one tried.
+            log.exception("scheduler: %s.schedule_message() failed for tick %s", cls, stamp)
+        else:
+            await channel.publish(
+                cls.queue,
+                body,
+                message_id=_schedule.tick_message_id(cls, tick),
+                headers={_schedule.TICK_HEADER: stamp, "x-scheduled-by": f"{_HOST} {os.getpid()}"},
+            )
+            self.fired += 1
+            log.info("scheduler: fired %s tick %s", cls.name(), stamp)
         lead.last = tick
-        self.fired += 1
-        log.info("scheduler: fired %s tick %s", cls.name(), stamp)
         await self._publish_token(channel, lead, tick)
         state = {
             "listener": cls.name(),
@@ -233,6 +238,7 @@ class Scheduler:
             "last_tick": stamp,
             "host": _HOST,
             "pid": os.getpid(),
+            "runner_pid": os.getppid(),
         }
         await channel.publish(state_queue(cls), json.dumps(state).encode())
 
