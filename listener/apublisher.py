@@ -69,7 +69,7 @@ class AsyncPublisher:
         value: Any,
         *,
         headers: dict[str, Any] | None = None,
-        delay: float | None = None,
+        delay: float | dt.timedelta | None = None,
         at: dt.datetime | None = None,
     ) -> str:
         """Publish `value` as JSON to `"exchange.routing_key"`; returns the message id once
@@ -284,7 +284,7 @@ async def apublish(
     value: Any,
     *,
     headers: dict[str, Any] | None = None,
-    delay: float | None = None,
+    delay: float | dt.timedelta | None = None,
     at: dt.datetime | None = None,
 ) -> str:
     """The asyncio twin of `listener.publish()`."""

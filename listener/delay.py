@@ -58,9 +58,13 @@ _PAST_TOLERANCE = 1.0
 
 
 def seconds_until(
-    *, delay: float | None = None, at: dt.datetime | None = None, now: dt.datetime | None = None
+    *,
+    delay: float | dt.timedelta | None = None,
+    at: dt.datetime | None = None,
+    now: dt.datetime | None = None,
 ) -> float:
-    """Seconds from `now` until the message is due: `delay`, or until `at` (0 for neither).
+    """Seconds from `now` until the message is due: `delay` (seconds or a timedelta), or
+    until `at` (0 for neither).
 
     Raises:
         ValueError: both given, a negative or too long delay, a naive `at`, an `at` in the
@@ -83,6 +87,8 @@ def seconds_until(
         delay = max(delay, 0.0)
     if delay is None:
         return 0.0
+    if isinstance(delay, dt.timedelta):
+        delay = delay.total_seconds()
     if isinstance(delay, bool) or not isinstance(delay, int | float) or math.isnan(delay):
         raise ValueError(f"delay= must be a number of seconds, got {delay!r}")
     if delay < 0:

@@ -102,7 +102,7 @@ class Listener:
         *,
         routing_key: str | None = None,
         headers: dict[str, Any] | None = None,
-        delay: float | None = None,
+        delay: float | dt.timedelta | None = None,
         at: dt.datetime | None = None,
         **fields: Any,
     ) -> str:
@@ -131,7 +131,7 @@ class Listener:
         *,
         routing_key: str | None = None,
         headers: dict[str, Any] | None = None,
-        delay: float | None = None,
+        delay: float | dt.timedelta | None = None,
         at: dt.datetime | None = None,
         **fields: Any,
     ) -> str:
@@ -149,7 +149,7 @@ class Listener:
         messages: Iterable[Any],
         *,
         routing_key: str | None = None,
-        delay: float | None = None,
+        delay: float | dt.timedelta | None = None,
         at: dt.datetime | None = None,
     ) -> list[str]:
         """Publish a batch with pipelined confirms; returns the ids once all are confirmed.
@@ -172,7 +172,7 @@ class Listener:
         messages: Iterable[Any],
         *,
         routing_key: str | None = None,
-        delay: float | None = None,
+        delay: float | dt.timedelta | None = None,
         at: dt.datetime | None = None,
     ) -> list[str]:
         """The asyncio twin of `notify_many()`."""
@@ -207,7 +207,7 @@ class Listener:
         cls,
         routing_key: str | None,
         headers: dict[str, Any] | None,
-        delay: float | None,
+        delay: float | dt.timedelta | None,
         at: dt.datetime | None,
     ) -> tuple[str, str, dict[str, Any] | None]:
         """Exchange, key and headers of a notify: the listener's address, or, for a delay,

@@ -131,7 +131,7 @@ class Publisher:
         value: Any,
         *,
         headers: dict[str, Any] | None = None,
-        delay: float | None = None,
+        delay: float | dt.timedelta | None = None,
         at: dt.datetime | None = None,
     ) -> str:
         """Publish `value` as JSON to `"exchange.routing_key"` and wait for the confirm.
@@ -308,7 +308,7 @@ def publish(
     value: Any,
     *,
     headers: dict[str, Any] | None = None,
-    delay: float | None = None,
+    delay: float | dt.timedelta | None = None,
     at: dt.datetime | None = None,
 ) -> str:
     """Publish `value` as JSON to `"exchange.routing_key"`, confirmed. Returns the message id.

@@ -91,10 +91,11 @@ def test_in_the_memory_broker_a_delayed_message_arrives_when_the_virtual_clock_r
     with MemoryBroker(later) as broker:
         later.notify(n=1, delay=90)
         later.notify(n=2, at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30))
+        later.notify(n=3, delay=dt.timedelta(seconds=45))
         broker.join(wait_for_retries=False)
         assert broker.handled(later) == []
         broker.join()
-        assert broker.handled(later) == [Job(n=2), Job(n=1)]
+        assert broker.handled(later) == [Job(n=2), Job(n=3), Job(n=1)]
         assert broker.clock.now == 90
 
 
