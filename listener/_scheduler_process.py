@@ -38,8 +38,11 @@ def start(
     names: Sequence[str] | None,
     listeners: Sequence[type[Listener]],
     settings: Settings,
+    log_level: str = "info",
+    log_format: str = "text",
 ) -> subprocess.Popen[bytes] | None:
-    """Start the scheduler process when any of `listeners` has a schedule; else None."""
+    """Start the scheduler process when any of `listeners` has a schedule; else None. It
+    logs as the runner does (`log_level`, `log_format`)."""
     if not scheduled(listeners):
         return None
     from listener.runner.children import die_with_parent
@@ -53,6 +56,7 @@ def start(
         "AMQP_LISTENER_SCHEDULE_TIMEZONE": settings.schedule_timezone,
     }
     argv = [sys.executable, "-m", "listener._scheduler_process", *modules]
+    argv += ["--log-level", log_level, "--log-format", log_format]
     for name in names or ():
         argv += ["--listener", name]
     return subprocess.Popen(
@@ -80,20 +84,22 @@ def stop(process: subprocess.Popen[bytes] | None) -> None:
 def main(argv: Sequence[str]) -> int:
     """`python -m listener._scheduler_process MODULE ... [--listener NAME ...]`."""
     from listener import registry
+    from listener.cli import _configure_logging
     from listener.settings import get_settings
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(process)d %(message)s"
-    )
     modules: list[str] = []
-    names: list[str] = []
+    options: dict[str, list[str]] = {"--listener": [], "--log-level": [], "--log-format": []}
     args = list(argv)
     while args:
         arg = args.pop(0)
-        if arg == "--listener" and args:
-            names.append(args.pop(0))
+        if arg in options and args:
+            options[arg].append(args.pop(0))
         else:
             modules.append(arg)
+    _configure_logging(
+        (options["--log-level"] or ["info"])[-1], (options["--log-format"] or ["text"])[-1]
+    )
+    names = options["--listener"]
     sys.path.insert(0, os.getcwd())
     listeners = registry.select(registry.discover(modules), names)
 

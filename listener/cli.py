@@ -185,7 +185,9 @@ def run(
     listeners = _listeners(modules, listener)
     from listener import _scheduler_process as scheduler  # listeners with a schedule: its process
 
-    ticking = scheduler.start(modules, listener, listeners, settings)
+    ticking = scheduler.start(
+        modules, listener, listeners, settings, log_level.value, log_format.value
+    )
     try:
         code = run_listeners(
             listeners, settings, workers=workers, fail_fast=fail_fast, metrics=endpoint
