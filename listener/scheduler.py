@@ -197,7 +197,7 @@ class Scheduler:
         now = dt.datetime.now(dt.UTC)
         late = lead.plan.missed(lead.last, now, lead.cls.missed_ticks)
         if late is not None:
-            await self._fire(channel, lead, late)
+            await self._fire(channel, lead, late, missed=True)
         start = now if lead.last is None else max(now, lead.last)
         upcoming = lead.plan.next_after(start)
         renewed = asyncio.get_running_loop().time()
@@ -213,7 +213,9 @@ class Scheduler:
             renewed = asyncio.get_running_loop().time()
             upcoming = lead.plan.next_after(upcoming)
 
-    async def _fire(self, channel: _Publishing, lead: _Lead, tick: dt.datetime) -> None:
+    async def _fire(
+        self, channel: _Publishing, lead: _Lead, tick: dt.datetime, *, missed: bool = False
+    ) -> None:
         cls = lead.cls
         stamp = tick.astimezone(dt.UTC).isoformat()
         try:
@@ -229,7 +231,8 @@ class Scheduler:
                 headers={_schedule.TICK_HEADER: stamp, "x-scheduled-by": f"{_HOST} {os.getpid()}"},
             )
             self.fired += 1
-            log.info("scheduler: fired %s tick %s", cls.name(), stamp)
+            late = " (the latest missed while no scheduler ran)" if missed else ""
+            log.info("scheduler: fired %s tick %s%s", cls.name(), stamp, late)
         lead.last = tick
         await self._publish_token(channel, lead, tick)
         state = {
