@@ -59,14 +59,17 @@ def start(
     argv += ["--log-level", log_level, "--log-format", log_format]
     for name in names or ():
         argv += ["--listener", name]
-    return subprocess.Popen(
+    process = subprocess.Popen(
         argv,
         env=env,
         cwd=os.getcwd(),
         stdin=subprocess.DEVNULL,
         process_group=0,
+        # Safe here: the runner starts no thread before this (the supervisor forks later).
         preexec_fn=lambda: die_with_parent(parent),
     )
+    log.info("scheduler pid=%d started for %d schedule(s)", process.pid, len(scheduled(listeners)))
+    return process
 
 
 def stop(process: subprocess.Popen[bytes] | None) -> None:
