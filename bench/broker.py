@@ -58,6 +58,8 @@ class Broker:
     def declare(self, topology: Topology) -> None:
         """Declare the exchange, every queue with the framework's arguments, the binding."""
         self._exchanges.add(topology.exchange)
+        # The delay levels' exchanges: `amqp-listener run` declares them for its listeners.
+        self._exchanges.update(spec.name for spec in topology.levels)
         self._queues.update(spec.name for spec in topology.queues)
         channel = self._ch()
         channel.exchange_declare(topology.exchange, "topic", durable=True)
@@ -110,10 +112,12 @@ class Broker:
             time.sleep(0.02)
 
     def delete(self, topology: Topology) -> None:
-        """Delete the queues and the exchange of `topology`."""
+        """Delete the queues and the exchanges of `topology` (the shared delay entry stays)."""
         for name in (spec.name for spec in topology.queues):
             self._delete_queue(name)
         self._delete_exchange(topology.exchange)
+        for spec in topology.levels:
+            self._delete_exchange(spec.name)
 
     def delete_all(self) -> None:
         """Delete everything declared and not deleted yet, on a fresh connection."""

@@ -135,6 +135,14 @@ CASES: tuple[Case, ...] = (
         publisher="notify",
         database="postgresql",
     ),
+    Case(
+        "notify-delayed",
+        "serial",
+        "notify(delay=3600), one at a time (vs notify())",
+        "notify",
+        Goal(0.9),
+        publisher="notify-delayed",
+    ),
     # -- publish in windows, confirms pipelined --
     Case(
         "aio-pika-pipelined",

@@ -1,6 +1,7 @@
 """The framework's publishers, timed: `python -m bench.publish KIND --count N --out FILE`.
 
-KIND is `notify` (one `Sink.notify()` at a time), `notify-many` (`Sink.notify_many()` per
+KIND is `notify` (one `Sink.notify()` at a time), `notify-delayed` (the same with
+`delay=3600`: into the delay levels), `notify-many` (`Sink.notify_many()` per
 window) or `anotify-many` (`await Sink.anotify_many()` per window, on the default asyncio
 loop, as in an application that did not choose uvloop). The messages are the same dicts the
 baselines send; encoding and validating them is part of the framework's time. One untimed
@@ -29,6 +30,16 @@ def notify(count: int) -> float:
     return time.monotonic() - start
 
 
+def notify_delayed(count: int) -> float:
+    """Seconds for `count` confirmed `notify(delay=3600)` calls in a row."""
+    values = [item(n) for n in range(count + 1)]
+    Sink.notify(values[0], delay=3600)
+    start = time.monotonic()
+    for value in values[1:]:
+        Sink.notify(value, delay=3600)
+    return time.monotonic() - start
+
+
 def notify_many(count: int, window: int) -> float:
     """Seconds for `count` messages through `notify_many()`, `window` per call."""
     values = [item(n) for n in range(count + 1)]
@@ -52,13 +63,15 @@ async def anotify_many(count: int, window: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     """Time one publisher and write `{"messages": ..., "seconds": ...}` to `--out`."""
     parser = argparse.ArgumentParser(prog="python -m bench.publish")
-    parser.add_argument("kind", choices=["notify", "notify-many", "anotify-many"])
+    parser.add_argument("kind", choices=["notify", "notify-delayed", "notify-many", "anotify-many"])
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--window", type=int, default=1000)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.kind == "notify":
         seconds = notify(args.count)
+    elif args.kind == "notify-delayed":
+        seconds = notify_delayed(args.count)
     elif args.kind == "notify-many":
         seconds = notify_many(args.count, args.window)
     else:

@@ -118,8 +118,9 @@ def status(
     as_json: JsonOption = False,
     database_url: DatabaseUrlOption = None,
 ) -> None:
-    """Every listener with its queue: ready, unacked, consumers, waiting for a retry, parked;
-    with a database, the outbox lag (rows waiting, age of the oldest)."""
+    """Every listener with its queue: ready, unacked, consumers, waiting for a retry,
+    delayed (not yet due), parked; with a database, the outbox lag (rows waiting, age of
+    the oldest)."""
     listeners = None
     if modules:
         try:
@@ -141,6 +142,7 @@ def status(
                         "unacked": row.unacked,
                         "consumers": row.consumers,
                         "waiting_retry": row.waiting_retry,
+                        "delayed": row.delayed,
                         "parked": row.parked,
                         "publish_rate": row.publish_rate,
                         "ack_rate": row.ack_rate,
@@ -151,10 +153,12 @@ def status(
             }
         )
         return
-    table = Table("listener", "queue", "ready", "unacked", "consumers", "waiting retry", "parked")
+    table = Table(
+        "listener", "queue", "ready", "unacked", "consumers", "waiting retry", "delayed", "parked"
+    )
     for row in rows:
         if row.missing:
-            table.add_row(row.listener, row.queue, "not declared", "-", "-", "-", "-")
+            table.add_row(row.listener, row.queue, "not declared", "-", "-", "-", "-", "-")
             continue
         table.add_row(
             row.listener,
@@ -163,6 +167,7 @@ def status(
             "-" if row.unacked is None else str(row.unacked),
             str(row.consumers),
             str(row.waiting_retry),
+            str(row.delayed),
             str(row.parked if row.parked is not None else "-"),
         )
     console = _console()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from listener import codec, routing
+from listener import delay as _delay
 from listener.errors import Unroutable
 
 if TYPE_CHECKING:
@@ -189,6 +190,9 @@ class Store:
         """
         message_id = message_id or codec.new_message_id()
         with self.lock:
+            delay = _delay.routed_delay(headers)
+            if delay is not None:
+                exchange, routing_key = self._undelayed(exchange, routing_key)
             targets = self._route(exchange, routing_key, message_id)
             self.published.append(
                 PublishedMessage(
@@ -211,8 +215,19 @@ class Store:
                     exchange,
                     routing_key,
                 )
-                self.ready.append((cls, envelope))
+                self.enqueue(cls, envelope, delay=delay or 0.0)
         return message_id
+
+    def _undelayed(self, exchange: str, routing_key: str) -> tuple[str, str]:
+        # Where a delayed message ends up: the address it entered the delay exchange with,
+        # or the queue whose delay level it was published to.
+        if exchange == _delay.ENTRY_EXCHANGE and routing_key.startswith("x."):
+            exchange, _, routing_key = routing_key[2:].partition(".")
+            return exchange, routing_key
+        for cls in self.listeners:
+            if not exchange and routing_key.startswith(f"{cls.queue}.delay."):
+                return "", cls.queue
+        return exchange, routing_key
 
     def _route(self, exchange: str, routing_key: str, message_id: str) -> list[type[Listener]]:
         if not exchange:  # the default exchange: a queue by its name

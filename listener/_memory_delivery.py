@@ -2,7 +2,7 @@
 
 Decoding (`MessageCodec.decode`), the attempt number, the failure and the copy's headers
 (`listener._settling`), the decision (`listener.outcome.decide`), the delay tier
-(`listener.topology.delay_tier`), the time-out of an async handler
+(`listener.delay.steps`), the time-out of an async handler
 (`listener.runner.execution.run_async`) and the middleware hooks are the runner's. Only the
 carrying out differs: a retried or parked copy goes to an in-memory queue.
 
@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from listener import delay as _delay
 from listener import outcome
 from listener._memory_broker import Envelope, ParkedMessage, Store
 from listener._settling import (
@@ -36,7 +37,7 @@ from listener.errors import Reject, Retry
 from listener.middleware import Chain, Delivery
 from listener.outcome import Ack, Failure, RetryLater
 from listener.runner.execution import AttemptTimedOut, HandlerExited, run_async
-from listener.topology import delay_tier
+from listener.topology import is_declared_delay
 
 if TYPE_CHECKING:
     from listener.inbox import Inbox
@@ -262,7 +263,7 @@ class Deliveries:
             cls.queue,
         )
         if isinstance(decision, RetryLater):
-            delay = delay_tier(decision.delay, cls.retry_delays) if decision.delay > 0 else 0.0
+            delay = _retry_delay(decision.delay, cls.retry_delays)
             with store.lock:
                 store.enqueue(cls, copy, delay=delay)
                 store.counts["retried"] += 1
@@ -324,3 +325,11 @@ def _virtual_loop_running() -> bool:
         return isinstance(asyncio.get_running_loop(), VirtualTimeLoop)
     except RuntimeError:
         return False
+
+
+def _retry_delay(delay: float, declared: tuple[float, ...]) -> float:
+    """What the broker would make of a retry delay: a `retry_delays` value as it is, any
+    other rounded up to whole delay steps."""
+    if delay <= 0 or is_declared_delay(delay, declared):
+        return max(delay, 0.0)
+    return _delay.steps(delay) * _delay.STEP

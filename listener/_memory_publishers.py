@@ -85,7 +85,12 @@ class MemoryAsyncPublisher(AsyncPublisher):
         return self._store.publish(exchange, routing_key, body, headers=headers)
 
     async def publish_bodies(
-        self, exchange: str, routing_key: str, bodies: Sequence[bytes]
+        self,
+        exchange: str,
+        routing_key: str,
+        bodies: Sequence[bytes],
+        *,
+        headers: dict[str, Any] | None = None,
     ) -> list[str]:
         # As the real batch: all sizes checked before the first send, every message tried,
         # the first failure raised at the end.
@@ -94,7 +99,9 @@ class MemoryAsyncPublisher(AsyncPublisher):
         results: list[str | BaseException] = []
         for body in bodies:
             try:
-                results.append(await self.publish_body(exchange, routing_key, body))
+                results.append(
+                    await self.publish_body(exchange, routing_key, body, headers=headers)
+                )
             except Exception as exc:
                 results.append(exc)
         for result in results:

@@ -15,7 +15,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from listener import outcome
+from listener import delay, outcome
 from listener.codec import DecodeFailure
 from listener.errors import Reject, Retry
 from listener.outcome import Failure, Park, RetryLater
@@ -29,6 +29,9 @@ __all__ = [
     "failure_from",
     "timeout_failure",
 ]
+
+#: A delayed message's route and due time: a copy (retry or park) gets its own, or none.
+_DELAY_HEADERS = frozenset({delay.ROUTE_HEADER, delay.DUE_HEADER})
 
 
 def attempt_number(
@@ -117,7 +120,11 @@ def carried_headers(
 ) -> dict[str, Any]:
     """The headers a copy of a delivery keeps: all but the broker's own, plus where the
     message was first published (kept from the first copy on)."""
-    carried = {k: v for k, v in (headers or {}).items() if k not in outcome.BROKER_HEADERS}
+    carried = {
+        k: v
+        for k, v in (headers or {}).items()
+        if k not in outcome.BROKER_HEADERS and k not in _DELAY_HEADERS
+    }
     carried.setdefault("x-original-exchange", exchange)
     carried.setdefault("x-original-routing-key", routing_key)
     if expiration is not None:

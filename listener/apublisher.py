@@ -22,6 +22,7 @@ import aiormq
 import aiormq.abc
 
 from listener import _redirect, codec, routing
+from listener import delay as _delay
 from listener._amqp_errors import connect_error, publish_error
 from listener._loop import loop_factory
 from listener.settings import Settings, get_settings
@@ -63,11 +64,20 @@ class AsyncPublisher:
         return f"<AsyncPublisher url={url!r} {state} published={self._published}>"
 
     async def publish(
-        self, address: str, value: Any, *, headers: dict[str, Any] | None = None
+        self,
+        address: str,
+        value: Any,
+        *,
+        headers: dict[str, Any] | None = None,
+        delay: float | dt.timedelta | None = None,
+        at: dt.datetime | None = None,
     ) -> str:
         """Publish `value` as JSON to `"exchange.routing_key"`; returns the message id once
-        confirmed."""
+        confirmed. With `delay=` seconds or `at=` an aware datetime, it reaches every
+        listener bound there at that moment (see `listener.delay`)."""
         exchange, key = routing.parse_address(address, wildcards=False)
+        seconds = _delay.seconds_until(delay=delay, at=at)
+        exchange, key, headers = _delay.address_route(exchange, key, headers, seconds)
         return await self.publish_body(exchange, key, codec.encode(value), headers=headers)
 
     async def publish_body(
@@ -92,9 +102,15 @@ class AsyncPublisher:
         )
 
     async def publish_bodies(
-        self, exchange: str, routing_key: str, bodies: Sequence[bytes]
+        self,
+        exchange: str,
+        routing_key: str,
+        bodies: Sequence[bytes],
+        *,
+        headers: dict[str, Any] | None = None,
     ) -> list[str]:
-        """Publish a batch with pipelined confirms; returns the ids in order.
+        """Publish a batch with pipelined confirms, each with `headers`; returns the ids in
+        order.
 
         Raises:
             PublishError: the first failure, once every confirm is in (the others that were
@@ -112,7 +128,15 @@ class AsyncPublisher:
             ids += window_ids
             sends = [
                 asyncio.ensure_future(
-                    self._send(target, exchange, routing_key, body, None, message_id, None)
+                    self._send(
+                        target,
+                        exchange,
+                        routing_key,
+                        body,
+                        dict(headers) if headers else None,
+                        message_id,
+                        None,
+                    )
                 )
                 for body, message_id in zip(window, window_ids, strict=True)
             ]
@@ -262,6 +286,8 @@ async def apublish(
     headers: dict[str, Any] | None = None,
     session: Any = None,
     ordering_key: str | None = None,
+    delay: float | dt.timedelta | None = None,
+    at: dt.datetime | None = None,
 ) -> str:
     """The asyncio twin of `listener.publish()`; `session` is an `AsyncSession` (or a
     `Session`)."""
@@ -270,8 +296,10 @@ async def apublish(
 
         exchange, key = routing.parse_address(address, wildcards=False)
         body = [codec.encode(value)]
+        headers = _delay.due_headers(headers, delay=delay, at=at)
         return (await outbox_awrite(session, exchange, key, body, headers, ordering_key))[0]
-    return await default_async_publisher().publish(address, value, headers=headers)
+    publisher = default_async_publisher()
+    return await publisher.publish(address, value, headers=headers, delay=delay, at=at)
 
 
 class _BackgroundLoop:

@@ -21,6 +21,7 @@ from listener._cli_db import DatabaseUrlOption, db_app
 from listener._cli_jobs import jobs_app, workers
 from listener._cli_operate import JsonOption, dead_app, status
 from listener._cli_outbox import relay, with_outbox
+from listener._cli_schedules import schedules
 from listener.errors import BrokerError, ConfigurationError, ListenerError, PublishError
 from listener.settings import Settings, get_settings
 
@@ -198,6 +199,11 @@ def run(
         except ConfigurationError as exc:
             _fail(str(exc), 2)
     listeners = _listeners(modules, listener)
+    from listener import _scheduler_process as scheduler  # listeners with a schedule: its process
+
+    ticking = scheduler.start(
+        modules, listener, listeners, settings, log_level.value, log_format.value
+    )
     try:
         code = run_listeners(
             listeners, settings, workers=workers, fail_fast=fail_fast, metrics=endpoint
@@ -206,6 +212,8 @@ def run(
         _fail(str(exc), 1)
     except ConfigurationError as exc:
         _fail(str(exc), 2)
+    finally:
+        scheduler.stop(ticking)
     raise typer.Exit(code)
 
 
@@ -279,6 +287,7 @@ def publish(
 
 
 app.command()(status)
+app.command()(schedules)
 app.add_typer(dead_app, name="dead")
 app.add_typer(db_app, name="db")
 app.add_typer(jobs_app, name="jobs")

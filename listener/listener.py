@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
 import typing
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from listener import delay as _delay
 from listener import routing, topology
+from listener import schedule as _schedule
 from listener.codec import MessageCodec
 from listener.errors import ListenerDefinitionError
 from listener.recording import record_publish
@@ -63,6 +66,11 @@ class Listener:
     concurrency: ClassVar[int] = 8
     max_deliveries: ClassVar[int | None] = None
     idempotent: ClassVar[bool] = False
+    #: A cron expression ("0 3 * * *") or an interval: a message per tick (`listener.schedule`).
+    schedule: ClassVar[str | None] = None
+    every: ClassVar[dt.timedelta | None] = None
+    #: Ticks missed while no runner ran: "last" fires the latest of them once, "skip" none.
+    missed_ticks: ClassVar[str] = "last"
 
     # Derived at class creation; read-only by convention.
     exchange: ClassVar[str]
@@ -85,6 +93,7 @@ class Listener:
         if own_queue is None:
             cls.queue = topology.default_queue_name(cls.__name__, settings.queue_prefix)
         _check_queue_name(cls, derived=own_queue is None)
+        _check_schedule(cls)
         from listener import registry
 
         registry.register(cls)
@@ -125,6 +134,12 @@ class Listener:
 
         return jobs.find(listener=cls, tag=tag, state="parked")
 
+    @classmethod
+    def schedule_message(cls, tick: dt.datetime) -> Any:
+        """The message of the tick at `tick` (UTC) for a scheduled listener: by default an
+        empty model, or the model's only field (a datetime) set to the tick."""
+        return _schedule.default_message(cls, tick)
+
     # -- publishing -------------------------------------------------------------------------
 
     @classmethod
@@ -137,28 +152,35 @@ class Listener:
         headers: dict[str, Any] | None = None,
         session: Session | None = None,
         ordering_key: str | None = None,
+        delay: float | dt.timedelta | None = None,
+        at: dt.datetime | None = None,
         **fields: Any,
     ) -> str:
         """Validate, publish and wait for the broker's confirm. Returns the message id.
 
-        Pass a model instance, or its fields as keyword arguments. Thread-safe.
+        Pass a model instance, or its fields as keyword arguments. Thread-safe. With
+        `delay=` seconds or `at=` an aware datetime, the broker holds the message and it
+        reaches this listener's queue at that moment, never early (see `listener.delay`).
 
         With `session` (a SQLAlchemy `Session`), the message is written to the outbox in that
         session's transaction instead, and the id returned at once: the relay publishes it
         once the transaction commits, and never if it rolls back. `ordering_key` (outbox
-        only) keeps the messages of one key in commit order.
+        only) keeps the messages of one key in commit order. A delay with `session` counts
+        from the commit.
 
         Raises:
             InvalidMessage: the message does not fit the model (nothing was sent).
+            ValueError: a negative or too long delay, a naive or past `at`.
             PublishError: a subclass saying why the message is not safely with the broker.
         """
         body = cls.codec.encode(_message_value(cls, message, fields))
-        key = cls._key_for(routing_key)
         if session is not None or ordering_key is not None:
-            return outbox_write(session, cls.exchange, key, [body], headers, ordering_key)[0]
+            exchange, key, headers = cls._outbox_route(routing_key, headers, delay, at)
+            return outbox_write(session, exchange, key, [body], headers, ordering_key)[0]
         from listener.publisher import default_publisher
 
-        message_id = default_publisher().publish_body(cls.exchange, key, body, headers=headers)
+        exchange, key, headers = cls._route(routing_key, headers, delay, at)
+        message_id = default_publisher().publish_body(exchange, key, body, headers=headers)
         record_publish(cls, (message_id,), (body,))
         return message_id
 
@@ -172,18 +194,21 @@ class Listener:
         headers: dict[str, Any] | None = None,
         session: AsyncSession | Session | None = None,
         ordering_key: str | None = None,
+        delay: float | dt.timedelta | None = None,
+        at: dt.datetime | None = None,
         **fields: Any,
     ) -> str:
         """The asyncio twin of `notify()`; `session` is an `AsyncSession` (or a `Session`)."""
         body = cls.codec.encode(_message_value(cls, message, fields))
-        key = cls._key_for(routing_key)
         if session is not None or ordering_key is not None:
-            ids = await outbox_awrite(session, cls.exchange, key, [body], headers, ordering_key)
+            exchange, key, headers = cls._outbox_route(routing_key, headers, delay, at)
+            ids = await outbox_awrite(session, exchange, key, [body], headers, ordering_key)
             return ids[0]
         from listener.apublisher import default_async_publisher
 
+        exchange, key, headers = cls._route(routing_key, headers, delay, at)
         publisher = default_async_publisher()
-        message_id = await publisher.publish_body(cls.exchange, key, body, headers=headers)
+        message_id = await publisher.publish_body(exchange, key, body, headers=headers)
         record_publish(cls, (message_id,), (body,))
         return message_id
 
@@ -195,21 +220,25 @@ class Listener:
         routing_key: str | None = None,
         session: Session | None = None,
         ordering_key: str | None = None,
+        delay: float | dt.timedelta | None = None,
+        at: dt.datetime | None = None,
     ) -> list[str]:
         """Publish a batch with pipelined confirms; returns the ids once all are confirmed.
 
         Every message is validated before the first is sent. If some fail, the first error
         is raised after all confirms are in; messages confirmed before it stay published.
         With `session`, the batch is written to the outbox as `notify()` does.
+        `delay=` or `at=` applies to the whole batch (with `session`, from the commit).
         """
         bodies = [cls.codec.encode(m) for m in messages]
-        key = cls._key_for(routing_key)
         if session is not None or ordering_key is not None:
-            return outbox_write(session, cls.exchange, key, bodies, None, ordering_key)
+            exchange, key, headers = cls._outbox_route(routing_key, None, delay, at)
+            return outbox_write(session, exchange, key, bodies, headers, ordering_key)
         from listener.apublisher import run_in_background
 
+        exchange, key, headers = cls._route(routing_key, None, delay, at)
         ids = run_in_background(
-            lambda publisher: publisher.publish_bodies(cls.exchange, key, bodies)
+            lambda publisher: publisher.publish_bodies(exchange, key, bodies, headers=headers)
         )
         record_publish(cls, ids, bodies)
         return ids
@@ -222,15 +251,18 @@ class Listener:
         routing_key: str | None = None,
         session: AsyncSession | Session | None = None,
         ordering_key: str | None = None,
+        delay: float | dt.timedelta | None = None,
+        at: dt.datetime | None = None,
     ) -> list[str]:
         """The asyncio twin of `notify_many()`."""
         bodies = [cls.codec.encode(m) for m in messages]
-        key = cls._key_for(routing_key)
         if session is not None or ordering_key is not None:
-            return await outbox_awrite(session, cls.exchange, key, bodies, None, ordering_key)
+            exchange, key, headers = cls._outbox_route(routing_key, None, delay, at)
+            return await outbox_awrite(session, exchange, key, bodies, headers, ordering_key)
         from listener.apublisher import default_async_publisher
 
-        ids = await default_async_publisher().publish_bodies(cls.exchange, key, bodies)
+        exchange, key, headers = cls._route(routing_key, None, delay, at)
+        ids = await default_async_publisher().publish_bodies(exchange, key, bodies, headers=headers)
         record_publish(cls, ids, bodies)
         return ids
 
@@ -260,6 +292,43 @@ class Listener:
             retry_delays=cls.retry_delays,
             queue_type=settings.queue_type,
         )
+
+    @classmethod
+    def _route(
+        cls,
+        routing_key: str | None,
+        headers: dict[str, Any] | None,
+        delay: float | dt.timedelta | None,
+        at: dt.datetime | None,
+    ) -> tuple[str, str, dict[str, Any] | None]:
+        """Exchange, key and headers of a notify: the listener's address, or, for a delay,
+        its first delay level, from where the broker takes it to this listener's queue."""
+        key = cls._key_for(routing_key)
+        hop = _delay.first_hop(cls.queue, _delay.seconds_until(delay=delay, at=at))
+        if hop is None:
+            return cls.exchange, key, headers
+        # Where the message was meant to go, for the headers of a retry or a park.
+        original = {"x-original-exchange": cls.exchange, "x-original-routing-key": key}
+        return "", hop.queue, {**original, **(headers or {}), **hop.headers}
+
+    @classmethod
+    def _outbox_route(
+        cls,
+        routing_key: str | None,
+        headers: dict[str, Any] | None,
+        delay: float | dt.timedelta | None,
+        at: dt.datetime | None,
+    ) -> tuple[str, str, dict[str, Any] | None]:
+        """Exchange, key and headers of an outbox row: the listener's address, or, for a
+        delay, its queue with the moment the message is due. The relay routes it through the
+        delay levels when it publishes (`listener.relay`), so a message waits `delay` from
+        the commit, not from whenever a relay got to it."""
+        key = cls._key_for(routing_key)
+        due = _delay.due_headers(headers, delay=delay, at=at)
+        if due is headers:
+            return cls.exchange, key, headers
+        original = {"x-original-exchange": cls.exchange, "x-original-routing-key": key}
+        return "", cls.queue, {**original, **(due or {})}
 
     @classmethod
     def _key_for(cls, routing_key: str | None) -> str:
@@ -342,6 +411,36 @@ def _check_queue_name(cls: type[Listener], *, derived: bool) -> None:
             f"{name[:40]!r}...{source} is longer than {_MAX_QUEUE_BYTES} bytes; the retry "
             "and dead-letter queues named after it must fit RabbitMQ's 255-byte limit",
         )
+
+
+def _check_schedule(cls: type[Listener]) -> None:
+    cron, every = cls.schedule, cls.every
+    if cron is None and every is None:
+        return
+    if cron is not None and every is not None:
+        raise _error(cls, "schedule", "and every are both set: choose one")
+    if every is not None and (not isinstance(every, dt.timedelta) or every.total_seconds() < 1):
+        raise _error(cls, "every", f"must be a timedelta of at least 1 second, got {every!r}")
+    if cron is not None:
+        try:
+            from croniter import croniter
+        except ImportError:  # pragma: no cover - the [cron] extra is missing
+            raise _error(
+                cls, "schedule", "needs the croniter package: pip install 'amqp-listener[cron]'"
+            ) from None
+        if not isinstance(cron, str) or len(cron.split()) != 5 or not croniter.is_valid(cron):
+            raise _error(
+                cls,
+                "schedule",
+                f"must be a cron expression of five fields (minute hour day month weekday), "
+                f"such as '0 3 * * *'; got {cron!r}",
+            )
+    if cls.missed_ticks not in ("last", "skip"):
+        raise _error(cls, "missed_ticks", f"must be 'last' or 'skip', got {cls.missed_ticks!r}")
+    if cls.schedule_message.__func__ is Listener.schedule_message.__func__:  # type: ignore[attr-defined]
+        problem = _schedule.check_message_model(cls)
+        if problem is not None:
+            raise _error(cls, "schedule_message", problem)
 
 
 def _check_subscription(cls: type[Listener]) -> None:

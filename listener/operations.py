@@ -30,7 +30,7 @@ import pika.adapters.blocking_connection
 import pika.exceptions
 import pika.spec
 
-from listener import outcome, registry, topology
+from listener import delay, outcome, registry, topology
 from listener._amqp_errors import connect_error, publish_error
 from listener.errors import BrokerError, ConfigurationError
 from listener.listener import Listener
@@ -99,6 +99,8 @@ class QueueStatus:
     waiting_retry: int
     parked: int | None
     missing: bool = False
+    #: Messages in the delay levels: `notify(delay=...)` and `Retry(delay=...)` not yet due.
+    delayed: int = 0
     unacked: int | None = None
     publish_rate: float | None = None
     ack_rate: float | None = None
@@ -236,12 +238,17 @@ class Operator:
             for name in self._delay_queue_names(queue, retry_delays):
                 depth = self._depth(name)
                 waiting += depth or 0
+            delayed = 0
+            if main is not None:
+                for level in range(delay.LEVELS):
+                    delayed += self._depth(delay.level_name(queue, level)) or 0
             row = QueueStatus(
                 listener=label,
                 queue=queue,
                 ready=None if main is None else main.message_count,
                 consumers=None if main is None else main.consumer_count,
                 waiting_retry=waiting,
+                delayed=delayed,
                 parked=self._depth(topology.dead_queue_name(queue)),
                 missing=main is None,
             )
@@ -398,6 +405,25 @@ class Operator:
     def _confirm_channel(self) -> Channel:
         # Replays publish on the peeking channel: its acks then follow the confirms in order.
         return self._peek_channel()
+
+    def peek_latest(self, queue: str) -> bytes | None:
+        """The body of the one message a length-one queue holds, handed back at once; None
+        when the queue is empty or missing."""
+        channel = self._connection.channel()
+        try:
+            method, _properties, body = channel.basic_get(queue, auto_ack=False)
+            if method is None:
+                return None
+            assert method.delivery_tag is not None
+            channel.basic_nack(method.delivery_tag, requeue=True)
+            return body if isinstance(body, bytes) else None
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                return None
+            raise
+        finally:
+            if channel.is_open:
+                channel.close()
 
     def _declare_ok(self, queue: str) -> Any:
         channel = self._connection.channel()

@@ -8,6 +8,7 @@ PublishError saying why it may not have.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import threading
@@ -19,6 +20,7 @@ import pika.exceptions
 import pika.spec
 
 from listener import _pika_internals, _redirect, codec, routing
+from listener import delay as _delay
 from listener._amqp_errors import connect_error, is_connection_lost, publish_error
 from listener.errors import PublishTimeout
 from listener.settings import Settings, get_settings
@@ -113,13 +115,25 @@ class Publisher:
             f"published={self._published}>"
         )
 
-    def publish(self, address: str, value: Any, *, headers: dict[str, Any] | None = None) -> str:
+    def publish(
+        self,
+        address: str,
+        value: Any,
+        *,
+        headers: dict[str, Any] | None = None,
+        delay: float | dt.timedelta | None = None,
+        at: dt.datetime | None = None,
+    ) -> str:
         """Publish `value` as JSON to `"exchange.routing_key"` and wait for the confirm.
+        With `delay=` seconds or `at=` an aware datetime, it reaches every listener bound
+        there at that moment (see `listener.delay`).
 
         Returns:
             The message id.
         """
         exchange, key = routing.parse_address(address, wildcards=False)
+        seconds = _delay.seconds_until(delay=delay, at=at)
+        exchange, key, headers = _delay.address_route(exchange, key, headers, seconds)
         return self.publish_body(exchange, key, codec.encode(value), headers=headers)
 
     def publish_body(
@@ -249,20 +263,25 @@ def publish(
     headers: dict[str, Any] | None = None,
     session: Any = None,
     ordering_key: str | None = None,
+    delay: float | dt.timedelta | None = None,
+    at: dt.datetime | None = None,
 ) -> str:
     """Publish `value` as JSON to `"exchange.routing_key"`, confirmed. Returns the message id.
 
-    For services that do not import the listener's code. Raises a PublishError subclass when
+    For services that do not import the listener's code. `delay=` (seconds) or `at=` (an
+    aware datetime) holds it in the broker until then. Raises a PublishError subclass when
     the message is not known to be safely with the broker. With `session` (a SQLAlchemy
-    `Session`), the message goes to the outbox in its transaction, as `notify()` does.
+    `Session`), the message goes to the outbox in its transaction, as `notify()` does (a
+    delay then counts from the commit).
     """
     if session is not None or ordering_key is not None:
         from listener.listener import outbox_write
 
         exchange, key = routing.parse_address(address, wildcards=False)
         body = [codec.encode(value)]
+        headers = _delay.due_headers(headers, delay=delay, at=at)
         return outbox_write(session, exchange, key, body, headers, ordering_key)[0]
-    return default_publisher().publish(address, value, headers=headers)
+    return default_publisher().publish(address, value, headers=headers, delay=delay, at=at)
 
 
 def _forget_after_fork() -> None:

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from listener import database, outbox
+from listener import delay as _delay
 from listener._amqp_errors import publish_error
 from listener.apublisher import AsyncPublisher
 from listener.errors import BrokerError, ConfigurationError, PublishError, Unroutable
@@ -454,17 +455,19 @@ def _gone(holder: str) -> bool:
 async def _send(channel: aiormq.abc.AbstractChannel, row: sa.Row[Any]) -> None:
     import aiormq
 
+    # A row due later waits in the delay levels for the time still left from its commit.
+    exchange, routing_key, headers = _delay.relay_route(row.exchange, row.routing_key, row.headers)
     properties = aiormq.spec.Basic.Properties(
         content_type="application/json",
         delivery_mode=2,
         message_id=row.message_id,
         timestamp=row.created_at,
-        headers=row.headers,
+        headers=headers,
     )
     await channel.basic_publish(
         row.body,
-        exchange=row.exchange,
-        routing_key=row.routing_key,
+        exchange=exchange,
+        routing_key=routing_key,
         properties=properties,
         mandatory=True,
     )

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
         default="auto",
         description="The worker's event loop: auto (uvloop when installed), uvloop or asyncio.",
     )
+    schedule_timezone: str = Field(
+        default="UTC",
+        description="The time zone cron schedules are read in (an IANA name such as "
+        "'Europe/Paris'); `every` schedules do not depend on it.",
+    )
     health_port: int | None = Field(
         default=None,
         ge=0,

@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import datetime as dt
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from listener import _redirect, codec, routing
+from listener import schedule as _schedule
 from listener._memory_broker import Clock, Envelope, ParkedMessage, PublishedMessage, Store
 from listener._memory_delivery import Deliveries
 from listener._memory_publishers import (
@@ -44,6 +46,7 @@ from listener._memory_publishers import (
     MemoryPublisher,
     run_now,
 )
+from listener._memory_schedules import advance_with_ticks
 from listener._virtual_loop import VirtualTimeLoop
 from listener.middleware import Chain, Middleware, installed_middleware
 from listener.settings import get_settings
@@ -77,6 +80,8 @@ class MemoryBroker:
         database_url: the database of the outbox and the inbox. `join()` then relays what
             committed to the outbox first (and what handlers commit to it as they run), and
             idempotent listeners get their session and inbox on it.
+        start: the wall-clock time (aware) the virtual clock starts at; default: now.
+        schedule_timezone: the zone cron schedules are read in; default: the setting's.
 
     Use it as a context manager (`with` or `async with`); one broker is active at a time.
     """
@@ -91,9 +96,14 @@ class MemoryBroker:
         fail_fast: bool = True,
         middleware: Sequence[Middleware] | None = None,
         database_url: str | None = None,
+        start: dt.datetime | None = None,
+        schedule_timezone: str | None = None,
     ) -> None:
         self.fail_fast = fail_fast
         self._store = Store()
+        if start is not None:
+            self._store.clock._epoch = start.astimezone(dt.UTC)
+        self._schedule_timezone = schedule_timezone
         self._deliveries = Deliveries(
             self._store, Chain(installed_middleware() if middleware is None else middleware)
         )
@@ -281,10 +291,12 @@ class MemoryBroker:
 
     def advance(self, seconds: float) -> None:
         """Move the virtual clock forward. Retries that come due go back to their queues, to be
-        delivered by the next `join()`."""
+        delivered by the next `join()`; each tick of a scheduled listener's schedule that falls
+        in the time moved over is published, as the elected scheduler would."""
         if not seconds >= 0:
             raise ValueError(f"advance() takes a number of seconds >= 0, got {seconds!r}")
-        self._store.advance(seconds)
+        zone = self._schedule_timezone or self._publisher.settings.schedule_timezone
+        advance_with_ticks(self._store, _schedule.time_zone(zone), seconds)
 
     # -- what happened ----------------------------------------------------------------------
 

@@ -7,7 +7,10 @@ For a listener with queue `file_copier` on `case_files.copy_requested`:
   the broker gave up on (delivery limit) is dead-lettered to `file_copier.dead`;
 * queue `file_copier.retry.5s` per distinct retry delay: messages wait there, then expire
   back into `file_copier` (one queue per delay, so no message waits behind a longer one);
-* queue `file_copier.dead`: parked messages, kept until an operator replays or purges them.
+* queue `file_copier.dead`: parked messages, kept until an operator replays or purges them;
+* exchanges and queues `file_copier.delay.00` to `.25`: the levels that hold a message for an
+  exact delay (`notify(delay=...)`, `Retry(delay=...)`), see `listener.delay`; the top level
+  is bound to the shared exchange `amqp-listener.delay` with `x.case_files.copy_requested`.
 
 Retry and dead queues are reached through the default exchange, by queue name. Moving a
 message between them is a confirmed publish followed by an ack, or, for the broker's own
@@ -21,11 +24,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from listener import delay as _delay
+
 __all__ = [
     "DELAY_LADDER",
     "DELIVERY_LIMIT",
     "MAX_DELAY",
     "PEEK_LIMIT",
+    "Binding",
     "QueueSpec",
     "QueueType",
     "Topology",
@@ -33,8 +39,8 @@ __all__ = [
     "default_queue_name",
     "delay_queue",
     "delay_queue_name",
-    "delay_tier",
     "describe",
+    "is_declared_delay",
     "snake_case",
 ]
 
@@ -56,6 +62,16 @@ class QueueSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Binding:
+    """A binding from exchange `source` to a queue, or to an exchange when `to_exchange`."""
+
+    source: str
+    destination: str
+    key: str
+    to_exchange: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Topology:
     """Everything one listener declares."""
 
@@ -64,12 +80,22 @@ class Topology:
     queue: QueueSpec
     dead: QueueSpec
     delays: tuple[QueueSpec, ...]
+    #: The delay levels, lowest first; each has an exchange of the same name.
+    levels: tuple[QueueSpec, ...] = ()
+    level_bindings: tuple[Binding, ...] = ()
 
     @property
     def queues(self) -> tuple[QueueSpec, ...]:
         """All queues, in declaration order: the dead queue first, so dead-lettering always
         has a target."""
-        return (self.dead, *self.delays, self.queue)
+        return (self.dead, *self.delays, *self.levels, self.queue)
+
+    @property
+    def exchanges(self) -> tuple[str, ...]:
+        """The exchanges besides the listener's own: the shared delay entry, the levels'."""
+        if not self.levels:
+            return ()
+        return (_delay.ENTRY_EXCHANGE, *(spec.name for spec in self.levels))
 
 
 def snake_case(name: str) -> str:
@@ -115,8 +141,9 @@ PEEK_LIMIT = 2**31 - 1
 
 #: The longest delay RabbitMQ can hold a message for: x-message-ttl is a 32-bit count of ms.
 MAX_DELAY = (2**32 - 1) / 1000
-#: Delays outside a listener's `retry_delays` (from `Retry(delay=...)`) are rounded *up* to
-#: one of these, so that jittered or computed delays cannot create a queue per millisecond.
+#: Where earlier versions kept a `Retry(delay=...)` outside `retry_delays` (rounded up to one
+#: of these). Exact delays go through the delay levels now; `status` still counts what may
+#: wait in these queues from before an upgrade.
 DELAY_LADDER = (
     0.1,
     0.2,
@@ -142,17 +169,44 @@ DELAY_LADDER = (
 )
 
 
-def delay_tier(delay: float, declared: Iterable[float]) -> float:
-    """The delay queue's delay for a requested `delay`: the same if declared, else the next
-    step up the ladder (never shorter than asked)."""
+def is_declared_delay(delay: float, declared: Iterable[float]) -> bool:
+    """Whether `delay` has a queue of its own among `retry_delays`."""
     wanted = _milliseconds(delay)
-    if any(_milliseconds(d) == wanted for d in declared):
-        return wanted / 1000
-    for step in DELAY_LADDER:
-        if step * 1000 >= wanted:
-            return float(step)
-    days = -(-wanted // 86_400_000)
-    return min(days * 86_400.0, MAX_DELAY)
+    return any(_milliseconds(d) == wanted for d in declared)
+
+
+def delay_levels(
+    queue: str, *, exchange: str, binding_key: str, queue_type: QueueType
+) -> tuple[tuple[QueueSpec, ...], tuple[Binding, ...]]:
+    """The level queues of `queue` (lowest first) and the bindings that route between them."""
+    levels: list[QueueSpec] = []
+    bindings: list[Binding] = []
+    for level in range(_delay.LEVELS):
+        name = _delay.level_name(queue, level)
+        below = _delay.level_name(queue, level - 1) if level else ""
+        arguments: dict[str, Any] = {
+            **_type_arguments(queue_type),
+            "x-message-ttl": round(_delay.STEP * 1000) * 2**level,
+            "x-dead-letter-exchange": below,
+            **({} if level else {"x-dead-letter-routing-key": queue}),
+            **_safe_dead_lettering(queue_type),
+        }
+        levels.append(QueueSpec(name, arguments))
+        bindings.append(Binding(name, name, _bit_pattern(level, "1")))
+        if level:
+            bindings.append(Binding(name, below, _bit_pattern(level, "0"), to_exchange=True))
+        else:
+            bindings.append(Binding(name, queue, _bit_pattern(level, "0")))
+    top = _delay.level_name(queue, _delay.LEVELS - 1)
+    entry_key = _delay.address_key(exchange, binding_key)
+    bindings.append(Binding(_delay.ENTRY_EXCHANGE, top, entry_key, to_exchange=True))
+    return tuple(levels), tuple(bindings)
+
+
+def _bit_pattern(level: int, bit: str) -> str:
+    # Exactly LEVELS words: a longer or shorter key (the queue name a message was first
+    # published to, also among its routing keys) never matches.
+    return ".".join(["*"] * (_delay.LEVELS - 1 - level) + [bit] + ["*"] * level)
 
 
 def describe(
@@ -173,12 +227,17 @@ def describe(
     if queue_type == "quorum":
         main_arguments["x-delivery-limit"] = DELIVERY_LIMIT
     delays = sorted({_milliseconds(d) for d in retry_delays if _milliseconds(d) > 0})
+    levels, level_bindings = delay_levels(
+        queue, exchange=exchange, binding_key=binding_key, queue_type=queue_type
+    )
     return Topology(
         exchange=exchange,
         binding_key=binding_key,
         queue=QueueSpec(queue, main_arguments),
         dead=QueueSpec(dead_queue_name(queue), _dead_arguments(queue_type)),
         delays=tuple(delay_queue(queue, ms / 1000, queue_type) for ms in delays),
+        levels=levels,
+        level_bindings=level_bindings,
     )
 
 

@@ -19,7 +19,7 @@ import pika
 import pika.exceptions
 import pytest
 
-from listener import registry
+from listener import delay, registry
 from listener.listener import Listener
 from listener.middleware import Middleware
 from listener.runner.worker import Worker
@@ -87,7 +87,15 @@ class Rabbit:
         """Delete `cls`'s exchange and every queue of its topology after the test."""
         topology = cls.topology()
         self.exchanges.add(topology.exchange)
+        # The delay levels' exchanges are the listener's own; the shared entry exchange stays.
+        self.exchanges.update(spec.name for spec in topology.levels)
         self.queues.update(spec.name for spec in topology.queues)
+
+    def track_delay_levels(self, queue: str) -> None:
+        """Delete the delay levels (queues and exchanges) of listener queue `queue` too."""
+        names = [delay.level_name(queue, level) for level in range(delay.LEVELS)]
+        self.queues.update(names)
+        self.exchanges.update(names)
 
     def declare_exchange(self, name: str) -> None:
         self._ch().exchange_declare(name, "topic", durable=True)

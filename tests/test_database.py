@@ -167,6 +167,8 @@ def _newest() -> dict[str, int]:
 
 def _steps() -> int:
     return len(schema.migrations())
+
+
 def test_the_database_url_comes_from_the_environment_and_never_shows_its_password(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

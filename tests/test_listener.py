@@ -370,6 +370,7 @@ def test_a_listener_describes_its_topology():
         "file_copier.dead",
         "file_copier.retry.1s",
         "file_copier.retry.5s",
+        *(f"file_copier.delay.{level:02d}" for level in range(26)),
         "file_copier",
     ]
 

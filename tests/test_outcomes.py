@@ -473,7 +473,7 @@ async def test_a_listener_without_an_annotation_gets_the_decoded_json_value(
 # -- Retry and Reject -----------------------------------------------------------------------------
 
 
-async def test_retry_with_a_delay_waits_in_its_own_delay_queue_then_is_handled_again(
+async def test_retry_with_a_delay_outside_retry_delays_waits_exactly_that_long(
     unique, rabbit, run_worker
 ):
     calls: list[float] = []
@@ -489,20 +489,17 @@ async def test_retry_with_a_delay_waits_in_its_own_delay_queue_then_is_handled_a
             if len(calls) == 1:
                 raise listener.Retry(delay=0.3)
 
-    # Delays outside retry_delays are rounded up to a fixed ladder (0.3 s -> 0.5 s), so that
-    # computed delays cannot create a queue per millisecond.
-    delay_queue = f"{Later.queue}.retry.500ms"
-    rabbit.queues.add(delay_queue)
     async with run_worker(Later) as worker:
-        assert not rabbit.exists(delay_queue)  # declared on first use only
         await Later.anotify(n=1)
         await eventually(lambda: len(calls) == 2)
         await eventually(lambda: worker.consumers[0].counts["handled"] == 1)
-        assert rabbit.exists(delay_queue)
 
-    assert 0.5 <= calls[1] - calls[0] < 4  # the 0.5 s tier, not the listener's own 5 s delay
+    # Through the delay levels (0.3 s is 3 steps of 0.125 s), not the listener's 5 s queue
+    # nor a rounded tier: never early, and late by less than a second.
+    assert 0.3 <= calls[1] - calls[0] < 1.3
+    assert not rabbit.exists(f"{Later.queue}.retry.500ms")
     assert rabbit.count(f"{Later.queue}.dead") == 0
-    assert rabbit.count(delay_queue) == 0
+    assert rabbit.count(f"{Later.queue}.retry.5s") == 0
 
 
 async def test_retry_counts_as_an_attempt_and_parks_after_max_attempts(unique, rabbit, run_worker):
@@ -1089,14 +1086,14 @@ async def test_retry_with_a_non_finite_delay_is_an_ordinary_failure_and_the_work
     assert worker.consumers[0].counts["parked"] == 1
 
 
-async def test_a_retry_delay_outside_retry_delays_is_rounded_up_to_the_next_step_of_the_ladder(
+async def test_a_retry_delay_outside_retry_delays_waits_in_the_delay_levels_not_a_rounded_tier(
     unique, rabbit, run_worker
 ):
     calls: list[int] = []
 
-    class Rounded(Listener):
+    class Exact(Listener):
         subscribes_to = f"{unique}.key"
-        queue = f"{unique}.rounded"
+        queue = f"{unique}.exact"
         max_attempts = 3
         retry_delays = (1,)
 
@@ -1104,19 +1101,21 @@ async def test_a_retry_delay_outside_retry_delays_is_rounded_up_to_the_next_step
             calls.append(message.n)
             raise listener.Retry(delay=7)
 
-    ten_seconds = f"{Rounded.queue}.retry.10s"
-    rabbit.queues.update({ten_seconds, f"{Rounded.queue}.retry.7s"})
-    async with run_worker(Rounded) as worker:
-        await Rounded.anotify(n=1)
+    # 7 s is 56 steps of 0.125 s, binary 111000: 4 s in level 5, then 2 s and 1 s.
+    four_seconds = f"{Exact.queue}.delay.05"
+    async with run_worker(Exact) as worker:
+        await Exact.anotify(n=1)
         await eventually(lambda: worker.consumers[0].counts["retried"] == 1)
-        await eventually(lambda: rabbit.count(ten_seconds) == 1)
+        await eventually(lambda: rabbit.count(four_seconds) == 1)
 
-    assert calls == [1]  # waiting its 10 s, never sooner
-    assert not rabbit.exists(f"{Rounded.queue}.retry.7s")
-    assert rabbit.count(f"{Rounded.queue}.retry.1s") == 0
-    assert rabbit.count(Rounded.queue) == 0
-    properties, _body = rabbit.get(ten_seconds)
-    assert headers_of(properties)["x-attempts"] == 1
+    assert calls == [1]  # waiting its 7 s, never sooner
+    assert not rabbit.exists(f"{Exact.queue}.retry.10s")
+    assert rabbit.count(f"{Exact.queue}.retry.1s") == 0
+    assert rabbit.count(Exact.queue) == 0
+    properties, _body = rabbit.get(four_seconds)
+    headers = headers_of(properties)
+    assert headers["x-attempts"] == 1
+    assert headers["CC"] == [".".join("0" * 20 + "111000")]
 
 
 # -- failures that are awkward to describe --------------------------------------------------------

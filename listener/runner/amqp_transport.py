@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import aio_pika
@@ -26,9 +26,13 @@ from listener._amqp_errors import connect_error, consume_error, declare_error, p
 from listener.apublisher import connection_alive
 from listener.runner.inbound import Inbound, Subscription
 from listener.settings import Settings
-from listener.topology import QueueSpec, Topology
+from listener.topology import Binding, QueueSpec, Topology
 
 __all__ = ["Inbound", "Subscription", "Transport"]
+
+
+#: Channels the delay levels are declared over, at once.
+_DECLARING = 4
 
 
 class Transport:
@@ -85,14 +89,31 @@ class Transport:
             TopologyMismatch: a queue exists with other arguments.
             BrokerError: any other refusal, translated.
         """
+        levels = {spec.name for spec in topology.levels}
         async with self._scratch_channel() as channel:
             await channel.declare_exchange(
                 topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
             )
+            for name in topology.exchanges:
+                await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+            await self._declare_levels(topology.levels)
             for spec in topology.queues:
-                await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+                if spec.name not in levels:
+                    await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
             queue = await channel.get_queue(topology.queue.name, ensure=False)
             await queue.bind(topology.exchange, topology.binding_key)
+            for binding in topology.level_bindings:
+                await _bind(channel, binding)
+
+    async def _declare_levels(self, specs: Sequence[QueueSpec]) -> None:
+        # Creating a quorum queue takes the broker a while, and a channel declares one queue
+        # at a time: spread over a few channels, the 26 delay levels take half as long.
+        async def declare(part: Sequence[QueueSpec]) -> None:
+            async with self._scratch_channel() as channel:
+                for spec in part:
+                    await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+
+        await asyncio.gather(*(declare(specs[i::_DECLARING]) for i in range(_DECLARING)))
 
     async def declare_queue(self, spec: QueueSpec) -> None:
         """Declare one queue (a delay queue first used by `Retry(delay=...)`)."""
@@ -221,6 +242,15 @@ class Transport:
                 )
                 self._publish_channel = channel
             return channel
+
+
+async def _bind(channel: aio_pika.abc.AbstractChannel, binding: Binding) -> None:
+    if binding.to_exchange:
+        destination = await channel.get_exchange(binding.destination, ensure=False)
+        await destination.bind(binding.source, binding.key)
+    else:
+        queue = await channel.get_queue(binding.destination, ensure=False)
+        await queue.bind(binding.source, binding.key)
 
 
 async def _open_pika(settings: Settings, name: str) -> AsyncioConnection:

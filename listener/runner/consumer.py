@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import aio_pika
 
 from listener import _settling, outcome
+from listener import delay as _delay
 from listener.codec import DecodeFailure, new_message_id
 from listener.errors import PublishError, Unroutable
 from listener.middleware import Chain, Delivery, installed_middleware
@@ -32,7 +33,7 @@ from listener.runner.execution import (
     run_async,
     run_sync,
 )
-from listener.topology import delay_queue, delay_tier
+from listener.topology import delay_queue_name, is_declared_delay
 
 if TYPE_CHECKING:
     from listener.listener import Listener
@@ -326,7 +327,7 @@ class Consumer:
         )
         delay = 0.0
         if isinstance(decision, RetryLater):
-            target, delay = await self._delay_target(decision.delay)
+            target, delay = await self._delay_target(decision.delay, headers)
         else:
             target = f"{listener.queue}.dead"
         try:
@@ -387,16 +388,17 @@ class Consumer:
             self._known_queues.update(spec.name for spec in topology.queues)
             await self.transport.publish_to_queue(target, copy)
 
-    async def _delay_target(self, delay: float) -> tuple[str, float]:
-        if delay <= 0:
+    async def _delay_target(self, delay: float, headers: dict[str, Any]) -> tuple[str, float]:
+        """Where a retry in `delay` seconds is published: the listener's queue for none, the
+        queue of a `retry_delays` value, else the first delay level, with the route for the
+        rest added to `headers` (exact to `listener.delay.STEP`, never shorter)."""
+        if delay > 0 and is_declared_delay(delay, self.listener.retry_delays):
+            return delay_queue_name(self.listener.queue, delay), delay
+        hop = _delay.first_hop(self.listener.queue, delay) if delay > 0 else None
+        if hop is None:
             return self.listener.queue, 0.0
-        delay = delay_tier(delay, self.listener.retry_delays)
-        spec = delay_queue(self.listener.queue, delay, self.settings.queue_type)
-        if spec.name not in self._known_queues:
-            # A Retry(delay=...) outside retry_delays: its queue is declared on first use.
-            await self.transport.declare_queue(spec)
-            self._known_queues.add(spec.name)
-        return spec.name, delay
+        headers.update(hop.headers)
+        return hop.queue, hop.seconds
 
     def _ack(self, message: Inbound, message_id: str) -> bool:
         """Settle `message`; False when its channel died since the delivery (its tag means
