@@ -82,6 +82,7 @@ async def test_a_sync_handler_writes_its_side_effect_once_for_three_deliveries(
 
     class Charge(Listener):
         subscribes_to = f"{unique}.placed"
+        queue = f"{unique}.charge"
         idempotent = True
 
         def handle(self, message: Placed, session: Session) -> None:
@@ -109,6 +110,7 @@ async def test_an_async_handler_gets_an_async_session_and_writes_once(
 ) -> None:
     class Charge(Listener):
         subscribes_to = f"{unique}.placed"
+        queue = f"{unique}.charge"
         idempotent = True
 
         async def handle(self, message: Placed, session: AsyncSession) -> None:
@@ -136,6 +138,7 @@ async def test_a_failed_attempt_rolls_back_its_writes_and_the_retry_writes_once(
 
     class Charge(Listener):
         subscribes_to = f"{unique}.placed"
+        queue = f"{unique}.charge"
         idempotent = True
         retry_delays = (0.05,)
 
@@ -169,6 +172,7 @@ async def test_a_handler_that_notifies_through_the_outbox_commits_both_once(
 
     class Charge(Listener):
         subscribes_to = f"{unique}.placed"
+        queue = f"{unique}.charge"
         idempotent = True
 
         def handle(self, message: Placed, session: Session) -> None:
@@ -264,6 +268,7 @@ async def test_a_duplicate_arriving_while_the_first_runs_waits_and_is_acked_unru
 
     class Charge(Listener):
         subscribes_to = f"{unique}.placed"
+        queue = f"{unique}.charge"
         idempotent = True
         concurrency = 4
 
