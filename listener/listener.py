@@ -39,6 +39,9 @@ class Listener:
         retry_delays: seconds before attempt 2, 3, ...; the last value repeats.
         timeout: seconds one attempt may take; then it counts as failed.
         concurrency: messages in flight per worker process (the consumer prefetch).
+        schedule / every: a cron expression or a `timedelta`: `amqp-listener run` sends the
+            listener a message per tick (`schedule_message()`), from one elected scheduler.
+        missed_ticks: "last" (fire the latest tick missed while no runner ran) or "skip".
 
     Pass `abstract=True` in the class statement for a base class that shares settings
     (`class Base(Listener, abstract=True)`): it needs no `subscribes_to` and is never hosted.
@@ -50,10 +53,8 @@ class Listener:
     retry_delays: ClassVar[tuple[float, ...]] = (1, 5, 30)
     timeout: ClassVar[float] = 60
     concurrency: ClassVar[int] = 8
-    #: A cron expression ("0 3 * * *") or an interval: a message per tick (`listener.schedule`).
     schedule: ClassVar[str | None] = None
     every: ClassVar[dt.timedelta | None] = None
-    #: Ticks missed while no runner ran: "last" fires the latest of them once, "skip" none.
     missed_ticks: ClassVar[str] = "last"
 
     # Derived at class creation; read-only by convention.
