@@ -266,3 +266,14 @@ async def test_status_counts_each_listeners_delayed_messages(unique, rabbit, run
     assert rows[hourly.queue]["delayed"] == 2
     assert rows[hourly.queue]["ready"] == 0
     assert rows[idle.queue]["delayed"] == 0
+
+
+def test_a_delayed_publish_no_listener_is_bound_for_is_refused_as_unroutable(unique, rabbit):
+    with pytest.raises(listener.Unroutable):
+        listener.publish(f"{unique}.nobody", {"n": 1}, delay=5)
+
+
+def test_a_delayed_notify_before_the_topology_was_declared_is_refused_as_unroutable(unique, rabbit):
+    undeclared = make(f"{unique}.run", f"{unique}.undeclared")
+    with pytest.raises(listener.Unroutable, match="declare"):
+        undeclared.notify(n=1, delay=5)
