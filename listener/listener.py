@@ -53,6 +53,9 @@ class Listener:
         idempotent: handle each message id once, atomically with the handler's database
             writes (`listener.inbox`); `handle(self, message, session)` then gets a
             SQLAlchemy session (an `AsyncSession` when it is `async def`).
+        schedule / every: a cron expression or a `timedelta`: `amqp-listener run` sends the
+            listener a message per tick (`schedule_message()`), from one elected scheduler.
+        missed_ticks: "last" (fire the latest tick missed while no runner ran) or "skip".
 
     Pass `abstract=True` in the class statement for a base class that shares settings
     (`class Base(Listener, abstract=True)`): it needs no `subscribes_to` and is never hosted.
@@ -66,10 +69,8 @@ class Listener:
     concurrency: ClassVar[int] = 8
     max_deliveries: ClassVar[int | None] = None
     idempotent: ClassVar[bool] = False
-    #: A cron expression ("0 3 * * *") or an interval: a message per tick (`listener.schedule`).
     schedule: ClassVar[str | None] = None
     every: ClassVar[dt.timedelta | None] = None
-    #: Ticks missed while no runner ran: "last" fires the latest of them once, "skip" none.
     missed_ticks: ClassVar[str] = "last"
 
     # Derived at class creation; read-only by convention.

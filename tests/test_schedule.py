@@ -4,6 +4,9 @@ declaration checks; on the MemoryBroker's virtual clock, across changes of summe
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -14,6 +17,7 @@ from listener.schedule import TICK_HEADER, Schedule, tick_message_id, time_zone
 from listener.testing import MemoryBroker
 
 UTC = dt.UTC
+CLI = str(Path(sys.executable).with_name("amqp-listener"))
 PARIS = ZoneInfo("Europe/Paris")
 
 
@@ -196,3 +200,15 @@ def test_an_every_schedule_with_an_empty_model_fires_once_per_tick_on_the_virtua
         broker.join()
 
     assert count == 3
+
+
+def test_the_schedules_command_names_a_module_that_does_not_exist_and_exits_2():
+    result = subprocess.run(
+        [CLI, "schedules", "no_such_module_for_schedules"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "no_such_module_for_schedules" in result.stderr
