@@ -18,6 +18,7 @@ from pythonjsonlogger.json import JsonFormatter
 
 from listener import registry
 from listener._cli_operate import JsonOption, dead_app, status
+from listener._cli_web import web
 from listener.errors import BrokerError, ConfigurationError, ListenerError, PublishError
 from listener.settings import Settings, get_settings
 
@@ -264,6 +265,7 @@ def publish(
 
 app.command()(status)
 app.add_typer(dead_app, name="dead")
+app.command()(web)
 
 
 def main() -> None:
