@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 import typer
@@ -56,15 +55,16 @@ def web(
         _fail(f"the web console needs its extra ({exc.name} is missing): "
               "pip install 'amqp-listener[web]'", 2)  # fmt: skip
     try:
-        credentials = Credentials.parse(auth, os.environ.get(TOKEN_VARIABLE))
-    except ValueError as exc:
+        settings = get_settings().with_url(url)
+        token = settings.web_token.get_secret_value() if settings.web_token else None
+        credentials = Credentials.parse(auth, token)
+    except (ListenerError, ValueError) as exc:
         _fail(str(exc), 2)
     refusal = bind_refusal(host, credentials)
     if refusal:
         _fail(refusal, 2)
     try:
         listeners = registry.discover(modules) if modules else None
-        settings = get_settings().with_url(url)
     except ListenerError as exc:
         _fail(str(exc), 2)
     console = Console(BrokerSource(settings, listeners), job_source(), read_only, show_bodies)

@@ -96,6 +96,12 @@ class Settings(BaseSettings):
         description="Serve /livez and /readyz on this port, all interfaces (0: a free port, "
         "logged); `run --health-port`. Default: off.",
     )
+    # The web console (`amqp-listener web`).
+    web_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token the web console requires (`Authorization: Bearer ...`); "
+        "with it, the console may bind a non-loopback address.",
+    )
 
     @field_validator("url")
     @classmethod

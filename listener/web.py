@@ -9,6 +9,7 @@ live in `listener._web_security`.
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 import urllib.parse
 from dataclasses import asdict, dataclass
@@ -53,6 +54,7 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
     """The ASGI app. With `credentials` that require something, every request must carry
     them."""
     templates = Jinja2Templates(directory=str(HERE / "web_templates"))
+    templates.env.filters["when"] = _when
     csrf = Csrf()
 
     def render(request: Request, name: str, status: int = 200, **context: Any) -> Response:
@@ -208,6 +210,17 @@ async def _form(request: Request) -> dict[str, list[str]]:
 def _one(form: dict[str, list[str]], key: str) -> str | None:
     values = form.get(key)
     return values[0] if values else None
+
+
+def _when(stamp: str) -> str:
+    """An ISO time as `2026-12-07 05:10:00 UTC` (to the second; the page has no room)."""
+    try:
+        moment = dt.datetime.fromisoformat(stamp)
+    except ValueError:
+        return stamp or "-"
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(dt.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _body_text(body: bytes) -> str:

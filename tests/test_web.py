@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from starlette.testclient import TestClient
 from support.web import console_app, csrf_token, declared_listener, park
@@ -247,3 +250,49 @@ def test_workers_and_jobs_say_they_need_the_ledger(settings, mailer):
         assert page.status_code == 200
         assert "needs the job ledger" in page.text
         assert "AMQP_LISTENER_DATABASE_URL" in page.text
+
+
+@pytest.mark.slow
+def test_with_the_token_set_the_console_serves_a_public_address_to_its_bearer_only(
+    amqp_url, mailer, tmp_path
+):
+    module = tmp_path / "console_app.py"
+    module.write_text(
+        "from listener import Listener\n"
+        "class Mailer(Listener):\n"
+        f"    subscribes_to = '{mailer.topology().exchange}.send'\n"
+        f"    queue = '{mailer.queue}'\n"
+        "    def handle(self, message): ...\n"
+    )
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "AMQP_URL": amqp_url, "AMQP_LISTENER_WEB_TOKEN": "tok-abcdef"}
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{ROOT}"
+    process = subprocess.Popen(
+        [CLI, "web", "console_app", "--host", "0.0.0.0", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                refused = httpx.get(f"http://127.0.0.1:{port}/api/overview")
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, "the console exited"
+                assert time.monotonic() < deadline, "the console never answered"
+                time.sleep(0.1)
+        allowed = httpx.get(
+            f"http://127.0.0.1:{port}/api/overview",
+            headers={"Authorization": "Bearer tok-abcdef"},
+        )
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        if process.stderr:
+            process.stderr.close()
+
+    assert refused.status_code == 401 and mailer.queue not in refused.text
+    assert allowed.status_code == 200
+    assert [row["queue"] for row in allowed.json()["listeners"]] == [mailer.queue]
