@@ -33,9 +33,11 @@ Channel = pika.adapters.blocking_connection.BlockingChannel
 
 #: Messages one consumer may hold: ~10 MiB of 1 KiB bodies in flight, mostly in the broker.
 WINDOW = 10_000
-#: Seconds without a delivery after which the queue counts as read (another client took
-#: messages after the depth was read).
-IDLE = 2.0
+#: Seconds without a delivery, before all the messages counted at the start were read,
+#: after which the queue counts as read: another client took messages meanwhile. Generous,
+#: because a busy broker can pause that long between windows, and stopping early would
+#: leave a listing silently short.
+IDLE = 10.0
 #: Seconds to wait, once the depth is read, for messages handed back just before.
 GRACE = 0.1
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pika
-import pika.adapters.blocking_connection
 import pika.exceptions
 
 from listener import registry, topology
@@ -43,8 +42,6 @@ __all__ = [
     "Target",
     "resolve_listener",
 ]
-
-Channel = pika.adapters.blocking_connection.BlockingChannel
 
 
 class OperationFailed(BrokerError):
@@ -106,7 +103,6 @@ class Operator:
             self._connection = pika.BlockingConnection(parameters)
         except Exception as exc:
             raise connect_error(exc, settings.redacted_url) from exc
-        self._channel: Channel | None = None
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -211,8 +207,9 @@ class Operator:
     ) -> Page:
         """One page of `target`'s parked messages, oldest first, filtered; nothing is removed.
 
-        The queue is read once, and only the `limit` oldest after the message `after` are
-        kept (without their bodies unless `bodies`): memory follows the page, not the queue.
+        Only the `limit` oldest after the message `after` are kept (without their bodies
+        unless `bodies`): memory follows the page, not the queue. The queue is read once, or
+        twice with `after` (first to find where that message goes).
 
         Raises:
             OperationFailed: `after` names no parked message (it was replayed or purged).
@@ -220,6 +217,7 @@ class Operator:
         cursor = self._sort_key_of(target, after) if after else None
         wanted = _Filter(ids, exception, older_than)
         kept: list[tuple[SortKey, Parked]] = []
+        worst: SortKey | None = None
         total = beyond = 0
         with self._peeking(target.dead_queue) as messages:
             for _tag, parked in messages:
@@ -230,10 +228,13 @@ class Operator:
                 if cursor is not None and key <= cursor:
                     continue
                 beyond += 1
+                if worst is not None and key >= worst:
+                    continue  # later than the whole page kept so far
                 kept.append((key, parked if bodies else parked.without_body()))
                 if limit is not None and len(kept) >= 2 * limit + 100:
                     kept.sort(key=_first)
                     del kept[limit:]
+                    worst = kept[-1][0]
         kept.sort(key=_first)
         shown = [parked for _, parked in kept[:limit]]
         more = limit is not None and beyond > len(shown)
