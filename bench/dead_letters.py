@@ -4,7 +4,8 @@ Parks `--n` messages of 1 KiB in a fresh dead-letter queue, then times, as separ
 processes of the real CLI:
 
 * `dead list` (one page, the default 100 oldest) of all of them: seconds and peak RSS;
-* `dead replay` of a second queue holding `--replay` of them: messages per second.
+* `dead replay` of a second queue holding `--replay` of them: messages per second, for
+  the command (process start included) and for `Operator.replay` in this process.
 
 Goals (issue 11): the listing under 20 s with peak RSS under 150 MiB for 100,000 messages;
 the replay at 2,000 msg/s or more for 10,000. The queues are deleted afterwards.
@@ -25,6 +26,8 @@ from pathlib import Path
 import pika
 
 from bench.wire import url as default_url
+from listener.operations import Operator
+from listener.settings import Settings
 
 CLI = str(Path(sys.executable).with_name("amqp-listener"))
 BODY = b'{"pad": "' + b"x" * 1010 + b'"}'
@@ -90,6 +93,12 @@ def main() -> None:
         _fill(channel, f"{replaying}.dead", args.replay)
         replay_s, replay_rss, out = _timed(["dead", "replay", replaying, "--json"], args.url)
         replayed = len(json.loads(out)["replayed"])
+        _fill(channel, f"{replaying}.dead", args.replay)
+        with Operator(Settings(url=args.url)) as operator:
+            target = operator.target(replaying)
+            started = time.perf_counter()
+            in_process = len(operator.replay(target).done)
+            in_process_s = time.perf_counter() - started
     finally:
         for name in (listed, replaying):
             channel.queue_delete(name)
@@ -103,6 +112,11 @@ def main() -> None:
             "per_second": round(replayed / replay_s),
             "peak_rss_mib": replay_rss,
         },
+        "replay_in_process": {
+            "messages": in_process,
+            "seconds": round(in_process_s, 2),
+            "per_second": round(in_process / in_process_s),
+        },
     }
     if args.json:
         print(json.dumps(results, indent=2))
@@ -111,6 +125,10 @@ def main() -> None:
     print(
         f"dead replay {replayed:>7} of them {replay_s:6.1f} s   "
         f"{replayed / replay_s:6.0f} msg/s   peak RSS {replay_rss:5.0f} MiB"
+    )
+    print(
+        f"  in process {in_process:>7} of them {in_process_s:6.1f} s   "
+        f"{in_process / in_process_s:6.0f} msg/s"
     )
 
 
