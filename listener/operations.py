@@ -268,7 +268,7 @@ class Operator:
         """Send parked messages back to the listener's queue, each with a fresh attempt count.
 
         Without `ids`, every one (or the `limit` oldest). The copy's publish and the parked
-        message's ack are one AMQP transaction, committed every few hundred messages: killed
+        message's ack are one AMQP transaction, committed every thousand messages: killed
         at any point, each message is either replayed or still parked, and never both
         (unless it was already parked twice).
         """
