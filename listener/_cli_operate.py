@@ -23,7 +23,7 @@ from listener import registry
 from listener._cli_db import DatabaseUrlOption
 from listener._cli_outbox import describe_lag, outbox_lag
 from listener.errors import BrokerError, ConfigurationError, ListenerError, PublishError
-from listener.operations import Operator, Parked, Target
+from listener.operations import Operator, Page, Target
 from listener.settings import Settings, get_settings
 
 __all__ = ["dead_app", "status"]
@@ -191,31 +191,41 @@ def dead_list(
     older_than: Annotated[
         str | None, typer.Option(help="Only messages parked longer ago than this (30m, 2h, 7d).")
     ] = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="Show at most this many.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many (one page).")] = 100,
+    after: Annotated[
+        str | None,
+        typer.Option(
+            "--after", metavar="ID", help="Start after this message (the last of a page)."
+        ),
+    ] = None,
     url: UrlOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """The parked messages, oldest first: id, when, attempts, reason, exception."""
+    """The parked messages, oldest first, a page at a time: id, when, attempts, reason,
+    exception."""
     age = _duration(older_than) if older_than else None
 
-    def work(operator: Operator) -> tuple[Target, list[Parked]]:
+    def work(operator: Operator) -> tuple[Target, Page]:
         target_ = operator.target(target)
-        return target_, operator.parked(target_, ids=ids or (), exception=exception, older_than=age)
+        page = operator.page(
+            target_, limit=limit, after=after, ids=ids or (), exception=exception, older_than=age
+        )
+        return target_, page
 
-    resolved, parked = _operate(url, work)
-    shown = parked[:limit] if limit else parked
+    resolved, page = _operate(url, work)
     if as_json:
         _emit_json(
             {
                 "queue": resolved.dead_queue,
-                "total": len(parked),
-                "messages": [p.summary() for p in shown],
+                "total": page.total,
+                "messages": [p.summary() for p in page.messages],
+                "next_after": page.next_after,
             }
         )
         return
     table = Table("parked at", "attempts", "reason", "exception", "message")
     table.add_column("id", no_wrap=True, min_width=32)
-    for p in shown:
+    for p in page.messages:
         table.add_row(
             p.parked_at,
             "-" if p.attempts is None else str(p.attempts),
@@ -226,8 +236,10 @@ def dead_list(
         )
     console = _console()
     console.print(table)
-    more = f" (showing {len(shown)})" if len(shown) < len(parked) else ""
-    console.print(f"{len(parked)} parked message(s) in {resolved.dead_queue}{more}")
+    shown = f" (showing {len(page.messages)})" if len(page.messages) < page.total else ""
+    console.print(f"{page.total} parked message(s) in {resolved.dead_queue}{shown}")
+    if page.next_after:
+        console.print(f"next page: --after {page.next_after}", markup=False, highlight=False)
 
 
 @dead_app.command("show")
@@ -238,12 +250,9 @@ def dead_show(
     as_json: JsonOption = False,
 ) -> None:
     """One parked message, whole: properties, headers (the failure record) and body."""
-    found = _operate(
-        url, lambda operator: operator.parked(operator.target(target), ids=[message_id])
-    )
-    if not found:
+    parked = _operate(url, lambda operator: operator.find(operator.target(target), message_id))
+    if parked is None:
         _fail(f"no parked message with id {message_id!r} in {target}", 1)
-    parked = found[0]
     body, encoding = _body(parked.body)
     if as_json:
         _emit_json(

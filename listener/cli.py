@@ -22,6 +22,7 @@ from listener._cli_jobs import jobs_app, workers
 from listener._cli_operate import JsonOption, dead_app, status
 from listener._cli_outbox import relay, with_outbox
 from listener._cli_schedules import schedules
+from listener._cli_web import web
 from listener.errors import BrokerError, ConfigurationError, ListenerError, PublishError
 from listener.settings import Settings, get_settings
 
@@ -293,6 +294,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(jobs_app, name="jobs")
 app.command()(workers)
 app.command()(relay)
+app.command()(web)
 
 
 def main() -> None:

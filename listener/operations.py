@@ -1,19 +1,13 @@
 """What an operator asks of the broker: how are the queues, what is parked and why,
-send it back, throw it away. Plain data in, plain data out; the CLI formats it.
+send it back, throw it away. Plain data in, plain data out; the CLI and the web console
+format it.
 
-AMQP cannot browse a queue, so parked messages are *peeked*: the whole queue is taken
-without acks, read, and handed back at once with `basic.nack(requeue=True)` (or by the
-broker when the connection closes, if the command is killed). The dead-letter queue is
-declared with a delivery limit that can never be reached (`topology.PEEK_LIMIT`): RabbitMQ
-then serves handed-back messages first, in the order they came back, so a complete peek
-keeps the queue's order, and messages parked meanwhile stay behind the older ones. A peek
-killed half-way loses nothing but may rotate the queue; listings are sorted by parking
-time in any case. A peek leaves `redelivered` set and counts in `x-delivery-count`; a replay
-sends a fresh copy without either.
-
-A replay publishes a copy to the listener's queue, waits for the broker's confirm, and only
-then acks the parked message: killed half-way, a replay may leave a message both replayed
-and parked (a duplicate, same `message_id`), never neither.
+Parked messages are read by peeking (`listener._peek`): the dead-letter queue is streamed
+unacked and handed back, with memory that follows the page asked for, not the queue. A
+command killed half-way loses nothing: the broker takes back what it held. A peek leaves
+`redelivered` set and counts in `x-delivery-count` (the dead queue's delivery limit,
+`topology.PEEK_LIMIT`, can never be reached); a replay sends a fresh copy without either,
+in one transaction with the parked message's ack (`listener._replay`).
 """
 
 from __future__ import annotations
@@ -22,52 +16,32 @@ import contextlib
 import dataclasses
 import datetime as dt
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pika
-import pika.adapters.blocking_connection
 import pika.exceptions
-import pika.spec
 
-from listener import delay, outcome, registry, topology
-from listener._amqp_errors import connect_error, publish_error
-from listener.errors import BrokerError, ConfigurationError
+from listener import delay, registry, topology
+from listener._amqp_errors import connect_error
+from listener._peek import Peek
+from listener._replay import Replaying
+from listener.errors import BrokerError, ConfigurationError, Unroutable
 from listener.listener import Listener
 from listener.management import ManagementAPI
+from listener.parked import Page, Parked, ReplayResult, SortKey, sort_key
 from listener.settings import Settings
 
 __all__ = [
     "OperationFailed",
     "Operator",
+    "Page",
     "Parked",
     "QueueStatus",
     "ReplayResult",
     "Target",
     "resolve_listener",
 ]
-
-#: Headers a replay drops: the failure record of the attempts before, and the broker's
-#: counters. The body, the message id and the other properties are kept.
-_RESET_ON_REPLAY = (
-    frozenset(
-        {
-            "x-attempts",
-            "x-parked-reason",
-            "x-exception-type",
-            "x-exception-message",
-            "x-exception-traceback",
-            "x-first-failure-at",
-            "x-last-failure-at",
-            "x-host",
-            "x-pid",
-        }
-    )
-    | outcome.BROKER_HEADERS
-)
-REPLAYS_HEADER = "x-replays"
-
-Channel = pika.adapters.blocking_connection.BlockingChannel
 
 
 class OperationFailed(BrokerError):
@@ -107,46 +81,6 @@ class QueueStatus:
     source: str = "amqp"
 
 
-@dataclass(frozen=True, slots=True)
-class Parked:
-    """A parked message, as read from the dead-letter queue."""
-
-    message_id: str
-    reason: str
-    attempts: int | None
-    exception_type: str
-    exception_message: str
-    listener: str
-    parked_at: str
-    first_failure_at: str
-    host: str
-    pid: int | None
-    peeks: int
-    replays: int
-    headers: dict[str, Any] = field(repr=False)
-    properties: dict[str, Any] = field(repr=False)
-    body: bytes = field(repr=False)
-
-    def summary(self) -> dict[str, Any]:
-        """The one-line view (what `dead list` shows)."""
-        return {
-            "id": self.message_id,
-            "parked_at": self.parked_at,
-            "attempts": self.attempts,
-            "reason": self.reason,
-            "exception": self.exception_type,
-            "message": self.exception_message,
-        }
-
-
-@dataclass(slots=True)
-class ReplayResult:
-    """What a replay or purge did: the ids it moved, and the ids asked for but not found."""
-
-    done: list[str] = field(default_factory=list)
-    not_found: list[str] = field(default_factory=list)
-
-
 def resolve_listener(spec: str) -> type[Listener]:
     """`module:ClassName` -> the Listener class (the module is imported)."""
     module_name, _, class_name = spec.partition(":")
@@ -171,7 +105,6 @@ class Operator:
             self._connection = pika.BlockingConnection(parameters)
         except Exception as exc:
             raise connect_error(exc, settings.redacted_url) from exc
-        self._channel: Channel | None = None
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -268,6 +201,52 @@ class Operator:
 
     # -- parked messages ------------------------------------------------------------------
 
+    def page(
+        self,
+        target: Target,
+        *,
+        limit: int | None = None,
+        after: str | None = None,
+        ids: Sequence[str] = (),
+        exception: str | None = None,
+        older_than: dt.timedelta | None = None,
+        bodies: bool = False,
+    ) -> Page:
+        """One page of `target`'s parked messages, oldest first, filtered; nothing is removed.
+
+        Only the `limit` oldest after the message `after` are kept (without their bodies
+        unless `bodies`): memory follows the page, not the queue. The queue is read once, or
+        twice with `after` (first to find where that message goes).
+
+        Raises:
+            OperationFailed: `after` names no parked message (it was replayed or purged).
+        """
+        cursor = self._sort_key_of(target, after) if after else None
+        wanted = _Filter(ids, exception, older_than)
+        kept: list[tuple[SortKey, Parked]] = []
+        worst: SortKey | None = None
+        total = beyond = 0
+        with self._peeking(target.dead_queue) as messages:
+            for _tag, parked in messages:
+                if not wanted(parked):
+                    continue
+                total += 1
+                key = sort_key(parked)
+                if cursor is not None and key <= cursor:
+                    continue
+                beyond += 1
+                if worst is not None and key >= worst:
+                    continue  # later than the whole page kept so far
+                kept.append((key, parked if bodies else parked.without_body()))
+                if limit is not None and len(kept) >= 2 * limit + 100:
+                    kept.sort(key=_first)
+                    del kept[limit:]
+                    worst = kept[-1][0]
+        kept.sort(key=_first)
+        shown = [parked for _, parked in kept[:limit]]
+        more = limit is not None and beyond > len(shown)
+        return Page(shown, total, shown[-1].message_id if more and shown else None)
+
     def parked(
         self,
         target: Target,
@@ -276,87 +255,84 @@ class Operator:
         exception: str | None = None,
         older_than: dt.timedelta | None = None,
     ) -> list[Parked]:
-        """The parked messages of `target`, oldest first, filtered; nothing is removed."""
-        now = dt.datetime.now(dt.UTC)
-        found = []
+        """Every parked message of `target` that matches, oldest first, bodies included
+        (all in memory: for a large queue, read it in pages with `page()`)."""
+        return self.page(
+            target, ids=ids, exception=exception, older_than=older_than, bodies=True
+        ).messages
+
+    def find(self, target: Target, message_id: str) -> Parked | None:
+        """The parked message `message_id`, whole; the read stops where it is found."""
         with self._peeking(target.dead_queue) as messages:
             for _tag, parked in messages:
-                if ids and parked.message_id not in ids:
-                    continue
-                if exception and exception not in parked.exception_type:
-                    continue
-                if older_than is not None and _age(parked, now) < older_than:
-                    continue
-                found.append(parked)
-        found.sort(key=_sort_key)
-        return found
+                if parked.message_id == message_id:
+                    return parked
+        return None
 
     def replay(
         self, target: Target, *, ids: Sequence[str] = (), limit: int | None = None
     ) -> ReplayResult:
         """Send parked messages back to the listener's queue, each with a fresh attempt count.
 
-        Without `ids`, the oldest first (up to `limit`). A parked message is acked (removed)
-        only after its copy was confirmed.
+        Without `ids`, every one (or the `limit` oldest). The copy's publish and the parked
+        message's ack are one AMQP transaction, committed every thousand messages: killed
+        at any point, each message is either replayed or still parked, and never both
+        (unless it was already parked twice).
         """
-        channel = self._peek_channel()
-        result = ReplayResult()
+        chosen: set[str] | None = set(ids) if ids else None
+        if chosen is None and limit is not None:
+            chosen = {p.message_id for p in self.page(target, limit=limit).messages}
+        if self._declare_ok(target.queue) is None:
+            raise Unroutable(
+                f"the listener's queue {target.queue!r} does not exist, so nothing was "
+                "replayed. Start the listener's runner once, or run `amqp-listener declare "
+                "MODULE`",
+                message_id="",
+            )
+        done: dict[str, SortKey] = {}
         try:
-            with self._peeking(target.dead_queue) as messages:
-                chosen = _choose(list(messages), ids, limit, result)
-                for tags, parked in chosen:
-                    # One replay per message id: copies parked twice (a killed move or
-                    # replay) leave together, once the one replay was confirmed.
-                    self._publish_replay(channel, target.queue, parked)
-                    for tag in tags:
-                        channel.basic_ack(tag)
-                    result.done.append(parked.message_id)
+            with self._peeking(target.dead_queue, transactional=True) as messages:
+                Replaying(self._connection, messages, target.queue, done).run(chosen)
         except Exception as exc:
-            exc.partial_result = result  # type: ignore[attr-defined]
+            exc.partial_result = _result(done, ())  # type: ignore[attr-defined]
             raise
-        return result
+        return _result(done, sorted((chosen or set()) - set(done)) if ids else ())
 
     def purge(self, target: Target, *, ids: Sequence[str] = ()) -> ReplayResult:
         """Delete parked messages: those named by `ids`, or all of them."""
-        channel = self._peek_channel()
-        result = ReplayResult()
+        chosen = set(ids)
+        done: dict[str, SortKey] = {}
         with self._peeking(target.dead_queue) as messages:
-            for tags, parked in _choose(list(messages), ids, None, result):
-                for tag in tags:
-                    channel.basic_ack(tag)
-                result.done.append(parked.message_id)
-        return result
+            channel = messages.channel
+            for tag, parked in messages:
+                if chosen and parked.message_id not in chosen:
+                    continue
+                channel.basic_ack(tag)
+                done.setdefault(parked.message_id, sort_key(parked))
+        return _result(done, sorted(chosen - set(done)))
 
     # -- plumbing -------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _peeking(self, queue: str) -> Iterator[Iterator[tuple[int, Parked]]]:
-        """Yield the messages now in `queue`, unacked; hand back every one not acked."""
-        channel = self._peek_channel()
+    def _peeking(self, queue: str, *, transactional: bool = False) -> Iterator[Peek]:
+        """Read `queue` without removing what is not acked (see `listener._peek`), holding
+        the operator lock on it."""
         unlock = self._lock(queue)
-        taken: list[int] = []
-
-        def messages() -> Iterator[tuple[int, Parked]]:
-            # Every message taken stays unacked until the end, so none is read twice and
-            # the loop ends when the queue is empty.
-            while True:
-                method, properties, body = channel.basic_get(queue, auto_ack=False)
-                if method is None or method.delivery_tag is None or properties is None:
-                    return
-                tag = int(method.delivery_tag)
-                taken.append(tag)
-                data = body if isinstance(body, bytes) else (body or "").encode()
-                yield tag, _parked(properties, data)
-
+        peek = Peek(self._connection, queue, transactional=transactional)
         try:
-            yield messages()
+            yield peek
         finally:
-            if taken and channel.is_open:
-                # Everything not acked goes back where it was (the dead queue's delivery
-                # limit keeps the place); if this fails the connection's close does it.
-                with contextlib.suppress(Exception):
-                    channel.basic_nack(0, multiple=True, requeue=True)
+            peek.hand_back()
             unlock()
+
+    def _sort_key_of(self, target: Target, message_id: str) -> SortKey:
+        found = self.find(target, message_id)
+        if found is None:
+            raise OperationFailed(
+                f"no parked message with id {message_id!r} in {target.dead_queue!r} to list "
+                "after (it was replayed or purged since): start again from the first page"
+            )
+        return sort_key(found)
 
     def _lock(self, queue: str) -> Callable[[], None]:
         """Hold `<queue>.operator-lock`, an exclusive queue (the broker drops it with this
@@ -380,31 +356,6 @@ class Operator:
                 channel.close()
 
         return release
-
-    def _publish_replay(self, channel: Channel, queue: str, parked: Parked) -> None:
-        headers = {k: v for k, v in parked.headers.items() if k not in _RESET_ON_REPLAY}
-        replays = parked.replays + 1
-        headers[REPLAYS_HEADER] = replays
-        headers["x-replayed-at"] = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-        properties = pika.BasicProperties(
-            **{**parked.properties, "headers": headers, "delivery_mode": 2}
-        )
-        try:
-            channel.basic_publish("", queue, parked.body, properties, mandatory=True)
-        except Exception as exc:
-            raise publish_error(
-                exc, exchange="", routing_key=queue, message_id=parked.message_id
-            ) from exc
-
-    def _peek_channel(self) -> Channel:
-        if self._channel is None or self._channel.is_closed:
-            self._channel = self._connection.channel()
-            self._channel.confirm_delivery()
-        return self._channel
-
-    def _confirm_channel(self) -> Channel:
-        # Replays publish on the peeking channel: its acks then follow the confirms in order.
-        return self._peek_channel()
 
     def peek_latest(self, queue: str) -> bytes | None:
         """The body of the one message a length-one queue holds, handed back at once; None
@@ -447,124 +398,29 @@ class Operator:
         return sorted(declared | ladder)
 
 
-def _parked(properties: pika.spec.BasicProperties, body: bytes) -> Parked:
-    headers = dict(properties.headers or {})
-    kept = {
-        name: getattr(properties, name)
-        for name in (
-            "content_type",
-            "content_encoding",
-            "priority",
-            "correlation_id",
-            "reply_to",
-            "message_id",
-            "timestamp",
-            "type",
-            "app_id",
-        )
-        if getattr(properties, name) is not None
-    }
-    return Parked(
-        message_id=str(properties.message_id or ""),
-        reason=_text(headers.get("x-parked-reason")) or _broker_reason(headers),
-        attempts=_int(headers.get("x-attempts")),
-        exception_type=_text(headers.get("x-exception-type")),
-        exception_message=_text(headers.get("x-exception-message")),
-        listener=_text(headers.get("x-listener")),
-        parked_at=(
-            _text(headers.get("x-last-failure-at"))
-            or _death_time(headers)
-            or _stamp(properties.timestamp)
-        ),
-        first_failure_at=_text(headers.get("x-first-failure-at")),
-        host=_text(headers.get("x-host")),
-        pid=_int(headers.get("x-pid")),
-        peeks=_int(headers.get("x-delivery-count")) or 0,
-        replays=_int(headers.get(REPLAYS_HEADER)) or 0,
-        headers=headers,
-        properties=kept,
-        body=body,
-    )
+class _Filter:
+    """Which parked messages a command is about: by id, exception type and age."""
+
+    def __init__(
+        self, ids: Sequence[str], exception: str | None, older_than: dt.timedelta | None
+    ) -> None:
+        self.ids = frozenset(ids)
+        self.exception = exception
+        self.older_than = older_than
+        self.now = dt.datetime.now(dt.UTC)
+
+    def __call__(self, parked: Parked) -> bool:
+        if self.ids and parked.message_id not in self.ids:
+            return False
+        if self.exception and self.exception not in parked.exception_type:
+            return False
+        return self.older_than is None or parked.age(self.now) >= self.older_than
 
 
-def _choose(
-    taken: list[tuple[int, Parked]],
-    ids: Sequence[str],
-    limit: int | None,
-    result: ReplayResult,
-) -> list[tuple[list[int], Parked]]:
-    """The messages a replay or purge acts on: those named, or the oldest (up to `limit`),
-    each with the delivery tags of every copy of it (same message id).
-
-    The whole queue is always taken first and everything else handed back together: a
-    quorum queue keeps handed-back messages in the order they come back, so only a
-    complete hand-back leaves the queue in its order.
-    """
-    groups: dict[str, tuple[list[int], Parked]] = {}
-    for tag, parked in taken:
-        key = parked.message_id or f"<no id, tag {tag}>"
-        if key in groups:
-            groups[key][0].append(tag)
-        else:
-            groups[key] = ([tag], parked)
-    ordered = sorted(groups.values(), key=lambda group: _sort_key(group[1]))
-    if ids:
-        wanted = set(ids)
-        chosen = [group for group in ordered if group[1].message_id in wanted]
-        result.not_found = sorted(wanted - {parked.message_id for _, parked in chosen})
-    else:
-        chosen = ordered
-    return chosen[:limit] if limit is not None else chosen
+def _first(item: tuple[SortKey, Parked]) -> SortKey:
+    return item[0]
 
 
-def _sort_key(parked: Parked) -> tuple[int, str]:
-    # Oldest first; a message with no known parking time goes last, not first.
-    return (0, parked.parked_at) if parked.parked_at else (1, "")
-
-
-def _death_time(headers: dict[str, Any]) -> str:
-    # Dead-lettered by the broker itself: x-death holds when.
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-        when = deaths[0].get("time")
-        if isinstance(when, dt.datetime):
-            if when.tzinfo is None:
-                when = when.replace(tzinfo=dt.UTC)
-            return when.isoformat(timespec="milliseconds")
-    return ""
-
-
-def _broker_reason(headers: dict[str, Any]) -> str:
-    # Dead-lettered by RabbitMQ itself (the work queue's delivery-limit backstop).
-    reason = _text(headers.get("x-first-death-reason"))
-    return f"broker:{reason}" if reason else "unknown"
-
-
-def _age(parked: Parked, now: dt.datetime) -> dt.timedelta:
-    try:
-        when = dt.datetime.fromisoformat(parked.parked_at)
-    except ValueError:
-        return dt.timedelta(0)
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return now - when
-
-
-def _stamp(timestamp: int | None) -> str:
-    if not timestamp:
-        return ""
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="milliseconds")
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
-
-
-def _int(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    return value
+def _result(done: dict[str, SortKey], not_found: Sequence[str]) -> ReplayResult:
+    # Reported oldest first, as listed, whatever order the queue held them in.
+    return ReplayResult(sorted(done, key=done.__getitem__), list(not_found))

@@ -148,6 +148,13 @@ class Settings(BaseSettings):
             return self
         return self.model_copy(update={"database_url": SecretStr(url)})
 
+    # The web console (`amqp-listener web`).
+    web_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token the web console requires (`Authorization: Bearer ...`); "
+        "with it, the console may bind a non-loopback address.",
+    )
+
     @field_validator("url")
     @classmethod
     def _check_scheme(cls, value: SecretStr) -> SecretStr:

@@ -1,0 +1,39 @@
+// The overview refreshes its counts by polling /api/overview (the server caches them, so
+// any number of tabs costs the broker one query per listener every 5 s).
+(function () {
+  "use strict";
+  var table = document.getElementById("overview");
+  var freshness = document.getElementById("freshness");
+  if (!table || !freshness) return;
+  var every = (parseInt(freshness.getAttribute("data-refresh"), 10) || 3) * 1000;
+
+  function show(value) { return value === null || value === undefined ? "-" : String(value); }
+
+  function update(listeners) {
+    listeners.forEach(function (row) {
+      var tr = table.querySelector('tr[data-queue="' + CSS.escape(row.queue) + '"]');
+      if (!tr) return;
+      ["ready", "unacked", "consumers", "waiting_retry", "parked"].forEach(function (field) {
+        var cell = tr.querySelector('[data-field="' + field + '"]');
+        if (!cell) return;
+        var link = cell.querySelector("a");
+        (link || cell).textContent = show(row[field]);
+      });
+    });
+  }
+
+  function poll() {
+    fetch("/api/overview", { credentials: "same-origin", headers: { Accept: "application/json" } })
+      .then(function (response) {
+        if (!response.ok) throw new Error(response.status);
+        return response.json();
+      })
+      .then(function (data) {
+        update(data.listeners);
+        freshness.textContent = "Counts from " + data.age + " s ago; refreshing every " + every / 1000 + " s.";
+      })
+      .catch(function () { freshness.textContent = "Could not refresh the counts; retrying."; })
+      .finally(function () { setTimeout(poll, every); });
+  }
+  setTimeout(poll, every);
+})();
