@@ -7,8 +7,10 @@ if the reader dies. `basic.get` does the same one round trip per message (the ol
 for 100,000); a consumer streams, but a quorum queue gives an unlimited consumer only 2,000
 messages in flight, and a prefetch is at most 65,535. So the reader adds one consumer per
 window: when every consumer so far holds its full window, the next one gets the next
-messages, in queue order. Client memory is the one message in hand plus what the socket
-has buffered; the broker holds the rest.
+messages, in queue order. The broker sends a window as fast as it can, so a window is what
+the client may have to hold at once: it is sized by bytes (`WINDOW_BYTES` of bodies, from
+the average body seen so far), between `MIN_WINDOW` and `WINDOW` messages. The broker
+holds the rest.
 
 The queue's own order does not survive a hand-back (a quorum queue requeues a batch in an
 order of its own), so listings sort by parking time, never by queue position.
@@ -31,8 +33,13 @@ __all__ = ["Peek"]
 
 Channel = pika.adapters.blocking_connection.BlockingChannel
 
-#: Messages one consumer may hold: ~10 MiB of 1 KiB bodies in flight, mostly in the broker.
+#: Messages one consumer may hold at most (~10 MiB of 1 KiB bodies), and at least.
 WINDOW = 10_000
+MIN_WINDOW = 100
+#: Bytes of bodies one window may bring at once; the first window, sized before any body
+#: was seen, holds `FIRST_WINDOW` messages.
+WINDOW_BYTES = 16 * 1024 * 1024
+FIRST_WINDOW = 500
 #: Seconds without a delivery, before all the messages counted at the start were read,
 #: after which the queue counts as read: another client took messages meanwhile. Generous,
 #: because a busy broker can pause that long between windows, and stopping early would
@@ -64,6 +71,9 @@ class Peek:
             self.channel.tx_select()
         self._pending: collections.deque[tuple[int, Any, bytes]] = collections.deque()
         self._consumers: list[str] = []
+        self._capacity = 0  # messages all consumers so far may hold
+        self._received = 0
+        self._received_bytes = 0
         self.taken = 0
         self._depth: int | None = None
         self._straggling = False
@@ -80,7 +90,7 @@ class Peek:
         if not self._pending:
             if self.taken >= self._depth:
                 self._wait_stragglers()
-            elif self.taken >= len(self._consumers) * WINDOW:
+            elif self.taken >= self._capacity:
                 self._add_consumer()
             if not self._pending:
                 self._wait(IDLE)
@@ -132,8 +142,13 @@ class Peek:
             self._connection.process_data_events(time_limit=left)  # type: ignore[arg-type]
 
     def _add_consumer(self) -> None:
+        window = FIRST_WINDOW
+        if self._received:
+            average = max(self._received_bytes // self._received, 1)
+            window = max(MIN_WINDOW, min(WINDOW, WINDOW_BYTES // average))
+        self._capacity += window
         # A consumer's prefetch is set by the basic.qos before its basic.consume.
-        self.channel.basic_qos(prefetch_count=WINDOW)
+        self.channel.basic_qos(prefetch_count=window)
         self._consumers.append(self.channel.basic_consume(self.queue, self._on_message))
 
     def _on_message(
@@ -143,4 +158,6 @@ class Peek:
         properties: pika.spec.BasicProperties,
         body: bytes,
     ) -> None:
+        self._received += 1
+        self._received_bytes += len(body)
         self._pending.append((method.delivery_tag or 0, properties, body))

@@ -254,8 +254,12 @@ def declare(modules: ModulesArgument, url: UrlOption = None, as_json: JsonOption
         typer.echo(json.dumps({"declared": declared}, indent=2))
         return
     for item in declared:
-        queues = ", ".join(item["queues"])
-        typer.echo(f"{item['listener']}: exchange {item['exchange']!r} -> {queues}")
+        # The delay levels are many and alike: one entry for all of them.
+        levels = [name for name in item["queues"] if ".delay." in name]
+        shown = [name for name in item["queues"] if ".delay." not in name]
+        if levels:
+            shown.insert(-1, f"{levels[0]} .. {levels[-1]} ({len(levels)} delay levels)")
+        typer.echo(f"{item['listener']}: exchange {item['exchange']!r} -> {', '.join(shown)}")
 
 
 @app.command()

@@ -17,7 +17,7 @@ import pytest
 from pydantic import BaseModel
 
 import listener
-from listener import Listener
+from listener import Listener, delay
 from listener.operations import OperationFailed, Operator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -477,6 +477,7 @@ def test_declare_and_publish_speak_json_too(unique, rabbit, amqp_url, tmp_path):
     assert item["queues"] == [
         f"{unique}.declared.dead",
         f"{unique}.declared.retry.2s",
+        *(delay.level_name(f"{unique}.declared", level) for level in range(delay.LEVELS)),
         f"{unique}.declared",
     ]
 
