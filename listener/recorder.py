@@ -50,13 +50,14 @@ MAX_MESSAGE = 500
 MAX_TRACEBACK = 4000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is slower to build, on the hot path
 class AttemptRecord:
     """One row of `amqp_listener_attempts` as a process hands it to its recorder.
 
     A record with outcome `running` opens an attempt; the record with the same `started_at`
     and a final outcome closes it (one row in the end: an attempt that finishes before the
-    recorder writes its start is written once).
+    recorder writes its start is written once). Without `finished_at`, a record with a
+    `duration` finished that long after it started. Treat records as immutable.
     """
 
     message_id: str
@@ -97,7 +98,9 @@ class AttemptRecord:
             self.host,
             self.pid,
             self.started_at,
-            self.finished_at,
+            self.finished_at
+            if self.finished_at is not None or self.duration is None
+            else self.started_at + dt.timedelta(seconds=self.duration),
             self.duration,
             self.next_queue,
             self.exception_type,

@@ -42,6 +42,7 @@ class LedgerMiddleware(Middleware):
         #: What runs now, by delivery: message id, listener, queue, attempt, since.
         self.running: dict[int, tuple[str, str, str, int, dt.datetime]] = {}
         self._names: dict[type[Listener], str] = {}
+        self._untracked = _base_track()  # Listener.track, which tracks nothing
         self._pid = os.getpid()
 
     def on_worker_start(self, worker: Worker) -> None:
@@ -97,7 +98,9 @@ class LedgerMiddleware(Middleware):
             return
         listener = delivery.listener
         next_queue = listener.queue if outcome == "returned" else delivery.state.get("ledger.next")
-        tags = tags_of(listener, delivery.message) if delivery.message is not None else ()
+        tags: tuple[str, ...] = ()
+        if delivery.message is not None and listener.track is not self._untracked:
+            tags = tags_of(listener, delivery.message)
         self.recorder.add(
             AttemptRecord(
                 delivery.message_id,
@@ -108,7 +111,7 @@ class LedgerMiddleware(Middleware):
                 HOST,
                 self._pid,
                 started_at,
-                started_at + dt.timedelta(seconds=duration),
+                None,  # finished `duration` after `started_at`: computed by the writer
                 duration,
                 next_queue,
                 failure.exception_type if failure else None,
@@ -157,9 +160,7 @@ def ledger_middleware() -> list[Middleware]:
 
 def tags_of(listener: type[Listener], message: Any) -> tuple[str, ...]:
     """What `listener.track(message)` returns, as strings; nothing if it fails (logged)."""
-    from listener.listener import Listener
-
-    if listener.track is Listener.track:
+    if listener.track is _base_track():
         return ()
     try:
         found = listener.track(listener.__new__(listener), message)
