@@ -247,17 +247,24 @@ class Recorder:
         """Start the writer now (it starts with the first record otherwise)."""
         self._start()
 
+    def prepare(self) -> None:
+        """Import the database client and make the engine (no I/O), in the caller.
+
+        Done on the writer's thread, this would compete for the interpreter lock with the
+        caller's next steps. Without a call, the first record of a process pays for it, as
+        its first publish pays for a connection.
+        """
+        try:
+            self._database()
+        except Exception:
+            log.exception("ledger: cannot set up the database client; records will wait")
+
     def _start(self) -> None:
         with self._lock:
             if self._thread is not None:
                 return
-            # Imports and the engine here, in the caller: done on the writer's thread they
-            # would compete for the interpreter lock with the caller's next steps. The first
-            # record of a process pays for them, as its first publish pays for a connection.
-            try:
-                self._database()
-            except Exception:
-                log.exception("ledger: cannot set up the database client; records will wait")
+            self.prepare()
+            self.pid = os.getpid()
             self._thread = threading.Thread(
                 target=self._run, name="amqp-listener-ledger", daemon=True
             )

@@ -35,7 +35,6 @@ class LedgerMiddleware(Middleware):
     def __init__(self, settings: Settings) -> None:
         assert settings.database_url is not None
         self.settings = settings
-        self.recorder: Recorder | None = None
         self.started_at = dt.datetime.now(dt.UTC)
         self.listeners: tuple[str, ...] = ()
         self.counts = {"handled": 0, "retried": 0, "parked": 0}
@@ -43,28 +42,27 @@ class LedgerMiddleware(Middleware):
         self.running: dict[int, tuple[str, str, str, int, dt.datetime]] = {}
         self._names: dict[type[Listener], str] = {}
         self._untracked = _base_track()  # Listener.track, which tracks nothing
+        self.recorder = Recorder(
+            settings.database_url.get_secret_value(),
+            capacity=settings.ledger_buffer,
+            heartbeat=self._beat,
+            in_progress=self._in_progress,
+            retention=Retention(
+                settings.ledger_keep_handled_days, settings.ledger_keep_failed_days
+            ),
+        )
+        # The database client's imports now, before the worker consumes: on_worker_start
+        # runs once messages flow, and would stall the first of them.
+        self.recorder.prepare()
         self._pid = os.getpid()
 
     def on_worker_start(self, worker: Worker) -> None:
         self.listeners = tuple(cls.name() for cls in worker.listeners)
         self._pid = os.getpid()
-        if self.recorder is None:
-            assert self.settings.database_url is not None
-            self.recorder = Recorder(
-                self.settings.database_url.get_secret_value(),
-                capacity=self.settings.ledger_buffer,
-                heartbeat=self._beat,
-                in_progress=self._in_progress,
-                retention=Retention(
-                    self.settings.ledger_keep_handled_days, self.settings.ledger_keep_failed_days
-                ),
-            )
-            self.recorder.start()
+        self.recorder.start()
 
     def on_worker_stop(self, worker: Worker) -> None:
-        if self.recorder is not None:
-            self.recorder.close()
-            self.recorder = None
+        self.recorder.close()
 
     def before_handle(self, delivery: Delivery) -> None:
         # Only remembered: the recorder writes a `running` row for an attempt still under
@@ -94,7 +92,7 @@ class LedgerMiddleware(Middleware):
         if outcome in self.counts:
             self.counts[outcome] += 1
         started_at = delivery.state.get("ledger.started_at")
-        if self.recorder is None or started_at is None:
+        if started_at is None:
             return
         listener = delivery.listener
         next_queue = listener.queue if outcome == "returned" else delivery.state.get("ledger.next")
