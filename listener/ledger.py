@@ -208,15 +208,24 @@ def insert_attempts(connection: Connection, records: Sequence[AttemptRecord]) ->
         return
     marks = ", ".join("?" * len(COLUMNS))
     statement = f"INSERT INTO {attempts.name} ({', '.join(COLUMNS)}) VALUES ({marks})"
-    rows = [tuple(_sqlite_value(value) for value in record.values()) for record in records]
+    rows = []
+    for record in records:
+        row = list(record.values())
+        row[_STARTED] = _sqlite_time(row[_STARTED])
+        row[_FINISHED] = _sqlite_time(row[_FINISHED])
+        rows.append(tuple(row))
     connection.exec_driver_sql(statement, rows)
 
 
-def _sqlite_value(value: Any) -> Any:
+_STARTED = COLUMNS.index("started_at")
+_FINISHED = COLUMNS.index("finished_at")
+
+
+def _sqlite_time(moment: dt.datetime | None) -> str | None:
     # As SQLAlchemy's SQLite DateTime stores them: naive UTC text with microseconds.
-    if isinstance(value, dt.datetime):
-        return value.astimezone(dt.UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
-    return value
+    if moment is None:
+        return None
+    return moment.astimezone(dt.UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def report_worker(connection: Connection, host: str, pid: int, beat: WorkerBeat) -> None:

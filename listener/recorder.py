@@ -37,6 +37,7 @@ log = logging.getLogger("listener.ledger")
 HOST = socket.gethostname()
 _LINGER = 0.5  # seconds records wait to be batched
 _BATCH = 1000
+_BATCHES_PER_ROUND = 20
 _MAX_BACKOFF = 10.0
 _BEAT_EVERY = 5.0
 _PRUNE_EVERY = 600.0
@@ -49,13 +50,14 @@ MAX_MESSAGE = 500
 MAX_TRACEBACK = 4000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is slower to build, on the hot path
 class AttemptRecord:
     """One row of `amqp_listener_attempts` as a process hands it to its recorder.
 
     A record with outcome `running` opens an attempt; the record with the same `started_at`
     and a final outcome closes it (one row in the end: an attempt that finishes before the
-    recorder writes its start is written once).
+    recorder writes its start is written once). Without `finished_at`, a record with a
+    `duration` finished that long after it started. Treat records as immutable.
     """
 
     message_id: str
@@ -96,7 +98,9 @@ class AttemptRecord:
             self.host,
             self.pid,
             self.started_at,
-            self.finished_at,
+            self.finished_at
+            if self.finished_at is not None or self.duration is None
+            else self.started_at + dt.timedelta(seconds=self.duration),
             self.duration,
             self.next_queue,
             self.exception_type,
@@ -243,17 +247,24 @@ class Recorder:
         """Start the writer now (it starts with the first record otherwise)."""
         self._start()
 
+    def prepare(self) -> None:
+        """Import the database client and make the engine (no I/O), in the caller.
+
+        Done on the writer's thread, this would compete for the interpreter lock with the
+        caller's next steps. Without a call, the first record of a process pays for it, as
+        its first publish pays for a connection.
+        """
+        try:
+            self._database()
+        except Exception:
+            log.exception("ledger: cannot set up the database client; records will wait")
+
     def _start(self) -> None:
         with self._lock:
             if self._thread is not None:
                 return
-            # Imports and the engine here, in the caller: done on the writer's thread they
-            # would compete for the interpreter lock with the caller's next steps. The first
-            # record of a process pays for them, as its first publish pays for a connection.
-            try:
-                self._database()
-            except Exception:
-                log.exception("ledger: cannot set up the database client; records will wait")
+            self.prepare()
+            self.pid = os.getpid()
             self._thread = threading.Thread(
                 target=self._run, name="amqp-listener-ledger", daemon=True
             )
@@ -302,6 +313,8 @@ class Recorder:
             stopping = stop.wait(backoff or self.linger)
             now = time.monotonic()
             ok = self._write_all()
+            while stopping and ok and self._records:
+                ok = self._write_all()
             if ok and self.heartbeat is not None and (now >= next_beat or stopping):
                 ok = self._beat(gone=stopping)
                 next_beat = now + _BEAT_EVERY
@@ -316,7 +329,9 @@ class Recorder:
         from listener.ledger import write_batch
 
         opened = self._long_running()
-        while self._records or self._gap is not None or opened:
+        rounds = _BATCHES_PER_ROUND  # then back to the loop: the heartbeat must not starve
+        while (self._records or self._gap is not None or opened) and rounds:
+            rounds -= 1
             batch = [self._records[i] for i in range(min(_BATCH, len(self._records)))]
             with self._lock:
                 gap, self._gap = self._gap, None

@@ -35,35 +35,34 @@ class LedgerMiddleware(Middleware):
     def __init__(self, settings: Settings) -> None:
         assert settings.database_url is not None
         self.settings = settings
-        self.recorder: Recorder | None = None
         self.started_at = dt.datetime.now(dt.UTC)
         self.listeners: tuple[str, ...] = ()
         self.counts = {"handled": 0, "retried": 0, "parked": 0}
         #: What runs now, by delivery: message id, listener, queue, attempt, since.
         self.running: dict[int, tuple[str, str, str, int, dt.datetime]] = {}
         self._names: dict[type[Listener], str] = {}
+        self._untracked = _base_track()  # Listener.track, which tracks nothing
+        self.recorder = Recorder(
+            settings.database_url.get_secret_value(),
+            capacity=settings.ledger_buffer,
+            heartbeat=self._beat,
+            in_progress=self._in_progress,
+            retention=Retention(
+                settings.ledger_keep_handled_days, settings.ledger_keep_failed_days
+            ),
+        )
+        # The database client's imports now, before the worker consumes: on_worker_start
+        # runs once messages flow, and would stall the first of them.
+        self.recorder.prepare()
         self._pid = os.getpid()
 
     def on_worker_start(self, worker: Worker) -> None:
         self.listeners = tuple(cls.name() for cls in worker.listeners)
         self._pid = os.getpid()
-        if self.recorder is None:
-            assert self.settings.database_url is not None
-            self.recorder = Recorder(
-                self.settings.database_url.get_secret_value(),
-                capacity=self.settings.ledger_buffer,
-                heartbeat=self._beat,
-                in_progress=self._in_progress,
-                retention=Retention(
-                    self.settings.ledger_keep_handled_days, self.settings.ledger_keep_failed_days
-                ),
-            )
-            self.recorder.start()
+        self.recorder.start()
 
     def on_worker_stop(self, worker: Worker) -> None:
-        if self.recorder is not None:
-            self.recorder.close()
-            self.recorder = None
+        self.recorder.close()
 
     def before_handle(self, delivery: Delivery) -> None:
         # Only remembered: the recorder writes a `running` row for an attempt still under
@@ -93,11 +92,13 @@ class LedgerMiddleware(Middleware):
         if outcome in self.counts:
             self.counts[outcome] += 1
         started_at = delivery.state.get("ledger.started_at")
-        if self.recorder is None or started_at is None:
+        if started_at is None:
             return
         listener = delivery.listener
         next_queue = listener.queue if outcome == "returned" else delivery.state.get("ledger.next")
-        tags = tags_of(listener, delivery.message) if delivery.message is not None else ()
+        tags: tuple[str, ...] = ()
+        if delivery.message is not None and listener.track is not self._untracked:
+            tags = tags_of(listener, delivery.message)
         self.recorder.add(
             AttemptRecord(
                 delivery.message_id,
@@ -108,7 +109,7 @@ class LedgerMiddleware(Middleware):
                 HOST,
                 self._pid,
                 started_at,
-                started_at + dt.timedelta(seconds=duration),
+                None,  # finished `duration` after `started_at`: computed by the writer
                 duration,
                 next_queue,
                 failure.exception_type if failure else None,
@@ -157,9 +158,7 @@ def ledger_middleware() -> list[Middleware]:
 
 def tags_of(listener: type[Listener], message: Any) -> tuple[str, ...]:
     """What `listener.track(message)` returns, as strings; nothing if it fails (logged)."""
-    from listener.listener import Listener
-
-    if listener.track is Listener.track:
+    if listener.track is _base_track():
         return ()
     try:
         found = listener.track(listener.__new__(listener), message)

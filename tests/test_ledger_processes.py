@@ -166,3 +166,23 @@ def test_jobs_commands_on_an_unreachable_database_fail_in_one_line_without_the_p
         [line] = result.stderr.splitlines()
         assert "unreachable" in line
         assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_run_with_database_url_records_what_its_workers_handle(
+    app: GatedApp, postgres_url: str
+) -> None:
+    app.declare()
+    runner = app.launch(app.module, ["--workers", "2", "--database-url", postgres_url], {})
+    runner.wait_log("consuming on", count=2)
+    app.publish(3, "ok")
+    reader = app.env(AMQP_LISTENER_DATABASE_URL=postgres_url)
+
+    def handled() -> dict[str, Any] | None:
+        shown = cli("jobs", "show", "job-3", "--json", env=reader)
+        document = json.loads(shown.stdout) if shown.returncode == 0 else None
+        return document if document and document["jobs"][0]["state"] == "handled" else None
+
+    [job] = wait_until(handled, 15, "job-3 handled")["jobs"]
+    assert job["attempts"][0]["pid"] in runner.worker_pids()
+    view = json.loads(cli("workers", "--json", env=reader).stdout)
+    assert view["total"] == 2  # the workers, not the supervisor
