@@ -313,3 +313,17 @@ async def test_a_row_for_a_missing_exchange_goes_dead_and_the_rows_behind_it_fol
     engine.dispose()
     assert "does not exist" in reason
     assert order_ids(rabbit.drain(shipper.queue)) == [1, 2, 3]
+
+
+def test_run_with_outbox_and_no_database_exits_2_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from listener.cli import app
+
+    monkeypatch.delenv("AMQP_LISTENER_DATABASE_URL", raising=False)
+    result = CliRunner().invoke(app, ["run", "tests.apps.gated", "--outbox"])
+    assert result.exit_code == 2
+    assert "--outbox" in result.output
+    assert "AMQP_LISTENER_DATABASE_URL" in result.output
