@@ -150,7 +150,12 @@ class Listener:
         body = cls.codec.encode(_message_value(cls, message, fields))
         key = cls._key_for(routing_key)
         if session is not None or ordering_key is not None:
-            return outbox_write(session, cls.exchange, key, [body], headers, ordering_key)[0]
+            from listener import outbox
+
+            ids = outbox.write(
+                session, cls.exchange, key, [body], headers=headers, ordering_key=ordering_key
+            )
+            return ids[0]
         from listener.publisher import default_publisher
 
         message_id = default_publisher().publish_body(cls.exchange, key, body, headers=headers)
@@ -173,7 +178,11 @@ class Listener:
         body = cls.codec.encode(_message_value(cls, message, fields))
         key = cls._key_for(routing_key)
         if session is not None or ordering_key is not None:
-            ids = await outbox_awrite(session, cls.exchange, key, [body], headers, ordering_key)
+            from listener import outbox
+
+            ids = await outbox.awrite(
+                session, cls.exchange, key, [body], headers=headers, ordering_key=ordering_key
+            )
             return ids[0]
         from listener.apublisher import default_async_publisher
 
@@ -200,7 +209,9 @@ class Listener:
         bodies = [cls.codec.encode(m) for m in messages]
         key = cls._key_for(routing_key)
         if session is not None or ordering_key is not None:
-            return outbox_write(session, cls.exchange, key, bodies, None, ordering_key)
+            from listener import outbox
+
+            return outbox.write(session, cls.exchange, key, bodies, ordering_key=ordering_key)
         from listener.apublisher import run_in_background
 
         ids = run_in_background(
@@ -222,7 +233,11 @@ class Listener:
         bodies = [cls.codec.encode(m) for m in messages]
         key = cls._key_for(routing_key)
         if session is not None or ordering_key is not None:
-            return await outbox_awrite(session, cls.exchange, key, bodies, None, ordering_key)
+            from listener import outbox
+
+            return await outbox.awrite(
+                session, cls.exchange, key, bodies, ordering_key=ordering_key
+            )
         from listener.apublisher import default_async_publisher
 
         ids = await default_async_publisher().publish_bodies(cls.exchange, key, bodies)
@@ -264,45 +279,6 @@ class Listener:
                 f"{cls.routing_key!r}: the message would not reach it"
             )
         return routing_key
-
-
-def outbox_write(
-    session: Session | None,
-    exchange: str,
-    key: str,
-    bodies: list[bytes],
-    headers: dict[str, Any] | None,
-    ordering_key: str | None,
-) -> list[str]:
-    """Write validated bodies to the outbox through `session` (see `listener.outbox`)."""
-    from listener import outbox
-
-    rows = outbox.rows(exchange, key, bodies, headers=headers, ordering_key=ordering_key)
-    return outbox.write(_session_for_outbox(session), rows)
-
-
-async def outbox_awrite(
-    session: AsyncSession | Session | None,
-    exchange: str,
-    key: str,
-    bodies: list[bytes],
-    headers: dict[str, Any] | None,
-    ordering_key: str | None,
-) -> list[str]:
-    """The asyncio twin of `outbox_write()`."""
-    from listener import outbox
-
-    rows = outbox.rows(exchange, key, bodies, headers=headers, ordering_key=ordering_key)
-    return await outbox.awrite(_session_for_outbox(session), rows)
-
-
-def _session_for_outbox(session: Any) -> Any:
-    if session is None:
-        raise ValueError(
-            "ordering_key is kept by the outbox: pass session=... (the transaction to write "
-            "the message in) with it"
-        )
-    return session
 
 
 def _message_value(cls: type[Listener], message: Any, fields: dict[str, Any]) -> Any:

@@ -42,17 +42,25 @@ NOTIFY_CHANNEL = "amqp_listener_outbox"
 
 _Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite's rowid alias
 
+
+def _message_columns() -> list[sa.Column[Any]]:
+    """What an outbox row and a dead row both hold of a message."""
+    return [
+        sa.Column("message_id", sa.String(64), nullable=False),
+        sa.Column("exchange", sa.String(255), nullable=False),
+        sa.Column("routing_key", sa.String(255), nullable=False),
+        sa.Column("ordering_key", sa.String(255), nullable=True),
+        sa.Column("headers", sa.JSON(), nullable=True),
+        sa.Column("body", sa.LargeBinary(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    ]
+
+
 outbox_table = sa.Table(
     "amqp_listener_outbox",
     metadata,
     sa.Column("id", _Id, primary_key=True, autoincrement=True),
-    sa.Column("message_id", sa.String(64), nullable=False),
-    sa.Column("exchange", sa.String(255), nullable=False),
-    sa.Column("routing_key", sa.String(255), nullable=False),
-    sa.Column("ordering_key", sa.String(255), nullable=True),
-    sa.Column("headers", sa.JSON(), nullable=True),
-    sa.Column("body", sa.LargeBinary(), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    *_message_columns(),
 )
 
 #: Rows the broker would not take (unroutable, too large), with the reason; never retried
@@ -61,15 +69,10 @@ dead_table = sa.Table(
     "amqp_listener_outbox_dead",
     metadata,
     sa.Column("id", _Id, primary_key=True, autoincrement=True),
-    sa.Column("message_id", sa.String(64), nullable=False, index=True),
-    sa.Column("exchange", sa.String(255), nullable=False),
-    sa.Column("routing_key", sa.String(255), nullable=False),
-    sa.Column("ordering_key", sa.String(255), nullable=True),
-    sa.Column("headers", sa.JSON(), nullable=True),
-    sa.Column("body", sa.LargeBinary(), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    *_message_columns(),
     sa.Column("failed_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("reason", sa.Text(), nullable=False),
+    sa.Index("ix_amqp_listener_outbox_dead_message_id", "message_id"),
 )
 
 #: SQLite has no row locks: one relay at a time holds this lease, renewed every batch.
@@ -153,8 +156,23 @@ def rows(
     ]
 
 
-def write(session: Session, new_rows: list[dict[str, Any]]) -> list[str]:
-    """Insert `new_rows` through `session` (in its transaction); their message ids."""
+def write(
+    session: Session | None,
+    exchange: str,
+    routing_key: str,
+    bodies: Sequence[bytes],
+    *,
+    headers: dict[str, Any] | None = None,
+    ordering_key: str | None = None,
+) -> list[str]:
+    """Insert a row per body through `session`, in its transaction; their message ids.
+
+    Raises:
+        TypeError: `session` is an AsyncSession (use `awrite`).
+        ValueError: no session with an ordering key, a bad ordering key, or a body too large.
+    """
+    new_rows = rows(exchange, routing_key, bodies, headers=headers, ordering_key=ordering_key)
+    session = _required(session)
     if _is_async(session):
         raise TypeError(
             "notify(session=...) got an AsyncSession: use `await Cls.anotify(..., session=...)` "
@@ -164,13 +182,32 @@ def write(session: Session, new_rows: list[dict[str, Any]]) -> list[str]:
     return [row["message_id"] for row in new_rows]
 
 
-async def awrite(session: AsyncSession | Session, new_rows: list[dict[str, Any]]) -> list[str]:
+async def awrite(
+    session: AsyncSession | Session | None,
+    exchange: str,
+    routing_key: str,
+    bodies: Sequence[bytes],
+    *,
+    headers: dict[str, Any] | None = None,
+    ordering_key: str | None = None,
+) -> list[str]:
     """The asyncio twin of `write()`; a sync `Session` is accepted too."""
+    new_rows = rows(exchange, routing_key, bodies, headers=headers, ordering_key=ordering_key)
+    session = _required(session)
     if _is_async(session):
         await session.execute(sa.insert(outbox_table), new_rows)  # type: ignore[misc]
     else:
         session.execute(sa.insert(outbox_table), new_rows)
     return [row["message_id"] for row in new_rows]
+
+
+def _required(session: Any) -> Any:
+    if session is None:
+        raise ValueError(
+            "ordering_key is kept by the outbox: pass session=... (the transaction to write "
+            "the message in) with it"
+        )
+    return session
 
 
 def _is_async(session: Any) -> bool:

@@ -304,11 +304,13 @@ def publish(
     `Session`), the message goes to the outbox in its transaction, as `notify()` does.
     """
     if session is not None or ordering_key is not None:
-        from listener.listener import outbox_write
+        from listener import outbox
 
         exchange, key = routing.parse_address(address, wildcards=False)
-        body = [codec.encode(value)]
-        return outbox_write(session, exchange, key, body, headers, ordering_key)[0]
+        body = codec.encode(value)
+        return outbox.write(
+            session, exchange, key, [body], headers=headers, ordering_key=ordering_key
+        )[0]
     return default_publisher().publish(address, value, headers=headers)
 
 

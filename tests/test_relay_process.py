@@ -66,9 +66,7 @@ def write(engine: sa.Engine, unique: str, n: int) -> None:
     """Commit `n` outbox rows `{"n": 0}` ... `{"n": n - 1}` for `<unique>.placed`."""
     bodies = [json.dumps({"n": i}).encode() for i in range(n)]
     with Session(engine) as session, session.begin():
-        outbox.write(
-            session, outbox.rows(unique, "placed", bodies, headers=None, ordering_key=None)
-        )
+        outbox.write(session, unique, "placed", bodies)
 
 
 def waiting(engine: sa.Engine) -> int:
