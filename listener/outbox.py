@@ -201,6 +201,12 @@ async def awrite(
     return [row["message_id"] for row in new_rows]
 
 
+def dead_row(row: Any, reason: str, failed_at: dt.datetime) -> dict[str, Any]:
+    """The `dead_table` row for an outbox `row` the broker would not take."""
+    kept = {column.name: getattr(row, column.name) for column in _message_columns()}
+    return {**kept, "failed_at": failed_at, "reason": reason}
+
+
 def _required(session: Any) -> Any:
     if session is None:
         raise ValueError(

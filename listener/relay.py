@@ -349,20 +349,7 @@ class Relay:
         if dead:
             await connection.execute(
                 sa.insert(outbox.dead_table),
-                [
-                    {
-                        "message_id": row.message_id,
-                        "exchange": row.exchange,
-                        "routing_key": row.routing_key,
-                        "ordering_key": row.ordering_key,
-                        "headers": row.headers,
-                        "body": row.body,
-                        "created_at": row.created_at,
-                        "failed_at": now,
-                        "reason": reason,
-                    }
-                    for row, reason in dead
-                ],
+                [outbox.dead_row(row, reason, now) for row, reason in dead],
             )
             for row, reason in dead:
                 log.error(
