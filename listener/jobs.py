@@ -53,12 +53,15 @@ __all__ = [
 STATES = ("pending", "running", "retrying", "handled", "parked")
 UNFINISHED = ("pending", "running", "retrying")
 
+#: The most records a search without a tag reads (see `_recent`).
+_WIDEST = 50_000
+
 _STATE_OF = {
     "pending": "pending",
     "running": "running",
     "retried": "retrying",
     "worker_lost": "retrying",
-    "returned": "retrying",
+    "returned": "pending",  # handed back unsettled (a stop, a lost channel): not charged
     "handled": "handled",
     "parked": "parked",
 }
@@ -245,14 +248,13 @@ def _find(
     from listener.ledger import attempts, tags
 
     name = listener if isinstance(listener, str) or listener is None else listener.name()
+    if tag is None:
+        return _recent(connection, name, states, since, limit)
     candidates = select(attempts.c.message_id, attempts.c.listener).distinct()
-    if tag is not None:
-        candidates = candidates.join(
-            tags,
-            and_(
-                tags.c.message_id == attempts.c.message_id, tags.c.listener == attempts.c.listener
-            ),
-        ).where(tags.c.tag == tag)
+    candidates = candidates.join(
+        tags,
+        and_(tags.c.message_id == attempts.c.message_id, tags.c.listener == attempts.c.listener),
+    ).where(tags.c.tag == tag)
     if name is not None:
         candidates = candidates.where(attempts.c.listener == name)
     if since is not None:
@@ -301,6 +303,53 @@ def _find(
     return sorted(found, key=lambda job: job.updated_at)
 
 
+def _recent(
+    connection: Connection,
+    name: str | None,
+    states: tuple[str, ...] | None,
+    since: dt.datetime | None,
+    limit: int,
+) -> list[Job]:
+    """The `limit` most recently active jobs, without a tag to narrow them down.
+
+    Reads the newest records first (the primary key follows insertion), a few times `limit`
+    of them, and widens the window only while it found too few jobs and rows remain: a
+    query never ranks the whole table (seconds at a million rows). Past `_WIDEST` records it
+    answers with what it found: narrow such a search down with a tag, a listener or `since`.
+    """
+    from sqlalchemy import select
+
+    from listener.ledger import attempts
+
+    outcomes = None
+    if states is not None:
+        outcomes = [outcome for outcome, state in _STATE_OF.items() if state in states]
+    window = limit * 4
+    while True:
+        recent = select(attempts.c.message_id, attempts.c.listener)
+        if name is not None:
+            recent = recent.where(attempts.c.listener == name)
+        if since is not None:
+            recent = recent.where(attempts.c.started_at >= since)
+        if outcomes is not None:
+            recent = recent.where(attempts.c.outcome.in_(outcomes))
+        keys = connection.execute(recent.order_by(attempts.c.id.desc()).limit(window)).all()
+        wanted = {(key.message_id, key.listener) for key in keys}
+        rows = connection.execute(
+            attempts.select()
+            .where(attempts.c.message_id.in_({message_id for message_id, _ in wanted}))
+            .order_by(attempts.c.listener, attempts.c.attempt, attempts.c.started_at)
+        ).all()
+        found = [
+            job
+            for job in _jobs(connection, rows)
+            if (job.message_id, job.listener) in wanted and (states is None or job.state in states)
+        ]
+        if len(found) >= limit or len(keys) < window or window >= _WIDEST:
+            return sorted(found, key=lambda job: job.updated_at)[-limit:]
+        window *= 4
+
+
 def _jobs(connection: Connection, rows: Sequence[Any]) -> list[Job]:
     from sqlalchemy import select
 
@@ -319,6 +368,7 @@ def _jobs(connection: Connection, rows: Sequence[Any]) -> list[Job]:
     tags_of: dict[tuple[str, str], list[str]] = {}
     for tag_row in tag_rows:
         tags_of.setdefault((tag_row.message_id, tag_row.listener), []).append(tag_row.tag)
+    silent = _silent_workers(connection, [rows[-1] for rows in by_job.values()])
     jobs = []
     for (message_id, listener), job_rows in by_job.items():
         attempts = tuple(_attempt(row) for row in job_rows)
@@ -330,12 +380,30 @@ def _jobs(connection: Connection, rows: Sequence[Any]) -> list[Job]:
                 listener,
                 last.queue,
                 state,
-                _where(state, last),
+                _where(state, last, silent),
                 attempts,
                 tuple(tags_of.get((message_id, listener), ())),
             )
         )
     return jobs
+
+
+def _silent_workers(connection: Connection, last_rows: Sequence[Any]) -> set[tuple[str, int]]:
+    """Of the workers running these jobs, those gone or silent for `LOST_AFTER`."""
+    from sqlalchemy import and_, or_, select
+
+    from listener.ledger import workers as table
+
+    running = {(row.host, row.pid) for row in last_rows if row.outcome == "running"}
+    if not running:
+        return set()
+    heard = connection.execute(
+        select(table.c.host, table.c.pid).where(
+            or_(*(and_(table.c.host == host, table.c.pid == pid) for host, pid in running)),
+            table.c.seen_at >= dt.datetime.now(dt.UTC) - LOST_AFTER,
+        )
+    ).all()
+    return running - {(row.host, row.pid) for row in heard}
 
 
 def _attempt(row: Any) -> Attempt:
@@ -354,9 +422,14 @@ def _attempt(row: Any) -> Attempt:
     )
 
 
-def _where(state: str, last: Any) -> str:
+def _where(state: str, last: Any, silent: set[tuple[str, int]]) -> str:
     if state == "handled":
         return "nowhere (acked)"
+    if state == "running" and (last.host, last.pid) in silent:
+        return (
+            f"unknown: its worker, {last.host} pid {last.pid}, stopped reporting (if it died, "
+            f"the broker gives the message to another worker from {last.queue})"
+        )
     if state == "running":
         return f"being handled on {last.host} pid {last.pid}"
     if state == "pending":

@@ -37,6 +37,7 @@ log = logging.getLogger("listener.ledger")
 HOST = socket.gethostname()
 _LINGER = 0.5  # seconds records wait to be batched
 _BATCH = 1000
+_BATCHES_PER_ROUND = 20
 _MAX_BACKOFF = 10.0
 _BEAT_EVERY = 5.0
 _PRUNE_EVERY = 600.0
@@ -302,6 +303,8 @@ class Recorder:
             stopping = stop.wait(backoff or self.linger)
             now = time.monotonic()
             ok = self._write_all()
+            while stopping and ok and self._records:
+                ok = self._write_all()
             if ok and self.heartbeat is not None and (now >= next_beat or stopping):
                 ok = self._beat(gone=stopping)
                 next_beat = now + _BEAT_EVERY
@@ -316,7 +319,9 @@ class Recorder:
         from listener.ledger import write_batch
 
         opened = self._long_running()
-        while self._records or self._gap is not None or opened:
+        rounds = _BATCHES_PER_ROUND  # then back to the loop: the heartbeat must not starve
+        while (self._records or self._gap is not None or opened) and rounds:
+            rounds -= 1
             batch = [self._records[i] for i in range(min(_BATCH, len(self._records)))]
             with self._lock:
                 gap, self._gap = self._gap, None

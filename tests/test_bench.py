@@ -30,8 +30,11 @@ ROWS = (
     "sync",
     "pydantic",
     "workers2",
+    "async-ledger-pg",
+    "async-ledger-sqlite",
     "pika-serial",
     "notify",
+    "notify-ledger",
     "aio-pika-pipelined",
     "aio-pika-pipelined-uvloop",
     "notify-many",
@@ -44,8 +47,19 @@ ROWS = (
     "rss-async",
     "rss-workers2",
 )
-GOALS = {"async", "sync", "workers2", "notify", "notify-many", "anotify-many", "latency-p99"}
-SERIAL = {"pika-serial", "notify"}  # the one-at-a-time publish group
+GOALS = {
+    "async",
+    "sync",
+    "workers2",
+    "async-ledger-pg",
+    "async-ledger-sqlite",
+    "notify",
+    "notify-ledger",
+    "notify-many",
+    "anotify-many",
+    "latency-p99",
+}
+SERIAL = {"pika-serial", "notify", "notify-ledger"}  # the one-at-a-time publish group
 
 
 def bench(*args: str, url: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:

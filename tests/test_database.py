@@ -167,3 +167,17 @@ def _newest() -> dict[str, int]:
 
 def _steps() -> int:
     return len(schema.migrations())
+
+
+def test_the_database_url_comes_from_the_environment_and_never_shows_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from listener.settings import Settings
+
+    monkeypatch.setenv("AMQP_LISTENER_DATABASE_URL", "postgresql://app:hunter2@db/app")
+    settings = Settings()
+    assert settings.database_url is not None
+    assert settings.database_url.get_secret_value() == "postgresql://app:hunter2@db/app"
+    assert settings.redacted_database_url == "postgresql://app:***@db/app"
+    assert "hunter2" not in repr(settings)
+    assert settings.with_database_url("sqlite:///x.db").redacted_database_url == "sqlite:///x.db"

@@ -284,3 +284,15 @@ def test_old_gaps_are_pruned_with_the_failed_records_of_their_time(engine: Engin
     with engine.begin() as connection:
         prune(connection, handled_before=NOW - 3 * DAY, failed_before=NOW - 30 * DAY)
         assert connection.execute(select(func.count()).select_from(gaps)).scalar_one() == 0
+
+
+def test_a_running_job_whose_worker_stopped_reporting_says_so_instead_of_running_on(
+    engine: Engine,
+) -> None:
+    write(engine, record("m1", 1, "running", NOW))
+    [job] = jobs.show("m1", engine=engine)
+    assert job.state == "running"
+    assert job.where.startswith("unknown: its worker, host-a pid 100, stopped reporting")
+    with engine.begin() as connection:
+        report_worker(connection, "host-a", 100, WorkerBeat(("app:Orders",), NOW, [], 0, 0, 0))
+    assert jobs.show("m1", engine=engine)[0].where == "being handled on host-a pid 100"
