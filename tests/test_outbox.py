@@ -327,3 +327,18 @@ def test_run_with_outbox_and_no_database_exits_2_naming_the_setting(
     assert result.exit_code == 2
     assert "--outbox" in result.output
     assert "AMQP_LISTENER_DATABASE_URL" in result.output
+
+
+def test_the_relay_takes_both_postgresql_url_forms(
+    postgres_url: str, shipper: type[Listener], settings: Settings, rabbit: Any
+) -> None:
+    engine = database.create_engine(postgres_url)
+    explicit = postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        for n, url in enumerate((postgres_url, explicit)):
+            with Session(engine) as session, session.begin():
+                shipper.notify(order_id=n, session=session)
+            relay_once(relay_settings(settings, url))
+    finally:
+        engine.dispose()
+    assert order_ids(rabbit.drain(shipper.queue)) == [0, 1]
