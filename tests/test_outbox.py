@@ -333,6 +333,8 @@ def test_the_relay_takes_both_postgresql_url_forms(
     postgres_url: str, shipper: type[Listener], settings: Settings, rabbit: Any
 ) -> None:
     engine = database.create_engine(postgres_url)
+    with engine.begin() as connection:  # the session's database: what other tests left
+        connection.execute(sa.delete(outbox_table))
     explicit = postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
     try:
         for n, url in enumerate((postgres_url, explicit)):
