@@ -253,6 +253,8 @@ def test_writers_of_one_ordering_key_wait_for_each_others_commit(
     postgres_url: str, shipper: type[Listener]
 ) -> None:
     engine = database.create_engine(postgres_url)
+    with engine.begin() as connection:  # the session's database: what other tests left
+        connection.execute(sa.delete(outbox_table))
     second_done = threading.Event()
     try:
         with Session(engine) as first, first.begin():
