@@ -250,3 +250,17 @@ async def test_a_duplicate_arriving_while_the_first_runs_waits_and_is_acked_unru
     await deliver_thrice(Charge, 11)
     assert runs == [11]
     assert count(engine, charges) == 1
+
+
+async def test_the_worker_counts_the_duplicates_it_acked_when_it_stops(
+    engine: sa.Engine, unique: str, deliver_thrice: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Charge(Listener):
+        subscribes_to = f"{unique}.placed"
+        idempotent = True
+
+        def handle(self, message: Placed, session: Session) -> None: ...
+
+    with caplog.at_level(logging.INFO, logger="listener.inbox"):
+        await deliver_thrice(Charge, 12)
+    assert "Charge: 2 duplicate deliveries acked without running handle() (inbox)" in caplog.text
