@@ -32,10 +32,21 @@ from listener.settings import get_settings
 from listener.tracing import inject_trace_context
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
     from sqlalchemy.orm import Session
 
-__all__ = ["NOTIFY_CHANNEL", "awrite", "dead_table", "lease_table", "outbox_table", "rows", "write"]
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "awrite",
+    "dead_row",
+    "dead_table",
+    "has_outbox",
+    "lag",
+    "lease_table",
+    "outbox_table",
+    "rows",
+    "write",
+]
 
 #: The channel the writers' trigger notifies and the relays listen on.
 NOTIFY_CHANNEL = "amqp_listener_outbox"
@@ -218,3 +229,31 @@ def _required(session: Any) -> Any:
 
 def _is_async(session: Any) -> bool:
     return hasattr(session, "sync_session")
+
+
+async def has_outbox(engine: AsyncEngine) -> bool:
+    """Whether `db upgrade` created the outbox table in this database."""
+    async with engine.connect() as connection:
+        name = outbox_table.name
+        return bool(await connection.run_sync(lambda sync: sa.inspect(sync).has_table(name)))
+
+
+async def lag(engine: AsyncEngine) -> dict[str, Any] | None:
+    """The outbox lag: rows waiting, and the age in seconds of the oldest (None when empty);
+    None without an outbox table."""
+    if not await has_outbox(engine):
+        return None
+    async with engine.connect() as connection:
+        waiting, oldest = (
+            await connection.execute(
+                sa.select(sa.func.count(), sa.func.min(outbox_table.c.created_at)).select_from(
+                    outbox_table
+                )
+            )
+        ).one()
+    age = None
+    if oldest is not None:
+        if oldest.tzinfo is None:  # SQLite keeps no zone: the writers store UTC
+            oldest = oldest.replace(tzinfo=dt.UTC)
+        age = max(0.0, (dt.datetime.now(dt.UTC) - oldest).total_seconds())
+    return {"rows_waiting": int(waiting), "oldest_age_seconds": age}

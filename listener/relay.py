@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     import aiormq.abc
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-__all__ = ["BATCH_SIZE", "Relay", "RelayCounts", "has_outbox", "lag"]
+__all__ = ["BATCH_SIZE", "Relay", "RelayCounts"]
 
 log = logging.getLogger("listener.relay")
 
@@ -187,7 +187,7 @@ class Relay:
         if self._engine is None:
             self._engine = self._make_engine()
         if not self._checked:
-            if not await has_outbox(self._engine):
+            if not await outbox.has_outbox(self._engine):
                 raise ConfigurationError(
                     f"the database {self.settings.redacted_database_url} has no outbox table: "
                     "run `amqp-listener db upgrade` first"
@@ -474,31 +474,3 @@ async def _send(channel: aiormq.abc.AbstractChannel, row: sa.Row[Any]) -> None:
         properties=properties,
         mandatory=True,
     )
-
-
-async def has_outbox(engine: AsyncEngine) -> bool:
-    """Whether `db upgrade` created the outbox table in this database."""
-    async with engine.connect() as connection:
-        name = outbox.outbox_table.name
-        return bool(await connection.run_sync(lambda sync: sa.inspect(sync).has_table(name)))
-
-
-async def lag(engine: AsyncEngine) -> dict[str, Any] | None:
-    """The outbox lag: rows waiting, and the age in seconds of the oldest (None when empty);
-    None without an outbox table."""
-    if not await has_outbox(engine):
-        return None
-    async with engine.connect() as connection:
-        waiting, oldest = (
-            await connection.execute(
-                sa.select(sa.func.count(), sa.func.min(_COLUMNS.created_at)).select_from(
-                    outbox.outbox_table
-                )
-            )
-        ).one()
-    age = None
-    if oldest is not None:
-        if oldest.tzinfo is None:  # SQLite keeps no zone: the writers store UTC
-            oldest = oldest.replace(tzinfo=dt.UTC)
-        age = max(0.0, (dt.datetime.now(dt.UTC) - oldest).total_seconds())
-    return {"rows_waiting": int(waiting), "oldest_age_seconds": age}
