@@ -148,7 +148,7 @@ def throughput(url: str, exchange: str, queue: str, n: int) -> dict[str, float]:
     engine = database.create_engine(url)
     bodies = [json.dumps({"i": i}).encode() for i in range(n)]
     with Session(engine) as session, session.begin():
-        outbox.write(session, outbox.rows(exchange, "k", bodies, headers=None, ordering_key=None))
+        outbox.write(session, exchange, "k", bodies)
     env = {**os.environ, "AMQP_URL": AMQP, "AMQP_LISTENER_DATABASE_URL": url}
     relay = subprocess.Popen([RELAY, "relay", "--log-level", "WARNING"], env=env)
     try:

@@ -95,7 +95,7 @@ def outbox_lag(settings: Settings) -> dict[str, Any] | None:
     from sqlalchemy.exc import SQLAlchemyError
 
     from listener import database
-    from listener.relay import lag
+    from listener.outbox import lag
 
     raw = settings.database_url.get_secret_value()
 

@@ -21,17 +21,6 @@ if TYPE_CHECKING:
 
 __all__ = ["flush"]
 
-#: The outbox columns a dead row keeps.
-_CARRIED = (
-    "message_id",
-    "exchange",
-    "routing_key",
-    "ordering_key",
-    "headers",
-    "body",
-    "created_at",
-)
-
 
 def flush(engine: sa.Engine, store: Store) -> int:
     """Publish every committed outbox row into `store`; how many were published.
@@ -58,11 +47,7 @@ def flush(engine: sa.Engine, store: Store) -> int:
                 first_error = first_error or exc
                 connection.execute(
                     sa.insert(outbox.dead_table).values(
-                        {
-                            **{name: getattr(row, name) for name in _CARRIED},
-                            "failed_at": dt.datetime.now(dt.UTC),
-                            "reason": str(exc),
-                        }
+                        outbox.dead_row(row, str(exc), dt.datetime.now(dt.UTC))
                     )
                 )
         ids = [row.id for row in rows]

@@ -292,12 +292,15 @@ async def apublish(
     """The asyncio twin of `listener.publish()`; `session` is an `AsyncSession` (or a
     `Session`)."""
     if session is not None or ordering_key is not None:
-        from listener.listener import outbox_awrite
+        from listener import outbox
 
         exchange, key = routing.parse_address(address, wildcards=False)
-        body = [codec.encode(value)]
+        body = codec.encode(value)
         headers = _delay.due_headers(headers, delay=delay, at=at)
-        return (await outbox_awrite(session, exchange, key, body, headers, ordering_key))[0]
+        ids = await outbox.awrite(
+            session, exchange, key, [body], headers=headers, ordering_key=ordering_key
+        )
+        return ids[0]
     publisher = default_async_publisher()
     return await publisher.publish(address, value, headers=headers, delay=delay, at=at)
 

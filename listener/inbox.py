@@ -99,6 +99,12 @@ class Inbox:
 
     async def aclose(self) -> None:
         """Close the database connections (the worker stopped); reopened if used again."""
+        if self.duplicates:
+            log.info(
+                "%s: %d duplicate deliveries acked without running handle() (inbox)",
+                self.listener.__name__,
+                self.duplicates,
+            )
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.dispose()

@@ -176,8 +176,13 @@ class Listener:
         """
         body = cls.codec.encode(_message_value(cls, message, fields))
         if session is not None or ordering_key is not None:
+            from listener import outbox
+
             exchange, key, headers = cls._outbox_route(routing_key, headers, delay, at)
-            return outbox_write(session, exchange, key, [body], headers, ordering_key)[0]
+            ids = outbox.write(
+                session, exchange, key, [body], headers=headers, ordering_key=ordering_key
+            )
+            return ids[0]
         from listener.publisher import default_publisher
 
         exchange, key, headers = cls._route(routing_key, headers, delay, at)
@@ -202,8 +207,12 @@ class Listener:
         """The asyncio twin of `notify()`; `session` is an `AsyncSession` (or a `Session`)."""
         body = cls.codec.encode(_message_value(cls, message, fields))
         if session is not None or ordering_key is not None:
+            from listener import outbox
+
             exchange, key, headers = cls._outbox_route(routing_key, headers, delay, at)
-            ids = await outbox_awrite(session, exchange, key, [body], headers, ordering_key)
+            ids = await outbox.awrite(
+                session, exchange, key, [body], headers=headers, ordering_key=ordering_key
+            )
             return ids[0]
         from listener.apublisher import default_async_publisher
 
@@ -233,8 +242,12 @@ class Listener:
         """
         bodies = [cls.codec.encode(m) for m in messages]
         if session is not None or ordering_key is not None:
+            from listener import outbox
+
             exchange, key, headers = cls._outbox_route(routing_key, None, delay, at)
-            return outbox_write(session, exchange, key, bodies, headers, ordering_key)
+            return outbox.write(
+                session, exchange, key, bodies, headers=headers, ordering_key=ordering_key
+            )
         from listener.apublisher import run_in_background
 
         exchange, key, headers = cls._route(routing_key, None, delay, at)
@@ -258,8 +271,12 @@ class Listener:
         """The asyncio twin of `notify_many()`."""
         bodies = [cls.codec.encode(m) for m in messages]
         if session is not None or ordering_key is not None:
+            from listener import outbox
+
             exchange, key, headers = cls._outbox_route(routing_key, None, delay, at)
-            return await outbox_awrite(session, exchange, key, bodies, headers, ordering_key)
+            return await outbox.awrite(
+                session, exchange, key, bodies, headers=headers, ordering_key=ordering_key
+            )
         from listener.apublisher import default_async_publisher
 
         exchange, key, headers = cls._route(routing_key, None, delay, at)
@@ -347,45 +364,6 @@ class Listener:
                 f"{cls.routing_key!r}: the message would not reach it"
             )
         return routing_key
-
-
-def outbox_write(
-    session: Session | None,
-    exchange: str,
-    key: str,
-    bodies: list[bytes],
-    headers: dict[str, Any] | None,
-    ordering_key: str | None,
-) -> list[str]:
-    """Write validated bodies to the outbox through `session` (see `listener.outbox`)."""
-    from listener import outbox
-
-    rows = outbox.rows(exchange, key, bodies, headers=headers, ordering_key=ordering_key)
-    return outbox.write(_session_for_outbox(session), rows)
-
-
-async def outbox_awrite(
-    session: AsyncSession | Session | None,
-    exchange: str,
-    key: str,
-    bodies: list[bytes],
-    headers: dict[str, Any] | None,
-    ordering_key: str | None,
-) -> list[str]:
-    """The asyncio twin of `outbox_write()`."""
-    from listener import outbox
-
-    rows = outbox.rows(exchange, key, bodies, headers=headers, ordering_key=ordering_key)
-    return await outbox.awrite(_session_for_outbox(session), rows)
-
-
-def _session_for_outbox(session: Any) -> Any:
-    if session is None:
-        raise ValueError(
-            "ordering_key is kept by the outbox: pass session=... (the transaction to write "
-            "the message in) with it"
-        )
-    return session
 
 
 def _message_value(cls: type[Listener], message: Any, fields: dict[str, Any]) -> Any:

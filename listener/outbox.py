@@ -32,27 +32,46 @@ from listener.settings import get_settings
 from listener.tracing import inject_trace_context
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
     from sqlalchemy.orm import Session
 
-__all__ = ["NOTIFY_CHANNEL", "awrite", "dead_table", "lease_table", "outbox_table", "rows", "write"]
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "awrite",
+    "dead_row",
+    "dead_table",
+    "has_outbox",
+    "lag",
+    "lease_table",
+    "outbox_table",
+    "rows",
+    "write",
+]
 
 #: The channel the writers' trigger notifies and the relays listen on.
 NOTIFY_CHANNEL = "amqp_listener_outbox"
 
 _Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite's rowid alias
 
+
+def _message_columns() -> list[sa.Column[Any]]:
+    """What an outbox row and a dead row both hold of a message."""
+    return [
+        sa.Column("message_id", sa.String(64), nullable=False),
+        sa.Column("exchange", sa.String(255), nullable=False),
+        sa.Column("routing_key", sa.String(255), nullable=False),
+        sa.Column("ordering_key", sa.String(255), nullable=True),
+        sa.Column("headers", sa.JSON(), nullable=True),
+        sa.Column("body", sa.LargeBinary(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    ]
+
+
 outbox_table = sa.Table(
     "amqp_listener_outbox",
     metadata,
     sa.Column("id", _Id, primary_key=True, autoincrement=True),
-    sa.Column("message_id", sa.String(64), nullable=False),
-    sa.Column("exchange", sa.String(255), nullable=False),
-    sa.Column("routing_key", sa.String(255), nullable=False),
-    sa.Column("ordering_key", sa.String(255), nullable=True),
-    sa.Column("headers", sa.JSON(), nullable=True),
-    sa.Column("body", sa.LargeBinary(), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    *_message_columns(),
 )
 
 #: Rows the broker would not take (unroutable, too large), with the reason; never retried
@@ -61,15 +80,10 @@ dead_table = sa.Table(
     "amqp_listener_outbox_dead",
     metadata,
     sa.Column("id", _Id, primary_key=True, autoincrement=True),
-    sa.Column("message_id", sa.String(64), nullable=False, index=True),
-    sa.Column("exchange", sa.String(255), nullable=False),
-    sa.Column("routing_key", sa.String(255), nullable=False),
-    sa.Column("ordering_key", sa.String(255), nullable=True),
-    sa.Column("headers", sa.JSON(), nullable=True),
-    sa.Column("body", sa.LargeBinary(), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    *_message_columns(),
     sa.Column("failed_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("reason", sa.Text(), nullable=False),
+    sa.Index("ix_amqp_listener_outbox_dead_message_id", "message_id"),
 )
 
 #: SQLite has no row locks: one relay at a time holds this lease, renewed every batch.
@@ -153,8 +167,23 @@ def rows(
     ]
 
 
-def write(session: Session, new_rows: list[dict[str, Any]]) -> list[str]:
-    """Insert `new_rows` through `session` (in its transaction); their message ids."""
+def write(
+    session: Session | None,
+    exchange: str,
+    routing_key: str,
+    bodies: Sequence[bytes],
+    *,
+    headers: dict[str, Any] | None = None,
+    ordering_key: str | None = None,
+) -> list[str]:
+    """Insert a row per body through `session`, in its transaction; their message ids.
+
+    Raises:
+        TypeError: `session` is an AsyncSession (use `awrite`).
+        ValueError: no session with an ordering key, a bad ordering key, or a body too large.
+    """
+    new_rows = rows(exchange, routing_key, bodies, headers=headers, ordering_key=ordering_key)
+    session = _required(session)
     if _is_async(session):
         raise TypeError(
             "notify(session=...) got an AsyncSession: use `await Cls.anotify(..., session=...)` "
@@ -164,8 +193,18 @@ def write(session: Session, new_rows: list[dict[str, Any]]) -> list[str]:
     return [row["message_id"] for row in new_rows]
 
 
-async def awrite(session: AsyncSession | Session, new_rows: list[dict[str, Any]]) -> list[str]:
+async def awrite(
+    session: AsyncSession | Session | None,
+    exchange: str,
+    routing_key: str,
+    bodies: Sequence[bytes],
+    *,
+    headers: dict[str, Any] | None = None,
+    ordering_key: str | None = None,
+) -> list[str]:
     """The asyncio twin of `write()`; a sync `Session` is accepted too."""
+    new_rows = rows(exchange, routing_key, bodies, headers=headers, ordering_key=ordering_key)
+    session = _required(session)
     if _is_async(session):
         await session.execute(sa.insert(outbox_table), new_rows)  # type: ignore[misc]
     else:
@@ -173,5 +212,48 @@ async def awrite(session: AsyncSession | Session, new_rows: list[dict[str, Any]]
     return [row["message_id"] for row in new_rows]
 
 
+def dead_row(row: Any, reason: str, failed_at: dt.datetime) -> dict[str, Any]:
+    """The `dead_table` row for an outbox `row` the broker would not take."""
+    kept = {column.name: getattr(row, column.name) for column in _message_columns()}
+    return {**kept, "failed_at": failed_at, "reason": reason}
+
+
+def _required(session: Any) -> Any:
+    if session is None:
+        raise ValueError(
+            "ordering_key is kept by the outbox: pass session=... (the transaction to write "
+            "the message in) with it"
+        )
+    return session
+
+
 def _is_async(session: Any) -> bool:
     return hasattr(session, "sync_session")
+
+
+async def has_outbox(engine: AsyncEngine) -> bool:
+    """Whether `db upgrade` created the outbox table in this database."""
+    async with engine.connect() as connection:
+        name = outbox_table.name
+        return bool(await connection.run_sync(lambda sync: sa.inspect(sync).has_table(name)))
+
+
+async def lag(engine: AsyncEngine) -> dict[str, Any] | None:
+    """The outbox lag: rows waiting, and the age in seconds of the oldest (None when empty);
+    None without an outbox table."""
+    if not await has_outbox(engine):
+        return None
+    async with engine.connect() as connection:
+        waiting, oldest = (
+            await connection.execute(
+                sa.select(sa.func.count(), sa.func.min(outbox_table.c.created_at)).select_from(
+                    outbox_table
+                )
+            )
+        ).one()
+    age = None
+    if oldest is not None:
+        if oldest.tzinfo is None:  # SQLite keeps no zone: the writers store UTC
+            oldest = oldest.replace(tzinfo=dt.UTC)
+        age = max(0.0, (dt.datetime.now(dt.UTC) - oldest).total_seconds())
+    return {"rows_waiting": int(waiting), "oldest_age_seconds": age}

@@ -275,12 +275,14 @@ def publish(
     delay then counts from the commit).
     """
     if session is not None or ordering_key is not None:
-        from listener.listener import outbox_write
+        from listener import outbox
 
         exchange, key = routing.parse_address(address, wildcards=False)
-        body = [codec.encode(value)]
+        body = codec.encode(value)
         headers = _delay.due_headers(headers, delay=delay, at=at)
-        return outbox_write(session, exchange, key, body, headers, ordering_key)[0]
+        return outbox.write(
+            session, exchange, key, [body], headers=headers, ordering_key=ordering_key
+        )[0]
     return default_publisher().publish(address, value, headers=headers, delay=delay, at=at)
 
 

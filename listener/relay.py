@@ -5,21 +5,24 @@ Each row carries its exchange and routing key, so the relay imports no applicati
 
 One batch, at most `batch_size` (1,000) rows, oldest id first:
 
-1. **Claim.** On PostgreSQL, `SELECT ... FOR UPDATE SKIP LOCKED` in a transaction that stays
-   open while the batch is published: relays running at once take disjoint rows, and a relay
-   that dies gives its rows back when its connection drops. A row with an `ordering_key`
-   is claimed only together with a transaction-level advisory lock on that key, so two
-   relays never publish one key at once. On SQLite, which has no row locks, one relay at a
-   time holds a lease (a row in `amqp_listener_outbox_lease`, `LEASE_SECONDS` long,
-   renewed with each batch); the others wait for it to lapse.
+1. **Claim.** On PostgreSQL, `DELETE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED)
+   RETURNING`, in a transaction that stays open while the batch is published: relays
+   running at once take disjoint rows, and a relay that dies gives its rows back when its
+   connection drops (its delete never committed). A row with an `ordering_key` is claimed
+   only together with a transaction-level advisory lock on that key, so two relays never
+   publish one key at once. On SQLite, which has no row locks, one relay at a time holds a
+   lease (a row in `amqp_listener_outbox_lease`, `LEASE_SECONDS` long, renewed with each
+   batch); the others wait for it to lapse, or take it at once from a dead relay of the
+   same host.
 2. **Publish** every row of the batch before waiting for any confirm (pipelined), in id
    order, on one channel.
-3. **Settle** in one transaction: a confirmed row is deleted; a row the broker will not take
-   (returned unroutable, its exchange missing, or larger than `max_body_bytes`) moves to
-   `amqp_listener_outbox_dead` with the reason; any other failure (a nack, a lost
-   connection, a late confirm) leaves the row for the next batch. A relay killed between
-   publishing and this commit publishes its batch again: duplicates, at most one batch
-   per crash, never a loss. Consumers that must not see a message twice use the inbox.
+3. **Settle** in one transaction: a confirmed row is deleted (on PostgreSQL, the claim's
+   commit does it); a row the broker will not take (returned unroutable, its exchange
+   missing, or larger than `max_body_bytes`) moves to `amqp_listener_outbox_dead` with the
+   reason; any other failure (a nack, a lost connection, a late confirm) leaves the row for
+   the next batch. A relay killed between publishing and this commit publishes its batch
+   again: duplicates, at most one batch per crash, never a loss. Consumers that must not
+   see a message twice use the inbox.
 
 Order: the rows of one `ordering_key` are published in the order their transactions
 committed. Rows without one are published in id order by each relay, which is roughly the
@@ -61,7 +64,7 @@ if TYPE_CHECKING:
     import aiormq.abc
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-__all__ = ["BATCH_SIZE", "Relay", "RelayCounts", "has_outbox", "lag"]
+__all__ = ["BATCH_SIZE", "Relay", "RelayCounts"]
 
 log = logging.getLogger("listener.relay")
 
@@ -185,7 +188,7 @@ class Relay:
         if self._engine is None:
             self._engine = self._make_engine()
         if not self._checked:
-            if not await has_outbox(self._engine):
+            if not await outbox.has_outbox(self._engine):
                 raise ConfigurationError(
                     f"the database {self.settings.redacted_database_url} has no outbox table: "
                     "run `amqp-listener db upgrade` first"
@@ -212,23 +215,33 @@ class Relay:
     # -- PostgreSQL ---------------------------------------------------------------------
 
     async def _batch_postgres(self, channel: aiormq.abc.AbstractChannel) -> int:
+        """Claim by deleting, in a transaction held open while the batch is published: the
+        commit then settles the batch without a statement of its own, and a relay that dies
+        rolls the delete back. If some rows failed for a passing reason, the whole claim is
+        rolled back, and only the rows that are done are deleted again."""
         assert self._engine is not None
         claim = sa.text(
-            "SELECT id, message_id, exchange, routing_key, ordering_key, headers, body, "
-            "created_at FROM amqp_listener_outbox WHERE ordering_key IS NULL "
+            "DELETE FROM amqp_listener_outbox WHERE id IN (SELECT id FROM amqp_listener_outbox "
+            "WHERE ordering_key IS NULL "
             "OR pg_try_advisory_xact_lock(:lock_class, hashtext(ordering_key)) "
-            "ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
+            "ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED) "
+            "RETURNING id, message_id, exchange, routing_key, ordering_key, headers, body, "
+            "created_at"
         ).columns(headers=sa.JSON())
-        async with self._engine.begin() as connection:
-            rows = (
-                await connection.execute(
+        async with self._engine.connect() as connection:
+            async with connection.begin() as transaction:
+                claimed = await connection.execute(
                     claim, {"lock_class": outbox.RELAY_LOCK_CLASS, "limit": self.batch_size}
                 )
-            ).all()
-            if not rows:
-                return 0
-            outcomes = await self._publish(channel, rows)
-            settled = await self._settle(connection, rows, outcomes)
+                rows = sorted(claimed.all(), key=lambda row: row.id)  # RETURNING has no order
+                if not rows:
+                    return 0
+                outcomes = await self._publish(channel, rows)
+                if not any(isinstance(fate, Exception) for fate in outcomes):
+                    return await self._settle(connection, rows, outcomes, deleted=True)
+                await transaction.rollback()
+            async with connection.begin():
+                settled = await self._settle(connection, rows, outcomes, deleted=False)
         await self._raise_transient()
         return settled
 
@@ -323,7 +336,11 @@ class Relay:
         connection: AsyncConnection,
         rows: Sequence[sa.Row[Any]],
         outcomes: Sequence[str | Exception | None],
+        *,
+        deleted: bool = False,
     ) -> int:
+        """Record the batch's fates in `connection`'s transaction: the dead rows to their
+        table, and, unless the claim `deleted` them already, delete the rows that are done."""
         confirmed = [row.id for row, fate in zip(rows, outcomes, strict=True) if fate is None]
         dead = [
             (row, fate) for row, fate in zip(rows, outcomes, strict=True) if isinstance(fate, str)
@@ -333,20 +350,7 @@ class Relay:
         if dead:
             await connection.execute(
                 sa.insert(outbox.dead_table),
-                [
-                    {
-                        "message_id": row.message_id,
-                        "exchange": row.exchange,
-                        "routing_key": row.routing_key,
-                        "ordering_key": row.ordering_key,
-                        "headers": row.headers,
-                        "body": row.body,
-                        "created_at": row.created_at,
-                        "failed_at": now,
-                        "reason": reason,
-                    }
-                    for row, reason in dead
-                ],
+                [outbox.dead_row(row, reason, now) for row, reason in dead],
             )
             for row, reason in dead:
                 log.error(
@@ -357,22 +361,24 @@ class Relay:
                     reason,
                 )
         gone = confirmed + [row.id for row, _ in dead]
-        if self._postgres:  # one array parameter, not a thousand
-            await connection.execute(
-                sa.text("DELETE FROM amqp_listener_outbox WHERE id = ANY(:ids)"), {"ids": gone}
-            )
-        else:
-            for start in range(0, len(gone), 500):  # within SQLite's limit on parameters
-                chunk = gone[start : start + 500]
-                await connection.execute(
-                    sa.delete(outbox.outbox_table).where(_COLUMNS.id.in_(chunk))
-                )
+        if not deleted:
+            await self._delete(connection, gone)
         self.counts.batches += 1
         self.counts.published += len(confirmed)
         self.counts.dead += len(dead)
         self.counts.deferred += len(transient)
         self._transient = transient[0] if transient else None
         return len(gone)
+
+    async def _delete(self, connection: AsyncConnection, ids: list[int]) -> None:
+        if self._postgres:  # one array parameter, not a thousand
+            await connection.execute(
+                sa.text("DELETE FROM amqp_listener_outbox WHERE id = ANY(:ids)"), {"ids": ids}
+            )
+            return
+        for start in range(0, len(ids), 500):  # within SQLite's limit on parameters
+            chunk = ids[start : start + 500]
+            await connection.execute(sa.delete(outbox.outbox_table).where(_COLUMNS.id.in_(chunk)))
 
     async def _raise_transient(self) -> None:
         """After the batch committed: a row that failed for a passing reason is kept for the
@@ -471,31 +477,3 @@ async def _send(channel: aiormq.abc.AbstractChannel, row: sa.Row[Any]) -> None:
         properties=properties,
         mandatory=True,
     )
-
-
-async def has_outbox(engine: AsyncEngine) -> bool:
-    """Whether `db upgrade` created the outbox table in this database."""
-    async with engine.connect() as connection:
-        name = outbox.outbox_table.name
-        return bool(await connection.run_sync(lambda sync: sa.inspect(sync).has_table(name)))
-
-
-async def lag(engine: AsyncEngine) -> dict[str, Any] | None:
-    """The outbox lag: rows waiting, and the age in seconds of the oldest (None when empty);
-    None without an outbox table."""
-    if not await has_outbox(engine):
-        return None
-    async with engine.connect() as connection:
-        waiting, oldest = (
-            await connection.execute(
-                sa.select(sa.func.count(), sa.func.min(_COLUMNS.created_at)).select_from(
-                    outbox.outbox_table
-                )
-            )
-        ).one()
-    age = None
-    if oldest is not None:
-        if oldest.tzinfo is None:  # SQLite keeps no zone: the writers store UTC
-            oldest = oldest.replace(tzinfo=dt.UTC)
-        age = max(0.0, (dt.datetime.now(dt.UTC) - oldest).total_seconds())
-    return {"rows_waiting": int(waiting), "oldest_age_seconds": age}

@@ -7,7 +7,7 @@ import asyncio
 import datetime as dt
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +19,7 @@ from support.waiting import eventually
 
 from listener import Listener, ListenerDefinitionError, Retry, database
 from listener.errors import ConfigurationError
-from listener.inbox import check_listeners, inbox_table, prune, retry_span
+from listener.inbox import Inbox, check_listeners, inbox_table, prune, retry_span
 from listener.outbox import outbox_table
 from listener.settings import Settings
 
@@ -66,17 +66,29 @@ def deliver_three_times(rabbit: Any, cls: type[Listener], order_id: int) -> str:
     return message_id
 
 
-def handled(worker: Any) -> Callable[[], int]:
-    return lambda: sum(consumer.counts["handled"] for consumer in worker.consumers)
+@pytest.fixture
+def deliver_thrice(
+    run_worker: Any, settings: Settings, database_url: str, rabbit: Any
+) -> Callable[[type[Listener], int], Awaitable[Inbox]]:
+    """`await deliver_thrice(Cls, order_id)`: one message id delivered three times to `Cls`
+    in a worker, until all three are acked; the listener's inbox."""
+
+    async def deliver(cls: type[Listener], order_id: int) -> Inbox:
+        async with run_worker(
+            cls, worker_settings=settings.with_database_url(database_url)
+        ) as worker:
+            deliver_three_times(rabbit, cls, order_id)
+            await eventually(
+                lambda: sum(c.counts["handled"] for c in worker.consumers) == 3, timeout=20
+            )
+            inbox: Inbox = worker.consumers[0].inbox
+        return inbox
+
+    return deliver
 
 
 async def test_a_sync_handler_writes_its_side_effect_once_for_three_deliveries(
-    engine: sa.Engine,
-    unique: str,
-    rabbit: Any,
-    run_worker: Any,
-    settings: Settings,
-    database_url: str,
+    engine: sa.Engine, unique: str, deliver_thrice: Any
 ) -> None:
     sessions: list[Any] = []
 
@@ -89,24 +101,14 @@ async def test_a_sync_handler_writes_its_side_effect_once_for_three_deliveries(
             sessions.append(type(session))
             session.execute(charges.insert().values(order_id=message.order_id))
 
-    async with run_worker(
-        Charge, worker_settings=settings.with_database_url(database_url)
-    ) as worker:
-        deliver_three_times(rabbit, Charge, 7)
-        await eventually(lambda: handled(worker)() == 3, timeout=15)
-        inbox = worker.consumers[0].inbox
+    inbox = await deliver_thrice(Charge, 7)
     assert count(engine, charges) == 1
     assert inbox.duplicates == 2
     assert sessions == [Session]
 
 
 async def test_an_async_handler_gets_an_async_session_and_writes_once(
-    engine: sa.Engine,
-    unique: str,
-    rabbit: Any,
-    run_worker: Any,
-    settings: Settings,
-    database_url: str,
+    engine: sa.Engine, unique: str, deliver_thrice: Any
 ) -> None:
     class Charge(Listener):
         subscribes_to = f"{unique}.placed"
@@ -117,22 +119,13 @@ async def test_an_async_handler_gets_an_async_session_and_writes_once(
             assert isinstance(session, AsyncSession)
             await session.execute(charges.insert().values(order_id=message.order_id))
 
-    async with run_worker(
-        Charge, worker_settings=settings.with_database_url(database_url)
-    ) as worker:
-        deliver_three_times(rabbit, Charge, 8)
-        await eventually(lambda: handled(worker)() == 3, timeout=15)
-        assert worker.consumers[0].inbox.duplicates == 2
+    inbox = await deliver_thrice(Charge, 8)
+    assert inbox.duplicates == 2
     assert count(engine, charges) == 1
 
 
 async def test_a_failed_attempt_rolls_back_its_writes_and_the_retry_writes_once(
-    engine: sa.Engine,
-    unique: str,
-    rabbit: Any,
-    run_worker: Any,
-    settings: Settings,
-    database_url: str,
+    engine: sa.Engine, unique: str, deliver_thrice: Any
 ) -> None:
     attempts: list[int] = []
 
@@ -148,22 +141,13 @@ async def test_a_failed_attempt_rolls_back_its_writes_and_the_retry_writes_once(
             if len(attempts) == 1:
                 raise Retry(delay=0.05)
 
-    async with run_worker(
-        Charge, worker_settings=settings.with_database_url(database_url)
-    ) as worker:
-        deliver_three_times(rabbit, Charge, 9)
-        await eventually(lambda: handled(worker)() == 3, timeout=15)
+    await deliver_thrice(Charge, 9)
     assert len(attempts) == 2  # the failed attempt, then one that committed; no more
     assert count(engine, charges) == 1
 
 
 async def test_a_handler_that_notifies_through_the_outbox_commits_both_once(
-    engine: sa.Engine,
-    unique: str,
-    rabbit: Any,
-    run_worker: Any,
-    settings: Settings,
-    database_url: str,
+    engine: sa.Engine, unique: str, deliver_thrice: Any
 ) -> None:
     class Receipt(Listener):
         subscribes_to = f"{unique}.receipt"
@@ -179,11 +163,7 @@ async def test_a_handler_that_notifies_through_the_outbox_commits_both_once(
             session.execute(charges.insert().values(order_id=message.order_id))
             Receipt.notify(order_id=message.order_id, session=session)
 
-    async with run_worker(
-        Charge, worker_settings=settings.with_database_url(database_url)
-    ) as worker:
-        deliver_three_times(rabbit, Charge, 10)
-        await eventually(lambda: handled(worker)() == 3, timeout=15)
+    await deliver_thrice(Charge, 10)
     assert count(engine, charges) == 1
     with engine.connect() as connection:
         rows = connection.execute(sa.select(outbox_table.c.routing_key)).scalars().all()
@@ -257,12 +237,7 @@ def test_pruning_deletes_ids_past_the_retention_in_batches_and_keeps_the_rest(
 
 
 async def test_a_duplicate_arriving_while_the_first_runs_waits_and_is_acked_unrun(
-    engine: sa.Engine,
-    unique: str,
-    rabbit: Any,
-    run_worker: Any,
-    settings: Settings,
-    database_url: str,
+    engine: sa.Engine, unique: str, deliver_thrice: Any
 ) -> None:
     runs: list[int] = []
 
@@ -277,10 +252,20 @@ async def test_a_duplicate_arriving_while_the_first_runs_waits_and_is_acked_unru
             await session.execute(charges.insert().values(order_id=message.order_id))
             await asyncio.sleep(0.3)  # the duplicates arrive meanwhile
 
-    async with run_worker(
-        Charge, worker_settings=settings.with_database_url(database_url)
-    ) as worker:
-        deliver_three_times(rabbit, Charge, 11)
-        await eventually(lambda: handled(worker)() == 3, timeout=20)
+    await deliver_thrice(Charge, 11)
     assert runs == [11]
     assert count(engine, charges) == 1
+
+
+async def test_the_worker_counts_the_duplicates_it_acked_when_it_stops(
+    engine: sa.Engine, unique: str, deliver_thrice: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Charge(Listener):
+        subscribes_to = f"{unique}.placed"
+        idempotent = True
+
+        def handle(self, message: Placed, session: Session) -> None: ...
+
+    with caplog.at_level(logging.INFO, logger="listener.inbox"):
+        await deliver_thrice(Charge, 12)
+    assert "Charge: 2 duplicate deliveries acked without running handle() (inbox)" in caplog.text

@@ -253,6 +253,8 @@ def test_writers_of_one_ordering_key_wait_for_each_others_commit(
     postgres_url: str, shipper: type[Listener]
 ) -> None:
     engine = database.create_engine(postgres_url)
+    with engine.begin() as connection:  # the session's database: what other tests left
+        connection.execute(sa.delete(outbox_table))
     second_done = threading.Event()
     try:
         with Session(engine) as first, first.begin():
@@ -313,3 +315,34 @@ async def test_a_row_for_a_missing_exchange_goes_dead_and_the_rows_behind_it_fol
     engine.dispose()
     assert "does not exist" in reason
     assert order_ids(rabbit.drain(shipper.queue)) == [1, 2, 3]
+
+
+def test_run_with_outbox_and_no_database_exits_2_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from listener.cli import app
+
+    monkeypatch.delenv("AMQP_LISTENER_DATABASE_URL", raising=False)
+    result = CliRunner().invoke(app, ["run", "tests.apps.gated", "--outbox"])
+    assert result.exit_code == 2
+    assert "--outbox" in result.output
+    assert "AMQP_LISTENER_DATABASE_URL" in result.output
+
+
+def test_the_relay_takes_both_postgresql_url_forms(
+    postgres_url: str, shipper: type[Listener], settings: Settings, rabbit: Any
+) -> None:
+    engine = database.create_engine(postgres_url)
+    with engine.begin() as connection:  # the session's database: what other tests left
+        connection.execute(sa.delete(outbox_table))
+    explicit = postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        for n, url in enumerate((postgres_url, explicit)):
+            with Session(engine) as session, session.begin():
+                shipper.notify(order_id=n, session=session)
+            relay_once(relay_settings(settings, url))
+    finally:
+        engine.dispose()
+    assert order_ids(rabbit.drain(shipper.queue)) == [0, 1]

@@ -7,6 +7,7 @@ import collections
 import json
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,7 @@ def write(engine: sa.Engine, unique: str, n: int) -> None:
     """Commit `n` outbox rows `{"n": 0}` ... `{"n": n - 1}` for `<unique>.placed`."""
     bodies = [json.dumps({"n": i}).encode() for i in range(n)]
     with Session(engine) as session, session.begin():
-        outbox.write(
-            session, outbox.rows(unique, "placed", bodies, headers=None, ordering_key=None)
-        )
+        outbox.write(session, unique, "placed", bodies)
 
 
 def waiting(engine: sa.Engine) -> int:
@@ -183,3 +182,38 @@ def test_run_with_outbox_starts_a_relay_beside_the_workers_and_status_shows_the_
     finally:
         runner.kill()
     assert "outbox relay stopped" in runner.stderr
+
+
+WRITER = """
+import os, signal, sys
+from sqlalchemy.orm import Session
+import listener
+from listener import database
+
+engine = database.create_engine(sys.argv[1])
+with Session(engine) as session, session.begin():
+    for n in range(100):
+        listener.publish(sys.argv[2] + ".placed", {"n": n}, session=session)
+os.kill(os.getpid(), signal.SIGKILL)  # right after the commit, before anything else
+"""
+
+
+def test_a_writer_killed_right_after_its_commit_loses_nothing(
+    env: dict[str, str], engine: sa.Engine, unique: str, queue: str, rabbit: Any, tmp_path: Path
+) -> None:
+    writer = subprocess.run(
+        [sys.executable, "-c", WRITER, env["AMQP_LISTENER_DATABASE_URL"], unique],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert writer.returncode == -signal.SIGKILL, writer.stderr
+    relay = start_relay(env, tmp_path, "relay")
+    try:
+        wait_until(lambda: waiting(engine) == 0, 20, "the outbox to empty")
+        relay.send(signal.SIGTERM)
+        relay.wait_exit(15)
+    finally:
+        relay.kill()
+    assert published(rabbit, queue) == collections.Counter(range(100))

@@ -36,6 +36,7 @@ from listener.runner.execution import (
 from listener.topology import delay_queue_name, is_declared_delay
 
 if TYPE_CHECKING:
+    from listener.inbox import Inbox
     from listener.listener import Listener
     from listener.runner.amqp_transport import Transport
     from listener.runner.blame import Isolation
@@ -80,7 +81,7 @@ class Consumer:
             None if listener.is_async else HandlerThreads(f"{listener.__name__}-handler")
         )
         self._known_queues: set[str] = {spec.name for spec in listener.topology(settings).queues}
-        self.inbox = None
+        self.inbox: Inbox | None = None
         if listener.idempotent:  # imported only here: the database is an optional extra
             from listener.inbox import Inbox
 
