@@ -30,8 +30,8 @@ import pika.adapters.blocking_connection
 import pika.exceptions
 import pika.spec
 
-from listener import outcome, registry, topology
-from listener._amqp_errors import connect_error, publish_error
+from listener import _nodes, outcome, registry, topology
+from listener._amqp_errors import publish_error
 from listener.errors import BrokerError, ConfigurationError
 from listener.listener import Listener
 from listener.management import ManagementAPI
@@ -162,13 +162,13 @@ class Operator:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        parameters = pika.URLParameters(settings.url.get_secret_value())
-        parameters.blocked_connection_timeout = settings.confirm_timeout
-        parameters.client_properties = {"connection_name": "amqp-listener operator"}
-        try:
-            self._connection = pika.BlockingConnection(parameters)
-        except Exception as exc:
-            raise connect_error(exc, settings.redacted_url) from exc
+
+        def open_one(node: _nodes.Node) -> pika.BlockingConnection:
+            parameters = _nodes.pika_parameters(settings, node, "amqp-listener operator")
+            parameters.blocked_connection_timeout = settings.confirm_timeout
+            return pika.BlockingConnection(parameters)
+
+        self._connection = _nodes.connect(settings, open_one, what="operator")
         self._channel: Channel | None = None
 
     def close(self) -> None:
