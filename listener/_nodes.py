@@ -167,6 +167,8 @@ class _Attempts:
         self.errors: list[tuple[BrokerError, BaseException]] = []
 
     def failed(self, node: Node, exc: Exception) -> None:
+        if isinstance(exc, ConfigurationError):  # the TLS files: no node would do better
+            raise exc
         error = connect_error(exc, node.redacted, publishing=self.publishing)
         if isinstance(error, AuthenticationFailed):
             raise error from exc
