@@ -8,12 +8,14 @@ import logging
 import socket
 
 import pytest
+from support.proxy import TcpProxy
 
 from listener import _nodes
 from listener.apublisher import AsyncPublisher
 from listener.errors import (
     AuthenticationFailed,
     ConfigurationError,
+    PublishConnectionLost,
     PublishUnreachable,
 )
 from listener.publisher import Publisher
@@ -148,3 +150,25 @@ def test_a_worker_transport_opens_both_connections_on_one_node_that_answers(amqp
     node, pika_port = asyncio.run(connect())
     assert node == "amqp://guest:***@127.0.0.1:5672/%2F"
     assert pika_port == "5672"
+
+
+def test_a_publish_whose_node_dies_before_the_confirm_is_outcome_unknown_and_the_next_fails_over(
+    exchange, rabbit
+):
+    with TcpProxy() as first, TcpProxy() as second:
+        urls = [f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F" for proxy in (first, second)]
+        publisher = Publisher(Settings(url=",".join(urls), connect_timeout=2))
+        publisher.publish(f"{exchange}.key", {"n": 1})
+        used, other = (first, second) if first.open_connections else (second, first)
+        # The node "dies": its connection resets at the next frame, and it refuses new ones.
+        used.cut_after(8)
+
+        with pytest.raises(PublishConnectionLost, match="Outcome unknown") as caught:
+            publisher.publish(f"{exchange}.key", {"n": 2})
+        assert caught.value.message_id  # the id to look for, to know what became of it
+
+        publisher.publish(f"{exchange}.key", {"n": 3})  # not an error: the other node
+        assert other.open_connections == 1
+        publisher.close()
+    bodies = [body for _properties, body in rabbit.drain(f"{exchange}.q")]
+    assert bodies == [b'{"n":1}', b'{"n":3}']  # this cut fell before the broker saw it
