@@ -39,6 +39,11 @@ class ClusterNode(RabbitNode):
         super().__init__(base, port)
         self.name = f"amqp_listener_cluster_{port}@{_short_hostname()}"
 
+    @property
+    def endpoint(self) -> str:
+        """`host:port` of its AMQP listener, as a URL and the log lines name it."""
+        return f"127.0.0.1:{self.port}"
+
     def __repr__(self) -> str:
         return f"<ClusterNode {self.name} :{self.port} pid={self.beam_pid}>"
 
@@ -128,8 +133,9 @@ class Cluster:
                 return node
         raise NodeError(f"{name} is not a node of this cluster")
 
-    def node_on(self, port: int) -> ClusterNode:
-        return next(node for node in self.nodes if node.port == port)
+    def node_on(self, endpoint: str) -> ClusterNode:
+        """The node listening on `host:port`."""
+        return next(node for node in self.nodes if node.endpoint == endpoint)
 
     def leader_of(self, queue: str) -> ClusterNode:
         """The node that leads quorum queue `queue` now."""

@@ -21,6 +21,7 @@ from faults.harness import VERDICTS, Fault
 from faults.node import SERVER, RabbitNode
 
 from cluster.cluster import Cluster
+from cluster.netns import NamespacedCluster, netns_refused
 
 
 @pytest.fixture(scope="session")
@@ -52,17 +53,50 @@ class ClusterFault(Fault):
         return pika.BlockingConnection(candidates)
 
 
-@pytest.fixture
-def fault(cluster: Cluster, unique: str, tmp_path: Path, record_property) -> Iterator[Fault]:
-    """This test's harness on a cluster whose three nodes serve; healed again afterwards."""
+@contextlib.contextmanager
+def harness_on(cluster: Cluster, unique: str, tmp: Path, record) -> Iterator[Fault]:
+    """A fault harness on a cluster whose three nodes serve; healed again afterwards."""
     cluster.heal()
-    harness = ClusterFault(cluster, unique, tmp_path, record_property)  # type: ignore[arg-type]
+    harness = ClusterFault(cluster, unique, tmp, record)  # type: ignore[arg-type]
     try:
         yield harness
     finally:
         harness.close()
         with contextlib.suppress(Exception):
             cluster.heal()
+
+
+@pytest.fixture
+def fault(cluster: Cluster, unique: str, tmp_path: Path, record_property) -> Iterator[Fault]:
+    """This test's harness on the session's cluster."""
+    with harness_on(cluster, unique, tmp_path, record_property) as harness:
+        yield harness
+
+
+@pytest.fixture(scope="session")
+def partitionable() -> Iterator[NamespacedCluster]:
+    """Three clustered nodes in network namespaces of their own (for partitions); skipped,
+    saying why, where network namespaces are refused."""
+    if not RabbitNode.available():
+        pytest.skip(f"no RabbitMQ server binaries at {SERVER}")
+    refused = netns_refused()
+    if refused is not None:
+        pytest.skip(f"a partition needs network namespaces (root): {refused}")
+    three = NamespacedCluster.create()
+    try:
+        three.start()
+        yield three
+    finally:
+        three.destroy()
+
+
+@pytest.fixture
+def partition_fault(
+    partitionable: NamespacedCluster, unique: str, tmp_path: Path, record_property
+) -> Iterator[Fault]:
+    """This test's harness on the namespaced cluster."""
+    with harness_on(partitionable, unique, tmp_path, record_property) as harness:
+        yield harness
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

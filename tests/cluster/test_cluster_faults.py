@@ -10,85 +10,31 @@ fault ids (C1...) are those of the cluster table printed at the end of the run.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 
 import pytest
-from faults.harness import Fault, Runner, wait_until
+from faults.harness import wait_until
 
 from cluster.cluster import Cluster
+from cluster.load import (
+    BACKLOG,
+    CONCURRENCY,
+    DOCUMENTED,
+    HANDLER_SECONDS,
+    WORKERS,
+    in_flight,
+    reconnects,
+    start_loaded,
+    wait_consuming_again,
+    worker_nodes,
+    workers_on,
+)
 from listener.errors import PublishConnectionLost, PublishNacked, PublishTimeout
 from listener.publisher import Publisher
 from listener.settings import Settings
 
 pytestmark = pytest.mark.slow
-
-CONCURRENCY = 8
-WORKERS = 2
-BACKLOG = 1200
-#: A handler's time: slow enough that the backlog is still there when the fault strikes.
-HANDLER_SECONDS = 0.05
-#: What a publish may raise when its node dies: all say "outcome unknown" or "not taken".
-DOCUMENTED = {PublishConnectionLost.__name__, PublishTimeout.__name__, PublishNacked.__name__}
-
-
-#: What a worker logs when one of its connections opens on a node of the list.
-CONNECTED = re.compile(r"amqp-listener worker pid=(\d+) \[[^\]]*\] connected to \S+?:(\d+)/")
-
-
-def reconnects(runner: Runner) -> int:
-    return runner.stderr.count("reconnected to ")
-
-
-def worker_ports(runner: Runner) -> list[int]:
-    """The port of the node each worker's connections are open to now."""
-    return list({int(pid): int(port) for pid, port in CONNECTED.findall(runner.stderr)}.values())
-
-
-def workers_on(runner: Runner, port: int) -> int:
-    """How many workers' connections are open to the node on `port` now."""
-    return worker_ports(runner).count(port)
-
-
-def handled_by_worker(fault: Fault) -> dict[int, int]:
-    """{worker pid: messages it handled so far}, from the workers' journals."""
-    counts = {}
-    for journal in fault.events_dir.glob("events-*.log"):
-        pid = int(journal.stem.removeprefix("events-"))
-        counts[pid] = sum(1 for line in journal.read_text().splitlines() if line[:5] == "done ")
-    return counts
-
-
-def wait_consuming_again(fault: Fault, runner: Runner, lost_workers: int) -> float:
-    """Wait until the workers that lost their node reconnected, and every worker handled a
-    message since; the monotonic time it happened.
-
-    Handled messages, not the queue's consumer count, tell: a quorum queue keeps listing
-    the consumers of a dead node (inactive) until that node comes back.
-    """
-    before = handled_by_worker(fault)
-    wait_until(lambda: reconnects(runner) >= lost_workers, 30, "the workers to reconnect")
-
-    def every_worker_handled_one() -> bool:
-        now = handled_by_worker(fault)
-        return all(now.get(pid, 0) > before.get(pid, 0) for pid in runner.live_workers())
-
-    wait_until(every_worker_handled_one, 30, "every worker to handle a message again")
-    return time.monotonic()
-
-
-def start_loaded(fault: Fault, backlog: int = BACKLOG) -> Runner:
-    """A backlog of confirmed messages, then the runner on the list, under way."""
-    fault.publish(backlog, sleep=HANDLER_SECONDS)
-    runner = fault.start_runner(workers=WORKERS, FAULT_CONCURRENCY=str(CONCURRENCY))
-    wait_until(lambda: fault.handled_count() >= 50, 30, "the backlog to start moving")
-    return runner
-
-
-def in_flight(fault: Fault) -> int:
-    return len(fault.outstanding())
-
 
 # -- C1: kill -9 of the node that leads the listener's queue --------------------------------
 
@@ -98,13 +44,13 @@ def test_killing_the_node_that_leads_the_queue_under_load_loses_nothing(fault, c
     assert cluster.members_of(fault.queue) == {node.name for node in cluster.nodes}
     runner = start_loaded(fault, 2 * BACKLOG)  # moving the leader takes a few seconds
     # The leader is moved to a worker's node: the kill takes a consumer down with it.
-    leader = cluster.node_on(worker_ports(runner)[0])
+    leader = cluster.node_on(worker_nodes(runner)[0])
     cluster.move_leader(fault.queue, leader)
     pid = leader.os_pid()  # asked now: asking takes a second the kill must not wait for
 
     with fault.publishing(600, sleep=HANDLER_SECONDS, interval=0.002, timeout=120):
         waiting = in_flight(fault)
-        lost_workers = workers_on(runner, leader.port)
+        lost_workers = workers_on(runner, leader)
         leader.kill(pid)
         killed = time.monotonic()
         back = wait_consuming_again(fault, runner, lost_workers) - killed
@@ -143,7 +89,7 @@ def test_stopping_a_follower_under_load_loses_nothing(fault, cluster: Cluster):
 
     with fault.publishing(600, sleep=HANDLER_SECONDS, interval=0.002, timeout=120):
         waiting = in_flight(fault)
-        lost_workers = workers_on(runner, follower.port)
+        lost_workers = workers_on(runner, follower)
         follower.stop_app()
         stopped = time.monotonic()
         back = wait_consuming_again(fault, runner, lost_workers) - stopped
