@@ -148,6 +148,8 @@ class Cluster:
 
     def move_leader(self, queue: str, to: ClusterNode) -> None:
         """Make `to` lead quorum queue `queue` (what maintenance mode does when it drains)."""
+        if self.leader_of(queue) is to:
+            return
         expr = (
             f'{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"{queue}">>)), '
             f"rabbit_quorum_queue:transfer_leadership(Q, '{to.name}')."

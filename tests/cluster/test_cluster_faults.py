@@ -10,7 +10,6 @@ fault ids (C1...) are those of the cluster table printed at the end of the run.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -30,9 +29,6 @@ from cluster.load import (
     worker_nodes,
     workers_on,
 )
-from listener.errors import PublishConnectionLost, PublishNacked, PublishTimeout
-from listener.publisher import Publisher
-from listener.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +64,8 @@ def test_killing_the_node_that_leads_the_queue_under_load_loses_nothing(fault, c
         ),
     )
     verdict.assert_nothing_lost()
+    # Publishing recovered: a nacked publish reopens its channel rather than fail forever.
+    assert verdict.confirmed == 2 * BACKLOG + 600
     assert waiting >= 1000, "the kill hit too small a backlog to prove anything"
     assert new_leader is not leader
     assert lost_workers >= 1, "no worker was on the leader's node"
@@ -83,20 +81,22 @@ def test_killing_the_node_that_leads_the_queue_under_load_loses_nothing(fault, c
 
 def test_stopping_a_follower_under_load_loses_nothing(fault, cluster: Cluster):
     fault.declare()
-    leader = cluster.leader_of(fault.queue)
-    follower = next(node for node in cluster.nodes if node is not leader)
-    runner = start_loaded(fault)
+    runner = start_loaded(fault, 2 * BACKLOG)
+    # The follower stopped is a worker's node; the leader is elsewhere.
+    follower = cluster.node_on(worker_nodes(runner)[0])
+    leader = next(node for node in cluster.nodes if node is not follower)
+    cluster.move_leader(fault.queue, leader)
 
     with fault.publishing(600, sleep=HANDLER_SECONDS, interval=0.002, timeout=120):
         waiting = in_flight(fault)
         lost_workers = workers_on(runner, follower)
+        stopped = time.monotonic()  # stop_app returns once the node closed its connections
         follower.stop_app()
-        stopped = time.monotonic()
         back = wait_consuming_again(fault, runner, lost_workers) - stopped
     settled = fault.wait_settled(120)
 
     verdict = fault.verdict(
-        f"C2 stop_app of a follower, --workers {WORKERS}, {BACKLOG}+600 msgs",
+        f"C2 stop_app of a follower, --workers {WORKERS}, {2 * BACKLOG}+600 msgs",
         recovery_s=back,
         notes=(
             f"{waiting} confirmed-unhandled at the stop; {lost_workers} worker(s) were on it; "
@@ -107,6 +107,7 @@ def test_stopping_a_follower_under_load_loses_nothing(fault, cluster: Cluster):
     verdict.assert_nothing_lost()
     assert waiting >= 1000, "the stop hit too small a backlog to prove anything"
     assert cluster.leader_of(fault.queue) is leader  # a follower's loss moves no leader
+    assert lost_workers >= 1, "no worker was on the follower stopped"
     assert verdict.duplicates <= CONCURRENCY * WORKERS
     assert verdict.parked == 0
     assert set(fault.unknown.values()) <= DOCUMENTED
@@ -150,52 +151,3 @@ def test_a_rolling_restart_of_every_node_under_load_loses_nothing(fault, cluster
     assert verdict.parked == 0
     assert set(fault.unknown.values()) <= DOCUMENTED, "a publish error not documented"
     assert runner.deaths() == [], "a worker died instead of reconnecting"
-
-
-# -- the publisher when the leader's node dies ------------------------------------------------
-
-
-def test_a_publisher_on_a_surviving_node_publishes_again_within_seconds_of_a_leader_kill(
-    fault, cluster: Cluster
-):
-    fault.declare()
-    leader = cluster.leader_of(fault.queue)
-    survivor = next(node for node in cluster.nodes if node is not leader)
-    # One URL only: the publisher stays on the survivor, so what it sees is the leader move.
-    publisher = Publisher(Settings(url=survivor.url, confirm_timeout=5))
-    fault.publishers.append(publisher)
-    stop = threading.Event()
-    errors: list[tuple[float, str]] = []
-    confirmed: list[float] = []
-
-    def publish_on() -> None:
-        exchange, key = fault.address.split(".", 1)
-        while not stop.is_set():
-            try:
-                publisher.publish_body(exchange, key, b"{}")
-            except (PublishNacked, PublishConnectionLost, PublishTimeout) as exc:
-                errors.append((time.monotonic(), type(exc).__name__))
-                continue
-            confirmed.append(time.monotonic())
-
-    thread = threading.Thread(target=publish_on, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: len(confirmed) >= 50, 20, "publishing under way")
-        pid = leader.os_pid()
-        leader.kill(pid)
-        killed = time.monotonic()
-        wait_until(lambda: any(t > killed + 0.5 for t in confirmed), 15, "a confirm after it")
-        time.sleep(3)  # publishing goes on: a channel stuck nacking would show here
-    finally:
-        stop.set()
-        thread.join(10)
-    first_after = min(t for t in confirmed if t > killed)
-    last_error = max((t for t, _ in errors), default=killed)
-    print(
-        f"publisher: first confirm {first_after - killed:.2f}s after the kill; "
-        f"{len(errors)} errors ({sorted({kind for _, kind in errors})}), the last "
-        f"{last_error - killed:.2f}s after the kill"
-    )
-    assert last_error - killed < 10, "publishes still failed 10 s after the leader died"
-    assert confirmed[-1] > killed + 3, "publishing stopped being confirmed"
