@@ -205,6 +205,29 @@ def test_the_cli_refuses_an_unknown_ca_with_one_line_and_no_traceback(node, queu
     assert depth(node, queue) == 0
 
 
+def test_the_runner_refuses_an_unknown_ca_at_start_up_with_one_line(node, unique, tmp_path):
+    env = clean_env(TESTS)
+    env.update(
+        AMQP_URL=node.tls_url(),
+        AMQP_LISTENER_TLS_CA_FILE=str(node.other_ca_file),
+        APP_EXCHANGE=unique,
+        APP_QUEUE=unique,
+        APP_MARKER_DIR=str(tmp_path),
+    )
+    done = subprocess.run(
+        [EXECUTABLE, "run", "apps.fleet", "--fail-fast"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "unknown CA" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
 # -- success paths ---------------------------------------------------------------------------
 
 
