@@ -140,6 +140,15 @@ def depth(node: TlsNode, queue: str) -> int:
         connection.close()
 
 
+def cli(node: TlsNode, ca_file: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`amqp-listener ARGS` with AMQP_URL the node's TLS URL, trusting `ca_file`."""
+    environment = clean_env(TESTS)
+    environment.update(AMQP_URL=node.tls_url(), AMQP_LISTENER_TLS_CA_FILE=str(ca_file), **env)
+    return subprocess.run(
+        [EXECUTABLE, *args], env=environment, capture_output=True, text=True, timeout=60
+    )
+
+
 def tls_settings(node: TlsNode, url: str | None = None, **options: object) -> Settings:
     """Settings for `url` (the node's TLS one), trusting the test CA unless told otherwise."""
     return Settings(
@@ -189,15 +198,7 @@ def test_an_unreadable_ca_file_is_a_configuration_error_naming_the_setting(node,
 
 
 def test_the_cli_refuses_an_unknown_ca_with_one_line_and_no_traceback(node, queue):
-    env = clean_env(TESTS)
-    env.update(AMQP_URL=node.tls_url(), AMQP_LISTENER_TLS_CA_FILE=str(node.other_ca_file))
-    done = subprocess.run(
-        [EXECUTABLE, "publish", f"{queue}.key", "{}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = cli(node, node.other_ca_file, "publish", f"{queue}.key", "{}")
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -206,21 +207,8 @@ def test_the_cli_refuses_an_unknown_ca_with_one_line_and_no_traceback(node, queu
 
 
 def test_the_runner_refuses_an_unknown_ca_at_start_up_with_one_line(node, unique, tmp_path):
-    env = clean_env(TESTS)
-    env.update(
-        AMQP_URL=node.tls_url(),
-        AMQP_LISTENER_TLS_CA_FILE=str(node.other_ca_file),
-        APP_EXCHANGE=unique,
-        APP_QUEUE=unique,
-        APP_MARKER_DIR=str(tmp_path),
-    )
-    done = subprocess.run(
-        [EXECUTABLE, "run", "apps.fleet", "--fail-fast"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    app = {"APP_EXCHANGE": unique, "APP_QUEUE": unique, "APP_MARKER_DIR": str(tmp_path)}
+    done = cli(node, node.other_ca_file, "run", "apps.fleet", "--fail-fast", **app)
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -267,14 +255,6 @@ def test_a_worker_transport_consumes_over_verified_tls(node, queue):
 
 
 def test_the_cli_publishes_over_tls_with_the_ca_from_the_environment(node, queue):
-    env = clean_env(TESTS)
-    env.update(AMQP_URL=node.tls_url(), AMQP_LISTENER_TLS_CA_FILE=str(node.ca_file))
-    done = subprocess.run(
-        [EXECUTABLE, "publish", f"{queue}.key", '{"n": 1}'],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = cli(node, node.ca_file, "publish", f"{queue}.key", '{"n": 1}')
     assert done.returncode == 0, done.stderr
     assert depth(node, queue) == 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import time
 
-from faults.harness import Fault, Runner, wait_until
+from faults.harness import Fault, Runner, Verdict, wait_until
 
 from cluster.cluster import ClusterNode
 from listener.errors import PublishConnectionLost, PublishNacked, PublishTimeout
@@ -75,3 +75,13 @@ def start_loaded(fault: Fault, backlog: int = BACKLOG, **env: str) -> Runner:
 
 def in_flight(fault: Fault) -> int:
     return len(fault.outstanding())
+
+
+def assert_survived(verdict: Verdict, fault: Fault, runner: Runner, losses: int = 1) -> None:
+    """Nothing lost nor parked, at most a prefetch of duplicates per worker per connection
+    loss, only the documented publish errors, and no worker died of it."""
+    verdict.assert_nothing_lost()
+    assert verdict.duplicates <= losses * CONCURRENCY * WORKERS
+    assert verdict.parked == 0
+    assert set(fault.unknown.values()) <= DOCUMENTED, "a publish error not documented"
+    assert runner.deaths() == [], "a worker died instead of reconnecting"

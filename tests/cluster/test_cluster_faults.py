@@ -18,10 +18,9 @@ from faults.harness import wait_until
 from cluster.cluster import Cluster
 from cluster.load import (
     BACKLOG,
-    CONCURRENCY,
-    DOCUMENTED,
     HANDLER_SECONDS,
     WORKERS,
+    assert_survived,
     in_flight,
     reconnects,
     start_loaded,
@@ -30,7 +29,8 @@ from cluster.load import (
     workers_on,
 )
 
-pytestmark = pytest.mark.slow
+# A session fixture boots a cluster (~30-70 s on a busy machine) inside the first test's time.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 # -- C1: kill -9 of the node that leads the listener's queue --------------------------------
 
@@ -63,17 +63,13 @@ def test_killing_the_node_that_leads_the_queue_under_load_loses_nothing(fault, c
             f"publish errors {sorted(set(fault.unknown.values()))}"
         ),
     )
-    verdict.assert_nothing_lost()
+    assert_survived(verdict, fault, runner)
     # Publishing recovered: a nacked publish reopens its channel rather than fail forever.
     assert verdict.confirmed == 2 * BACKLOG + 600
     assert waiting >= 1000, "the kill hit too small a backlog to prove anything"
     assert new_leader is not leader
     assert lost_workers >= 1, "no worker was on the leader's node"
     assert back < 10, "consumers were not back within 10 s of the kill"
-    assert verdict.duplicates <= CONCURRENCY * WORKERS
-    assert verdict.parked == 0
-    assert set(fault.unknown.values()) <= DOCUMENTED
-    assert runner.deaths() == [], "a worker died instead of reconnecting"
 
 
 # -- C2: stop of a follower ------------------------------------------------------------------
@@ -104,14 +100,10 @@ def test_stopping_a_follower_under_load_loses_nothing(fault, cluster: Cluster):
             f"reconnects {reconnects(runner)}"
         ),
     )
-    verdict.assert_nothing_lost()
+    assert_survived(verdict, fault, runner)
     assert waiting >= 1000, "the stop hit too small a backlog to prove anything"
     assert cluster.leader_of(fault.queue) is leader  # a follower's loss moves no leader
     assert lost_workers >= 1, "no worker was on the follower stopped"
-    assert verdict.duplicates <= CONCURRENCY * WORKERS
-    assert verdict.parked == 0
-    assert set(fault.unknown.values()) <= DOCUMENTED
-    assert runner.deaths() == [], "a worker died instead of reconnecting"
 
 
 # -- C3: a rolling restart of all three nodes ------------------------------------------------
@@ -146,8 +138,4 @@ def test_a_rolling_restart_of_every_node_under_load_loses_nothing(fault, cluster
             f"publish errors {sorted(set(fault.unknown.values()))}"
         ),
     )
-    verdict.assert_nothing_lost()
-    assert verdict.duplicates <= 3 * CONCURRENCY * WORKERS
-    assert verdict.parked == 0
-    assert set(fault.unknown.values()) <= DOCUMENTED, "a publish error not documented"
-    assert runner.deaths() == [], "a worker died instead of reconnecting"
+    assert_survived(verdict, fault, runner, losses=3)
