@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+from typing import TypeVar
 
 import aiormq.exceptions
 import pika.exceptions
@@ -34,6 +35,8 @@ __all__ = [
     "is_connection_lost",
     "publish_error",
 ]
+
+E = TypeVar("E", bound=BaseException)
 
 _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for (\w+) '([^']+)'")
 _NOT_FOUND_EXCHANGE = re.compile(r"no exchange '([^']*)'")
@@ -96,9 +99,14 @@ def _connect_error(exc: BaseException, redacted_url: str) -> BrokerError:
             f"the broker at {redacted_url} refused access to the virtual host: check that "
             "the vhost in the URL exists and that the user has permissions on it"
         )
-    if isinstance(exc, ssl.SSLError):
+    refused = _nested(exc, ssl.SSLCertVerificationError)
+    if refused is not None:
+        return BrokerUnreachable(_certificate_message(refused, redacted_url))
+    handshake = _nested(exc, ssl.SSLError)
+    if handshake is not None:
+        why = handshake.reason or type(handshake).__name__
         return BrokerUnreachable(
-            f"TLS handshake with {redacted_url} failed ({exc.reason or type(exc).__name__}): "
+            f"TLS handshake with {redacted_url} failed ({why}): "
             "check the CA certificate, the host name and that the port speaks TLS"
         )
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
@@ -109,6 +117,44 @@ def _connect_error(exc: BaseException, redacted_url: str) -> BrokerError:
         f"cannot connect to {redacted_url} ({_cause(exc)}): check that RabbitMQ is running "
         "and that host and port are right"
     )
+
+
+#: OpenSSL's verify codes that mean "signed by a CA this client does not trust".
+_UNKNOWN_CA = {2, 18, 19, 20, 21}
+_HOSTNAME_MISMATCH = 62
+
+
+def _nested(exc: BaseException, kind: type[E]) -> E | None:
+    """The exception of type `kind` behind `exc`, however a client wrapped it (pika nests
+    TLS errors in the arguments of its connection errors)."""
+    seen: list[object] = [exc]
+    for _ in range(20):
+        if not seen:
+            return None
+        found = seen.pop()
+        if isinstance(found, kind):
+            return found
+        if isinstance(found, BaseException):
+            seen += [*found.args, found.__cause__, found.__context__]
+        elif isinstance(found, list | tuple):
+            seen += found
+    return None
+
+
+def _certificate_message(refused: ssl.SSLCertVerificationError, redacted_url: str) -> str:
+    why = refused.verify_message or refused.reason or "refused"
+    if refused.verify_code == _HOSTNAME_MISMATCH:
+        return (
+            f"TLS: the broker's certificate at {redacted_url} does not name the host connected "
+            f"to (hostname mismatch: {why.rstrip('.')}): use a host name the certificate "
+            "lists, or reissue the certificate"
+        )
+    if refused.verify_code in _UNKNOWN_CA:
+        return (
+            f"TLS: the broker's certificate at {redacted_url} is signed by an unknown CA "
+            f"({why}): set AMQP_LISTENER_TLS_CA_FILE to the CA certificate that signed it"
+        )
+    return f"TLS: the broker's certificate at {redacted_url} was refused ({why})"
 
 
 def declare_error(exc: BaseException) -> BrokerError:

@@ -9,6 +9,8 @@ pika, so that such an upgrade fails a test instead of degrading silently.
 Each function, the private part it reaches into, and what that buys:
 
 - `select_connection`: `BlockingConnection._impl`, the SelectConnection underneath.
+- `buffered_channel`: `BlockingChannel._impl`, the channel underneath, which buffers a
+  publish or an ack instead of a write and a poll per frame (a replay's batches).
 - `call_later`, `remove_timeout`: `_adapter_call_later`, `_adapter_remove_timeout`, a confirm
   deadline that fires inside a blocking publish.
 - `terminate`: `_terminate_stream`, dropping a blocking connection without the handshake.
@@ -45,6 +47,7 @@ import pika.exceptions
 
 __all__ = [
     "abort",
+    "buffered_channel",
     "call_later",
     "coalesce_frames",
     "forget_cancelling",
@@ -68,6 +71,13 @@ _data: Any = importlib.import_module("pika.data")
 def select_connection(connection: pika.BlockingConnection) -> Any:
     """The SelectConnection a BlockingConnection drives (its timers, socket and writer)."""
     return connection._impl  # type: ignore[attr-defined]
+
+
+def buffered_channel(channel: Any) -> Any:
+    """The asynchronous channel a BlockingChannel drives. Its `basic_publish` and
+    `basic_ack` only buffer frames, which the next blocking call sends in one go; the
+    blocking channel's own write and poll the socket for every frame."""
+    return channel._impl
 
 
 def call_later(adapter: Any, seconds: float, callback: Callable[[], None]) -> object:

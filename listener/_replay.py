@@ -21,7 +21,7 @@ from typing import Any
 import pika
 import pika.spec
 
-from listener import outcome
+from listener import _pika_internals, outcome
 from listener._peek import Peek
 from listener.errors import Unroutable
 from listener.parked import REPLAYS_HEADER, Parked, SortKey, sort_key
@@ -78,7 +78,7 @@ class Replaying:
         # pika's blocking channel writes and polls the socket on every publish and ack: two
         # system calls per frame, most of a replay's time. Its underlying channel only
         # buffers them, and the commit (a blocking call) sends the batch in one go.
-        self._buffered: Any = self._channel._impl  # type: ignore[attr-defined]
+        self._buffered: Any = _pika_internals.buffered_channel(self._channel)
 
     def run(self, chosen: set[str] | None) -> None:
         """Replay the messages whose ids are in `chosen` (every one when None)."""

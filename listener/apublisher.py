@@ -21,16 +21,18 @@ import aio_pika.abc
 import aiormq
 import aiormq.abc
 
-from listener import _redirect, codec, routing
+from listener import _nodes, _redirect, codec, routing
 from listener import delay as _delay
 from listener._amqp_errors import connect_error, publish_error
 from listener._loop import loop_factory
+from listener.errors import PublishNacked
 from listener.settings import Settings, get_settings
 from listener.tracing import inject_trace_context
 
 __all__ = [
     "AsyncPublisher",
     "apublish",
+    "connect_node",
     "connection_alive",
     "default_async_publisher",
     "run_in_background",
@@ -91,15 +93,19 @@ class AsyncPublisher:
         """Publish an encoded body and wait for its confirm."""
         codec.check_size(body, self.settings.max_body_bytes)
         channel = await self._underlay()
-        return await self._send(
-            channel,
-            exchange,
-            routing_key,
-            body,
-            headers,
-            codec.new_message_id(),
-            self.settings.confirm_timeout,
-        )
+        try:
+            return await self._send(
+                channel,
+                exchange,
+                routing_key,
+                body,
+                headers,
+                codec.new_message_id(),
+                self.settings.confirm_timeout,
+            )
+        except PublishNacked:
+            await self._reopen_channel()
+            raise
 
     async def publish_bodies(
         self,
@@ -159,6 +165,8 @@ class AsyncPublisher:
                     )
                 first_error = first_error or error
         if first_error is not None:
+            if isinstance(first_error, PublishNacked):
+                await self._reopen_channel()
             raise first_error
         return ids
 
@@ -167,6 +175,14 @@ class AsyncPublisher:
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None and not connection.is_closed:
             await connection.close()
+
+    async def _reopen_channel(self) -> None:
+        """Open a new channel for the next publish. On RabbitMQ 3.10, a channel that first
+        published just after a quorum leader's node died has every later publish nacked."""
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(Exception):
+                await channel.close()
 
     async def _underlay(self) -> aiormq.abc.AbstractChannel:
         """The confirm channel's aiormq channel, which publishes without building an
@@ -227,17 +243,14 @@ class AsyncPublisher:
                 if self._connection is not None:
                     with contextlib.suppress(Exception):
                         await self._connection.close()
-                try:
-                    self._connection = await aio_pika.connect(
-                        self.settings.url.get_secret_value(),
-                        heartbeat=self.settings.heartbeat,
-                        timeout=self.settings.connect_timeout,
-                        client_properties={
-                            "connection_name": f"amqp-listener publisher pid={os.getpid()}"
-                        },
-                    )
-                except Exception as exc:
-                    raise connect_error(exc, self.settings.redacted_url, publishing=True) from exc
+                self._connection = await _nodes.aconnect(
+                    self.settings,
+                    lambda node: connect_node(
+                        self.settings, node, f"amqp-listener publisher pid={os.getpid()}"
+                    ),
+                    what="publisher",
+                    publishing=True,
+                )
             assert self._connection is not None
             try:
                 self._channel = await self._connection.channel(
@@ -247,6 +260,19 @@ class AsyncPublisher:
                 # The connection died between the check and the channel: nothing was sent.
                 raise connect_error(exc, self.settings.redacted_url, publishing=True) from exc
             return self._channel
+
+
+async def connect_node(
+    settings: Settings, node: _nodes.Node, name: str
+) -> aio_pika.abc.AbstractConnection:
+    """An aio-pika connection to one node (amqps: verified against the TLS settings)."""
+    return await aio_pika.connect(
+        node.url,
+        heartbeat=settings.heartbeat,
+        timeout=settings.connect_timeout,
+        ssl_context=_nodes.ssl_context(settings) if node.tls else None,
+        client_properties={"connection_name": name},
+    )
 
 
 def connection_alive(connection: aio_pika.abc.AbstractConnection | None) -> bool:

@@ -282,7 +282,7 @@ def publish(
         message_id = publisher.publish(address, value)
     except ValueError as exc:
         _fail(str(exc), 2)
-    except (PublishError, BrokerError) as exc:
+    except (PublishError, BrokerError, ConfigurationError) as exc:
         _fail(str(exc), 1)
     finally:
         publisher.close()

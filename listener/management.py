@@ -35,7 +35,7 @@ class ManagementAPI:
     @classmethod
     def probe(cls, settings: Settings) -> ManagementAPI | None:
         """The API if it answers with these credentials, else None (never raises)."""
-        url = urllib.parse.urlsplit(settings.url.get_secret_value())
+        url = urllib.parse.urlsplit(settings.urls[0])  # a cluster's first node
         if settings.management_url:
             base = settings.management_url
         else:

@@ -22,8 +22,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from listener import delay, registry, topology
-from listener._amqp_errors import connect_error
+from listener import _nodes, delay, registry, topology
 from listener._peek import Peek
 from listener._replay import Replaying
 from listener.errors import BrokerError, ConfigurationError, Unroutable
@@ -98,13 +97,13 @@ class Operator:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        parameters = pika.URLParameters(settings.url.get_secret_value())
-        parameters.blocked_connection_timeout = settings.confirm_timeout
-        parameters.client_properties = {"connection_name": "amqp-listener operator"}
-        try:
-            self._connection = pika.BlockingConnection(parameters)
-        except Exception as exc:
-            raise connect_error(exc, settings.redacted_url) from exc
+
+        def open_one(node: _nodes.Node) -> pika.BlockingConnection:
+            parameters = _nodes.pika_parameters(settings, node, "amqp-listener operator")
+            parameters.blocked_connection_timeout = settings.confirm_timeout
+            return pika.BlockingConnection(parameters)
+
+        self._connection = _nodes.connect(settings, open_one, what="operator")
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -19,9 +19,9 @@ import pika.adapters.blocking_connection
 import pika.exceptions
 import pika.spec
 
-from listener import _pika_internals, _redirect, codec, routing
+from listener import _nodes, _pika_internals, _redirect, codec, routing
 from listener import delay as _delay
-from listener._amqp_errors import connect_error, is_connection_lost, publish_error
+from listener._amqp_errors import is_connection_lost, publish_error
 from listener.errors import PublishTimeout
 from listener.settings import Settings, get_settings
 from listener.tracing import inject_trace_context
@@ -170,7 +170,11 @@ class Publisher:
                 message_id=message_id,
             ) from None
         except Exception as exc:
-            if is_connection_lost(exc) or isinstance(exc, pika.exceptions.ChannelClosed):
+            # A nacked publish reopens too: on RabbitMQ 3.10, a channel that first published
+            # just after a quorum leader's node died has every later publish nacked.
+            if is_connection_lost(exc) or isinstance(
+                exc, pika.exceptions.ChannelClosed | pika.exceptions.NackError
+            ):
                 self._drop(slot)
             raise publish_error(
                 exc, exchange=exchange, routing_key=routing_key, message_id=message_id
@@ -195,20 +199,14 @@ class Publisher:
         if slot is not None:
             self._drop(slot)
         self._close_orphans()
-        parameters = pika.URLParameters(self.settings.url.get_secret_value())
-        parameters.heartbeat = self.settings.heartbeat
-        parameters.blocked_connection_timeout = self.settings.confirm_timeout
-        # Opening a connection has its own bound (the handshake takes several round trips, so
-        # it cannot share the confirm's): pika's defaults would be 10 s and 15 s.
-        parameters.socket_timeout = self.settings.connect_timeout
-        parameters.stack_timeout = self.settings.connect_timeout
-        parameters.client_properties = {
-            "connection_name": f"amqp-listener publisher pid={os.getpid()}"
-        }
-        try:
-            slot = _ThreadChannel(pika.BlockingConnection(parameters))
-        except Exception as exc:
-            raise connect_error(exc, self.settings.redacted_url, publishing=True) from exc
+        name = f"amqp-listener publisher pid={os.getpid()}"
+
+        def open_one(node: _nodes.Node) -> _ThreadChannel:
+            parameters = _nodes.pika_parameters(self.settings, node, name)
+            parameters.blocked_connection_timeout = self.settings.confirm_timeout
+            return _ThreadChannel(pika.BlockingConnection(parameters))
+
+        slot = _nodes.connect(self.settings, open_one, what="publisher", publishing=True)
         self._local.slot = slot
         with self._lock:
             self._open.add(slot)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -16,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from listener.errors import ConfigurationError
 
-__all__ = ["DEFAULT_URL", "Settings", "get_settings", "redact_url"]
+__all__ = ["DEFAULT_URL", "Settings", "get_settings", "redact_url", "split_urls"]
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 
@@ -33,7 +34,8 @@ class Settings(BaseSettings):
     url: SecretStr = Field(
         default=SecretStr(DEFAULT_URL),
         validation_alias=AliasChoices("AMQP_URL", "AMQP_LISTENER_URL", "url"),
-        description="Broker URL (amqp:// or amqps://).",
+        description="Broker URL (amqp:// or amqps://); several, comma-separated, for the "
+        "nodes of a cluster: each connection tries them in a random order.",
     )
     queue_prefix: str = Field(
         default="",
@@ -154,30 +156,37 @@ class Settings(BaseSettings):
         description="Bearer token the web console requires (`Authorization: Bearer ...`); "
         "with it, the console may bind a non-loopback address.",
     )
+    # -- TLS, for amqps:// URLs --------------------------------------------------------------
+    tls_ca_file: Path | None = Field(
+        default=None,
+        description="PEM file of the CA(s) that sign the brokers' certificates (default: the "
+        "system's trusted CAs).",
+    )
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM client certificate presented to the broker (with tls_key_file).",
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
 
     @field_validator("url")
     @classmethod
     def _check_scheme(cls, value: SecretStr) -> SecretStr:
-        try:
-            parts = urlsplit(value.get_secret_value())
-            parts.port  # noqa: B018 - urlsplit checks the port only when it is read
-        except ValueError:
-            # urllib's own message may quote a piece of the password: say nothing of it.
-            raise ValueError(
-                "the broker URL cannot be parsed; check the port, and percent-encode special "
-                "characters (like / # @ :) in the user name and password"
-            ) from None
-        if parts.scheme not in ("amqp", "amqps"):
-            raise ValueError(
-                "the broker URL must start with amqp:// or amqps://, "
-                f"not {parts.scheme or 'nothing'}://"
-            )
+        urls = split_urls(value.get_secret_value())
+        for number, url in enumerate(urls, 1):
+            # Which one, when there are several; never its text, which holds a password.
+            which = f"the broker URL {number} of {len(urls)}" if len(urls) > 1 else "the broker URL"
+            _check_url(url, which)
         return value
 
     @property
     def redacted_url(self) -> str:
-        """The broker URL with its password replaced by `***`."""
+        """The broker URL (each of a list) with its password replaced by `***`."""
         return redact_url(self.url.get_secret_value())
+
+    @property
+    def urls(self) -> list[str]:
+        """The broker URLs, in the order given (they hold passwords: never print them)."""
+        return split_urls(self.url.get_secret_value())
 
     def with_url(self, url: str | None) -> Settings:
         """A copy whose URL is `url` (a CLI flag), or this object when `url` is None."""
@@ -188,8 +197,35 @@ class Settings(BaseSettings):
         )
 
 
+def split_urls(text: str) -> list[str]:
+    """`"amqp://a/, amqp://b/"` -> `["amqp://a/", "amqp://b/"]` (a comma inside a password
+    must be percent-encoded, as `%2C`)."""
+    return [url.strip() for url in text.split(",")]
+
+
+def _check_url(url: str, which: str) -> None:
+    if not url:
+        raise ValueError(f"{which} is empty: separate several URLs with single commas")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+    except ValueError:
+        # urllib's own message may quote a piece of the password: say nothing of it.
+        raise ValueError(
+            f"{which} cannot be parsed; check the port, and percent-encode special "
+            "characters (like / # @ : ,) in the user name and password"
+        ) from None
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ValueError(
+            f"{which} must start with amqp:// or amqps://, not {parts.scheme or 'nothing'}://"
+        )
+
+
 def redact_url(url: str) -> str:
-    """`amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`."""
+    """`amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`; each URL of a
+    comma-separated list likewise."""
+    if "," in url:
+        return ", ".join(redact_url(one) for one in split_urls(url))
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - urlsplit checks the port only when it is read

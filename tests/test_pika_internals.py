@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import pika
+import pika.channel
 import pika.data
 import pytest
 from pika.adapters.asyncio_connection import AsyncioConnection
@@ -57,6 +58,13 @@ def test_a_timer_on_the_select_connection_fires_inside_a_blocking_wait(blocking)
     _pika_internals.remove_timeout(adapter, timer)
     blocking.process_data_events(time_limit=0.2)
     assert len(fired) == 1  # the removed timer never fired
+
+
+def test_a_blocking_channel_has_a_buffering_channel_underneath(blocking):
+    channel = blocking.channel()
+    underneath = _pika_internals.buffered_channel(channel)
+    assert isinstance(underneath, pika.channel.Channel)
+    assert underneath.channel_number == channel.channel_number
 
 
 def test_the_socket_can_be_polled_without_running_the_io_loop(blocking):

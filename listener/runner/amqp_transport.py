@@ -21,9 +21,10 @@ import pika.channel
 import pika.connection
 from pika.adapters.asyncio_connection import AsyncioConnection
 
-from listener import _pika_internals
-from listener._amqp_errors import connect_error, consume_error, declare_error, publish_error
-from listener.apublisher import connection_alive
+from listener import _nodes, _pika_internals
+from listener._amqp_errors import consume_error, declare_error, publish_error
+from listener.apublisher import connect_node, connection_alive
+from listener.errors import PublishNacked
 from listener.runner.inbound import Inbound, Subscription
 from listener.settings import Settings
 from listener.topology import Binding, QueueSpec, Topology
@@ -43,7 +44,9 @@ class Transport:
         connection: aio_pika.abc.AbstractConnection,
         consuming: AsyncioConnection,
         settings: Settings,
+        node: _nodes.Node,
     ) -> None:
+        self.node = node  # the broker node both connections are open to
         self.connection = connection
         self.consuming = consuming
         self.settings = settings
@@ -55,27 +58,22 @@ class Transport:
 
     @classmethod
     async def connect(cls, settings: Settings, *, name: str) -> Transport:
-        """Open a connection, or raise BrokerUnreachable / AuthenticationFailed."""
-        try:
-            connection = await aio_pika.connect(
-                settings.url.get_secret_value(),
-                heartbeat=settings.heartbeat,
-                timeout=settings.connect_timeout,
-                client_properties={"connection_name": name},
-            )
-        except Exception as exc:
-            raise connect_error(exc, settings.redacted_url) from exc
-        try:
-            consuming = await _open_pika(settings, name)
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), 5.0)
-            if isinstance(exc, Exception):
-                raise connect_error(exc, settings.redacted_url) from exc
-            raise
-        transport = cls(connection, consuming, settings)
-        connection.close_callbacks.add(lambda _conn, exc=None: transport._on_lost(exc))
-        consuming.add_on_close_callback(lambda _conn, exc: transport._on_lost(exc))
+        """Open both connections on one node of the list (the first of a shuffled list that
+        answers), or raise BrokerUnreachable / AuthenticationFailed."""
+
+        async def open_one(node: _nodes.Node) -> Transport:
+            connection = await connect_node(settings, node, name)
+            try:
+                consuming = await _open_pika(settings, node, name)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(connection.close(), 5.0)
+                raise
+            return cls(connection, consuming, settings, node)
+
+        transport = await _nodes.aconnect(settings, open_one, what=name)
+        transport.connection.close_callbacks.add(lambda _conn, exc=None: transport._on_lost(exc))
+        transport.consuming.add_on_close_callback(lambda _conn, exc: transport._on_lost(exc))
         return transport
 
     @property
@@ -180,9 +178,12 @@ class Transport:
                 message, queue_name, mandatory=True, timeout=self.settings.confirm_timeout
             )
         except Exception as exc:
-            raise publish_error(
+            error = publish_error(
                 exc, exchange="", routing_key=queue_name, message_id=str(message.message_id)
-            ) from exc
+            )
+            if isinstance(error, PublishNacked):
+                self._publish_channel = None  # nacked channels stay nacked (see publisher.py)
+            raise error from exc
 
     async def wait_sent(self, timeout: float = 1.0) -> None:
         """Send every ack marked so far, and wait (bounded) until the bytes left this process.
@@ -253,16 +254,11 @@ async def _bind(channel: aio_pika.abc.AbstractChannel, binding: Binding) -> None
         await queue.bind(binding.source, binding.key)
 
 
-async def _open_pika(settings: Settings, name: str) -> AsyncioConnection:
+async def _open_pika(settings: Settings, node: _nodes.Node, name: str) -> AsyncioConnection:
     """Open the consuming connection; its closing later is reported to the transport."""
     _pika_internals.install_field_decoder()
     loop = asyncio.get_running_loop()
-    parameters = pika.URLParameters(settings.url.get_secret_value())
-    parameters.heartbeat = settings.heartbeat
-    parameters.connection_attempts = 1
-    parameters.socket_timeout = settings.connect_timeout
-    parameters.stack_timeout = settings.connect_timeout
-    parameters.client_properties = {"connection_name": f"{name} (deliveries)"}
+    parameters = _nodes.pika_parameters(settings, node, f"{name} (deliveries)")
     opened: asyncio.Future[None] = loop.create_future()
 
     def on_open(_conn: pika.connection.Connection) -> None:
