@@ -206,21 +206,27 @@ def test_the_peer_rows_run_check_out_and_clean_up_beside_their_baselines(amqp_ur
     )
     assert done.returncode == 0, done.stderr
     document = json.loads(done.stdout)
+    celery = document["cases"].pop("celery")
+    if celery["status"] != "ok":
+        # Celery's worker can stop with the acks of its last tasks unsent (README,
+        # Performance): the check must catch exactly that, and nothing else may go wrong.
+        assert celery["status"] == "failed", celery["error"]
+        assert "(unacked or handed back) and 0 are parked" in celery["error"]
     for case_id, case in document["cases"].items():
         assert case["status"] == "ok", (case_id, case["error"])
     rows = {row["id"]: row for row in document["rows"]}
     assert sorted(rows) == sorted([*PEER_ROWS, "raw", "pika-serial", "rss-raw"])
-    for row_id in PEER_ROWS:
+    for row_id in (r for r in PEER_ROWS if rows[r]["status"] == "ok"):
         assert rows[row_id]["baseline"] == ("pika-serial" if row_id in SERIAL else "raw")
         assert isinstance(rows[row_id]["ratio"], float) and rows[row_id]["ratio"] > 0, row_id
         assert rows[row_id]["goal"] is None  # information: no goal is set against a peer
-    for case_id in PEER_ROWS:
+    for case_id in document["cases"].keys() & PEER_ROWS:
         for run in document["cases"][case_id]["runs"]:
             if case_id in SERIAL:  # the warm-up message and the 200 timed ones
                 assert run["in_queue"] == 201, case_id
             else:  # exactly one handler call per pre-filled message
                 assert run["handled"] == 200, case_id
-    assert_nothing_left(amqp_url, document["cases"])
+    assert_nothing_left(amqp_url, {**document["cases"], "celery": celery})
 
 
 @pytest.mark.slow
