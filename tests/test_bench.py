@@ -215,7 +215,8 @@ def test_the_peer_rows_run_check_out_and_clean_up_beside_their_baselines(amqp_ur
     for case_id, case in document["cases"].items():
         assert case["status"] == "ok", (case_id, case["error"])
     rows = {row["id"]: row for row in document["rows"]}
-    assert sorted(rows) == sorted([*PEER_ROWS, "raw", "pika-serial", "rss-raw"])
+    memory = ["rss-raw", "rss-faststream", "rss-dramatiq", "rss-celery"]
+    assert sorted(rows) == sorted([*PEER_ROWS, "raw", "pika-serial", *memory])
     for row_id in (r for r in PEER_ROWS if rows[r]["status"] == "ok"):
         assert rows[row_id]["baseline"] == ("pika-serial" if row_id in SERIAL else "raw")
         assert isinstance(rows[row_id]["ratio"], float) and rows[row_id]["ratio"] > 0, row_id
