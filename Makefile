@@ -36,10 +36,11 @@ examples: install rabbitmq ## run every example's demo against the local broker
 test: install rabbitmq postgres ## run the whole test suite (needs RabbitMQ)
 	$(BIN)/pytest
 
-test-fast: install ## run the tests that need no broker and no subprocesses
-	$(BIN)/pytest -m "not slow" tests/test_routing.py tests/test_listener.py tests/test_outcome.py tests/test_codec.py tests/test_topology.py tests/test_exports.py tests/test_settings.py tests/test_testing.py tests/test_loop.py tests/test_blame.py tests/test_backoff.py
+test-fast: install ## run every test that needs no broker and is not marked slow
+	$(BIN)/pytest -m "not slow and not rabbitmq"
 
-bench: install rabbitmq ## amqp-listener against raw aio-pika and pika, ratios from one run (BENCH_ARGS="--n 2000")
+bench: install rabbitmq ## amqp-listener against raw clients and other frameworks, ratios from one run (BENCH_ARGS="--n 2000")
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: install ## ruff lint and format check

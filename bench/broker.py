@@ -111,6 +111,15 @@ class Broker:
                 raise TimeoutError(f"queue {queue} holds {found} messages, expected {expected}")
             time.sleep(0.02)
 
+    def adopt(self, queues: list[str]) -> None:
+        """Remember queues a measured process declares itself, so that they are deleted too."""
+        self._queues.update(queues)
+
+    def delete_queues(self, queues: list[str]) -> None:
+        """Delete `queues` (a peer's own, see `adopt`)."""
+        for name in queues:
+            self._delete_queue(name)
+
     def delete(self, topology: Topology) -> None:
         """Delete the queues and the exchanges of `topology` (the shared delay entry stays)."""
         for name in (spec.name for spec in topology.queues):

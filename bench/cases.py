@@ -12,7 +12,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["CASES", "GROUPS", "Case", "Goal", "select"]
+from bench.peers import PEERS, available
+
+__all__ = ["CASES", "GROUPS", "Case", "Goal", "installed_peers", "select"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +37,8 @@ class Case:
 
     `listener` names the bench.apps class `amqp-listener run` hosts (framework cases);
     `baseline_argv` the arguments of `python -m bench.baselines` (hand-written cases);
-    `publisher` the `python -m bench.publish` kind (framework publish cases).
+    `publisher` the `python -m bench.publish` kind (framework publish cases); `peer` the
+    other framework a peer case runs (`bench.peers.PEERS`).
     """
 
     id: str
@@ -50,6 +53,7 @@ class Case:
     uvloop: bool = False
     #: With the job ledger on: "postgresql" or "sqlite" (see bench.measure).
     database: str = ""
+    peer: str = ""
 
     @property
     def framework(self) -> bool:
@@ -59,7 +63,7 @@ class Case:
     def place(self) -> str:
         """The routing key and queue suffix of this case's measurements (for framework
         cases, the bench.apps class name, which the class uses for itself)."""
-        return self.listener or ("Sink" if self.publisher else self.id)
+        return self.listener or self.peer or ("Sink" if self.publisher else self.id)
 
 
 _RAW = ("consume-aio-pika",)
@@ -111,6 +115,29 @@ CASES: tuple[Case, ...] = (
         listener="AsyncNoop",
         database="sqlite",
     ),
+    Case(
+    # the other frameworks (the `bench` extra), each as its users run it: see bench.peers
+    Case(
+        "faststream",
+        "consume",
+        "FastStream, async no-op subscriber",
+        "raw",
+        peer="faststream",
+    ),
+    Case(
+        "dramatiq",
+        "consume",
+        "Dramatiq, async no-op actor, 1 process x 8 threads",
+        "raw",
+        peer="dramatiq",
+    ),
+    Case(
+        "celery",
+        "consume",
+        "Celery, sync no-op task, solo pool, acks late",
+        "raw",
+        peer="celery",
+    ),
     # -- publish one at a time, each confirmed --
     Case(
         "pika-serial",
@@ -142,6 +169,27 @@ CASES: tuple[Case, ...] = (
         "notify",
         Goal(0.9),
         publisher="notify-delayed",
+    ),
+    Case(
+        "faststream-publish",
+        "serial",
+        "FastStream broker.publish(), one at a time, confirmed",
+        "pika-serial",
+        peer="faststream",
+    ),
+    Case(
+        "dramatiq-publish",
+        "serial",
+        "Dramatiq send(), one at a time, confirm_delivery",
+        "pika-serial",
+        peer="dramatiq",
+    ),
+    Case(
+        "celery-publish",
+        "serial",
+        "Celery apply_async(), one at a time, confirm_publish",
+        "pika-serial",
+        peer="celery",
     ),
     # -- publish in windows, confirms pipelined --
     Case(
@@ -204,6 +252,11 @@ def uvloop_available() -> bool:
     return True
 
 
+def installed_peers() -> set[str]:
+    """The peers whose package imports here (the `bench` extra installs them all)."""
+    return {name for name in PEERS if available(name)}
+
+
 def select(ids: Sequence[str]) -> list[Case]:
     """The cases named in `ids` (all when empty; each a known id) and the baselines their
     ratios need."""
@@ -216,4 +269,12 @@ def select(ids: Sequence[str]) -> list[Case]:
     if not uvloop_available():
         print("bench: uvloop is not installed; skipping the uvloop rows", file=sys.stderr)
         wanted = {i for i in wanted if not _BY_ID[i].uvloop}
+    missing = sorted({_BY_ID[i].peer for i in wanted if _BY_ID[i].peer} - installed_peers())
+    if missing:
+        print(
+            f"bench: {', '.join(missing)} not installed; skipping their rows "
+            "(pip install -e '.[bench]', as make bench does)",
+            file=sys.stderr,
+        )
+        wanted = {i for i in wanted if _BY_ID[i].peer not in missing}
     return [case for case in CASES if case.id in wanted]

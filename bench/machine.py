@@ -33,6 +33,7 @@ def describe(
         for loop in run.get("loop", [])
         if loop != "thread"
     }
+    peers = sorted({result.case.peer for result in results if result.case.peer})
     return {
         "n": plan.n,
         "prefetch": plan.prefetch,
@@ -42,7 +43,9 @@ def describe(
         "latency_rate": plan.latency_rate,
         "latency_n": plan.latency_n,
         "python": platform.python_version(),
-        "versions": {name: metadata.version(name) for name in ("aio-pika", "pika", "pydantic")},
+        "versions": {
+            name: metadata.version(name) for name in ("aio-pika", "pika", "pydantic", *peers)
+        },
         "uvloop_installed": uvloop_available(),
         "framework_loop": sorted(loops),
         "rabbitmq": broker_version,
@@ -57,6 +60,11 @@ def describe(
 def lines(header: dict[str, Any]) -> list[str]:
     """The header as three lines of text."""
     versions = header["versions"]
+    peers = "".join(
+        f", {name} {version}"
+        for name, version in versions.items()
+        if name not in ("aio-pika", "pika", "pydantic")
+    )
     loop = ", ".join(header["framework_loop"]) or "not seen"
     uvloop = "installed" if header["uvloop_installed"] else "not installed"
     return [
@@ -67,7 +75,7 @@ def lines(header: dict[str, Any]) -> list[str]:
         f"windows of {header['window']}  latency: "
         f"{header['latency_n']:,} probes at {header['latency_rate']:g}/s",
         f"Python {header['python']}, aio-pika {versions['aio-pika']}, pika {versions['pika']}, "
-        f"pydantic {versions['pydantic']}, RabbitMQ {header['rabbitmq']}; framework event "
+        f"pydantic {versions['pydantic']}{peers}, RabbitMQ {header['rabbitmq']}; framework event "
         f"loop: {loop}; uvloop {uvloop}",
         f"{header['cpus']} CPUs, load average {_load(header['load_before'])} before and "
         f"{_load(header['load_after'])} after; {header['date']}; {header['url']}",

@@ -6,6 +6,9 @@
   has stopped, the queue and its dead-letter queue empty (an unacked message would be back
   in the queue). Peak RSS (VmHWM) of every process that handled messages, read before the
   stop.
+* **peers** (`bench.peers`): the same, except that a peer with a message format of its own
+  pre-fills with its own client, and one with queues of its own declares them itself (the
+  parent then only deletes them); the dead-letter queue checked empty is the peer's.
 * **serial** / **batch**: the publisher times its own loop after one untimed warm-up
   message; checked: the queue holds every message afterwards.
 * **latency**: start the consumer on an empty queue, publish probes at a steady rate
@@ -36,6 +39,7 @@ from bench.broker import Broker
 from bench.cases import Case
 from bench.ledgers import Ledgers
 from bench.names import Target, new_token, target
+from bench.peers import PEERS
 from bench.procs import ChildFailed, cli, peak_rss_kib, running, wait_count
 from bench.profiling import summarize
 from bench.recorder import ENV_DIR, ENV_EXPECT, ENV_PROFILE, read_samples, read_stats
@@ -104,14 +108,17 @@ class Runner:
     def _consume(self, case: Case, deadline: float, *, profile: bool) -> dict[str, Any]:
         n = self.plan.n
         with self._fresh(case) as (where, scratch):
-            self.broker.prefill(
-                where.exchange, where.routing_key, n, item, where.queue, _left(deadline)
-            )
+            if case.peer and PEERS[case.peer].own_format:
+                self._fill(case, where, scratch, deadline)
+            else:
+                self.broker.prefill(
+                    where.exchange, where.routing_key, n, item, where.queue, _left(deadline)
+                )
             env = self._env(where, scratch, case, expect=n if profile else 0, profile=profile)
             with running(self._argv(case, where), env, scratch / "output.log") as child:
                 stats = wait_count(scratch, n, deadline, child)
                 rss = {s["pid"]: peak_rss_kib(s["pid"]) for s in stats}
-            stats = self._check_consumed(where, scratch, n)
+            stats = self._check_consumed(case, where, scratch, n)
             first = min(s["first"] for s in stats)
             last = max(s["last"] for s in stats)
             result: dict[str, Any] = {
@@ -170,7 +177,7 @@ class Runner:
                     self.broker.publish_probe(where.exchange, where.routing_key, n)
                 sending = time.monotonic() - start
                 wait_count(scratch, count, deadline, child)
-            stats = self._check_consumed(where, scratch, count)
+            stats = self._check_consumed(case, where, scratch, count)
             delays = sorted(read_samples(scratch))
             if len(delays) != count:
                 raise RunFailed(f"{len(delays)} latency samples for {count} messages")
@@ -187,25 +194,56 @@ class Runner:
 
     @contextlib.contextmanager
     def _fresh(self, case: Case) -> Iterator[tuple[Target, Path]]:
-        """A new token's topology on the broker and a scratch directory, both removed after."""
+        """A new token's topology on the broker and a scratch directory, both removed after.
+
+        A peer that declares its own queues gets none declared: they are only deleted after.
+        """
         where = target(new_token(), case.place)
+        own = PEERS[case.peer].own_queues(where.queue) if case.peer else []
         topology = where.topology()
-        self.declared.append(
-            {"exchange": topology.exchange, "queues": [spec.name for spec in topology.queues]}
-        )
+        if own:
+            self.declared.append({"exchange": None, "queues": own})
+        else:
+            self.declared.append(
+                {"exchange": topology.exchange, "queues": [spec.name for spec in topology.queues]}
+            )
+
+        def delete() -> None:
+            if own:
+                self.broker.delete_queues(own)
+            else:
+                self.broker.delete(topology)
+
         with tempfile.TemporaryDirectory(prefix=f"{case.id}-", dir=self.workdir) as scratch:
             try:
-                self.broker.declare(topology)
+                if own:
+                    self.broker.adopt(own)
+                else:
+                    self.broker.declare(topology)
                 yield where, Path(scratch)
             finally:
                 try:
-                    self.broker.delete(topology)
+                    delete()
                 except Exception:
                     # The connection may have been cut mid-frame by a Ctrl-C: a fresh one.
                     self.broker.close()
-                    self.broker.delete(topology)
+                    delete()
 
-    def _check_consumed(self, where: Target, scratch: Path, expected: int) -> list[dict[str, Any]]:
+    def _fill(self, case: Case, where: Target, scratch: Path, deadline: float) -> None:
+        """Pre-fill a peer's queue with N messages sent by the peer's own client."""
+        n = self.plan.n
+        argv = [sys.executable, "-m", PEERS[case.peer].module, "fill", "--count", str(n)]
+        with running(argv, self._env(where, scratch), scratch / "fill.log") as child:
+            if child.wait(deadline) != 0:
+                raise child.failed("the pre-fill failed")
+        try:
+            self.broker.wait_messages(where.queue, n, min(30.0, _left(deadline)))
+        except TimeoutError as exc:
+            raise RunFailed(f"after the pre-fill: {exc}") from None
+
+    def _check_consumed(
+        self, case: Case, where: Target, scratch: Path, expected: int
+    ) -> list[dict[str, Any]]:
         """After the consumer stopped: exactly `expected` calls, nothing left or parked.
 
         The broker notices a closed connection, drops its consumer and puts its unacked
@@ -224,10 +262,11 @@ class Runner:
                     "consumer process exited"
                 )
             time.sleep(0.02)
+        dead = PEERS[case.peer].dead_letter(where.queue) if case.peer else f"{where.queue}.dead"
         settled = time.monotonic() + _SETTLED
         while True:
             left = self.broker.counts(where.queue)[0]
-            parked = self.broker.counts(f"{where.queue}.dead")[0]
+            parked = self.broker.counts(dead)[0]
             if left or parked:
                 raise RunFailed(
                     f"after the consumer stopped, {where.queue} holds {left} messages "
@@ -250,6 +289,20 @@ class Runner:
                 "--workers",
                 str(case.workers),
             ]  # at the default log level, as deployed
+        if case.peer:
+            peer = PEERS[case.peer]
+            if case.group == "consume":
+                return [sys.executable, *peer.consumer]
+            return [
+                sys.executable,
+                "-m",
+                peer.module,
+                "publish",
+                "--count",
+                str(count),
+                "--out",
+                str(out),
+            ]
         publish = ["--count", str(count), "--window", str(self.plan.window), "--out", str(out)]
         if case.publisher:
             return [sys.executable, "-m", "bench.publish", case.publisher, *publish]
@@ -286,6 +339,12 @@ class Runner:
                 "AMQP_URL": self.plan.url,
                 "BENCH_TOKEN": where.exchange,
                 "BENCH_PREFETCH": str(self.plan.prefetch),
+                # Where a peer works (its worker is started by its own command, without ours).
+                "BENCH_EXCHANGE": where.exchange,
+                "BENCH_ROUTING_KEY": where.routing_key,
+                "BENCH_QUEUE": where.queue,
+                # Dramatiq's prefetch setting (it reads no other).
+                "dramatiq_queue_prefetch": str(self.plan.prefetch),
                 ENV_DIR: str(scratch),
                 ENV_EXPECT: str(expect),
             }

@@ -22,6 +22,9 @@ _RSS_ROWS = {
     "raw": "raw aio-pika consumer",
     "async": "amqp-listener worker, async no-op, --workers 1",
     "workers2": "amqp-listener worker, async no-op, --workers 2 (the larger)",
+    "faststream": "FastStream worker",
+    "dramatiq": "Dramatiq worker process (1 of 1)",
+    "celery": "Celery worker, solo pool",
 }
 
 

@@ -2,7 +2,8 @@
 
 Tests that cross the wire talk to a real RabbitMQ (`AMQP_TEST_URL`, default the local
 broker). Without one they are skipped locally and fail in CI (`CI` set), so a green CI run
-always means the broker tests ran.
+always means the broker tests ran. They are marked `rabbitmq` by the fixtures they use; a
+test that reaches a broker without them carries the marker itself.
 """
 
 from __future__ import annotations
@@ -26,6 +27,16 @@ from listener.runner.worker import Worker
 from listener.settings import Settings
 
 AMQP_TEST_URL = os.environ.get("AMQP_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+#: The fixtures that need RabbitMQ: the test broker, and the nodes the fault suite starts.
+BROKER_FIXTURES = frozenset({"amqp_url", "node"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `rabbitmq` every test that uses a broker fixture, directly or through another
+    fixture, so that `make test-fast` (`-m "not slow and not rabbitmq"`) runs the rest."""
+    for item in items:
+        if BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.rabbitmq)
 
 
 def _broker_answers(url: str) -> bool:

@@ -290,6 +290,7 @@ async def test_a_batch_with_one_body_over_max_body_bytes_sends_none_of_it(
 # -- broker unreachable, credentials refused ------------------------------------------------------
 
 
+@pytest.mark.rabbitmq  # a broker that refuses the login
 def test_a_wrong_password_raises_authentication_failed_without_the_password(unique):
     publisher = Publisher(Settings(url="amqp://guest:Sup3r-s3cret-pw@127.0.0.1:5672/%2F"))
 
@@ -300,6 +301,7 @@ def test_a_wrong_password_raises_authentication_failed_without_the_password(uniq
     assert "guest:***@127.0.0.1:5672" in str(caught.value)
 
 
+@pytest.mark.rabbitmq  # a broker that refuses the login
 async def test_a_wrong_password_raises_authentication_failed_in_the_async_publisher(unique):
     publisher = AsyncPublisher(Settings(url="amqp://guest:Sup3r-s3cret-pw@127.0.0.1:5672/%2F"))
 
@@ -373,6 +375,7 @@ CONNECT_FAILURES = [
         listener.PublishRefused,
         listener.AuthenticationFailed,
         id="wrong-password",
+        marks=pytest.mark.rabbitmq,  # a broker that refuses the login
     ),
 ]
 

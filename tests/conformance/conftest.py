@@ -19,7 +19,9 @@ import pytest
 from conformance_harness import Harness, MemoryHarness, RabbitHarness
 
 
-@pytest.fixture(params=["memory", "memory-join", "rabbitmq"])
+@pytest.fixture(
+    params=["memory", "memory-join", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
+)
 def broker(request: pytest.FixtureRequest) -> Harness:
     """The same small interface over the in-memory broker and RabbitMQ (see the module)."""
     if request.param == "rabbitmq":
