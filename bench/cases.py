@@ -115,7 +115,6 @@ CASES: tuple[Case, ...] = (
         listener="AsyncNoop",
         database="sqlite",
     ),
-    Case(
     # the other frameworks (the `bench` extra), each as its users run it: see bench.peers
     Case(
         "faststream",
