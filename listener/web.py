@@ -293,33 +293,39 @@ def _took(seconds: float | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Chart:
-    """One listener's last hour as an inline SVG: a polyline per outcome, per minute."""
+    """One listener's last hour as an inline SVG: per minute, a bar per outcome side by side
+    (lines would hide each other when two outcomes count the same)."""
 
     listener: str
-    lines: tuple[tuple[str, str, int], ...]  # (outcome, SVG points, total in the hour)
+    # (outcome, its bars as (x, y, height), its total in the hour)
+    series: tuple[tuple[str, tuple[tuple[float, float, float], ...], int], ...]
     peak: int
+    bar: float
 
 
-#: The charts' drawing size in SVG units (the CSS scales them).
+#: The charts' drawing size in SVG units.
 CHART_WIDTH, CHART_HEIGHT = 240, 48
 
 
 def _chart(activity: Activity) -> Chart:
-    series = (
+    counts = (
         ("handled", activity.handled),
         ("failed", activity.failed),
         ("parked", activity.parked),
     )
-    peak = max(max(values, default=0) for _, values in series) or 1
-    step = CHART_WIDTH / max(len(activity.handled) - 1, 1)
-    lines = []
-    for name, values in series:
-        points = " ".join(
-            f"{index * step:.1f},{CHART_HEIGHT - 2 - (value / peak) * (CHART_HEIGHT - 4):.1f}"
-            for index, value in enumerate(values)
-        )
-        lines.append((name, points, sum(values)))
-    return Chart(activity.listener, tuple(lines), peak)
+    peak = max(max(values, default=0) for _, values in counts) or 1
+    minute = CHART_WIDTH / max(len(activity.handled), 1)
+    bar = minute / len(counts)
+    series = []
+    for offset, (name, values) in enumerate(counts):
+        bars = []
+        for index, value in enumerate(values):
+            if value:
+                height = max(value / peak * CHART_HEIGHT, 1.0)
+                x = index * minute + offset * bar
+                bars.append((round(x, 2), round(CHART_HEIGHT - height, 2), round(height, 2)))
+        series.append((name, tuple(bars), sum(values)))
+    return Chart(activity.listener, tuple(series), peak, round(bar, 2))
 
 
 def _body_text(body: bytes) -> str:

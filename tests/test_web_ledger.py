@@ -206,7 +206,7 @@ async def test_a_real_workers_jobs_are_searched_told_as_a_timeline_and_charted(
     assert html.unescape(label.group(1)) == (
         f"{orders.name()}, last hour: 1 handled, 1 failed, 1 parked; at most 1 a minute"
     )
-    assert overview.count("<polyline") == 3
+    assert overview.count("<rect ") == 3  # one minute, one bar per outcome
 
 
 def test_the_charts_count_each_minute_of_the_last_hour_and_nothing_older(ledger):
