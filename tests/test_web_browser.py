@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import socket
 import threading
 import time
@@ -21,6 +22,8 @@ from support.web import console_app, declared_listener, park
 
 from listener import Listener, jobs
 from listener._web_data import LedgerSource
+from listener.ledger import report_worker
+from listener.recorder import WorkerBeat
 from listener.recording import LedgerMiddleware
 from listener.runner.worker import Worker
 
@@ -31,6 +34,7 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts" / "web"
 CHROMIUM = "/usr/bin/chromium"
+NOW = dt.datetime.now(dt.UTC)
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -240,7 +244,18 @@ def test_a_parked_message_replayed_from_the_console_ends_handled_in_its_job_stor
             assert unlabelled_controls(page) == []
             shoot(page, "job")
             page.goto(base + "/workers")
-            assert "of 1 workers busy" in page.inner_text("#busy")
+            busy = page.locator("#busy")
+            playwright_api.expect(busy).to_have_text("0 of 1 workers busy")
+            page.evaluate("window.notReloaded = true")
+            running = [
+                {"message_id": "m-7", "listener": "app:Other", "since": "2026-12-07T05:00:00"}
+            ]
+            with ledger.engine.begin() as connection:
+                report_worker(
+                    connection, "host-x", 1, WorkerBeat(("app:Other",), NOW, running, 0, 0, 0)
+                )
+            playwright_api.expect(busy).to_have_text("1 of 2 workers busy")
+            assert page.evaluate("window.notReloaded") is True
             shoot(page, "workers-ledger")
             page.goto(base + "/")
             assert page.locator("#activity svg").count() == 1
