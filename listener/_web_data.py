@@ -147,7 +147,10 @@ class BrokerSource:
         listeners = scheduled(self.listeners or [])
         if not listeners:
             return []
-        zone = _schedule.time_zone(self.settings.schedule_timezone)
+        try:
+            zone = _schedule.time_zone(self.settings.schedule_timezone)
+        except ValueError as exc:  # a zone name this host does not know
+            raise ConfigurationError(str(exc)) from exc
         now = dt.datetime.now(dt.UTC)
         with Operator(self.settings) as operator:
             return schedule_rows(operator, listeners, zone, now)
@@ -276,13 +279,7 @@ class LedgerSource:
         return sorted(found, key=lambda job: job.updated_at, reverse=True)
 
     def story(self, message_id: str) -> tuple[list[Job], list[Gap]]:
-        def read() -> tuple[list[Job], list[Gap]]:
-            found = jobs.show(message_id, engine=self.engine)
-            first = min((job.attempts[0].started_at for job in found), default=None)
-            since = first or dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
-            return found, jobs.gaps_since(since, engine=self.engine)
-
-        return self._read(read)
+        return self._read(lambda: jobs.story(message_id, engine=self.engine))
 
     def activity(self) -> list[Activity]:
         """Cached for `ttl` seconds, as the broker's counts are: tabs do not add queries."""

@@ -49,6 +49,7 @@ __all__ = [
     "find",
     "gaps_since",
     "show",
+    "story",
     "workers",
 ]
 
@@ -155,6 +156,15 @@ def show(message_id: str, *, engine: Engine | None = None) -> list[Job]:
             .order_by(attempts.c.listener, attempts.c.attempt, attempts.c.started_at)
         ).all()
         return _jobs(connection, rows)
+
+
+def story(message_id: str, *, engine: Engine | None = None) -> tuple[list[Job], list[Gap]]:
+    """`show(message_id)`, with the gaps since its first record (or in the last 30 days when
+    there is none): what may explain a missing attempt, or a missing message."""
+    found = show(message_id, engine=engine)
+    first = min((job.attempts[0].started_at for job in found), default=None)
+    since = first or dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    return found, gaps_since(since, engine=engine)
 
 
 def gaps_since(since: dt.datetime, *, engine: Engine | None = None) -> list[Gap]:

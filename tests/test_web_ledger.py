@@ -11,14 +11,19 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import BaseModel
+from sqlalchemy.engine import make_url
 from starlette.testclient import TestClient
 from support.databases import empty_ledger
-from support.waiting import eventually
+from support.waiting import eventually, wait_until
 from support.web import console_app, declared_listener
 
 from listener import Listener, jobs
@@ -30,6 +35,7 @@ from listener.scheduler import queue_arguments, state_queue
 from listener.settings import Settings, get_settings
 
 NOW = dt.datetime.now(dt.UTC)
+CLI = str(Path(sys.executable).with_name("amqp-listener"))
 
 
 @pytest.fixture
@@ -268,3 +274,42 @@ async def test_the_console_shows_schedules_with_their_last_tick_and_the_delayed_
     assert "2026-12-07 03:00:00 UTC host-s pid 7 (runner 6)" in row
     await eventually(lambda: client.get("/api/overview").json()["listeners"][0]["delayed"] == 1)
     assert '<td data-field="delayed">1</td>' in client.get("/").text
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_command_reads_the_ledger_named_by_database_url_and_never_prints_its_password(
+    amqp_url: str, postgres_url: str, ledger: LedgerSource
+) -> None:
+    with ledger.engine.begin() as connection:
+        report_worker(connection, "host-a", 1, WorkerBeat(("app:Orders",), NOW, [], 0, 0, 0))
+    with_password = make_url(postgres_url).set(password="s3cret-pw")  # trust auth ignores it
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "AMQP_LISTENER_DATABASE_URL"}
+    process = subprocess.Popen(
+        [CLI, "web", "--port", str(port), "--database-url",
+         with_password.render_as_string(hide_password=False)],
+        env={**env, "AMQP_URL": amqp_url}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        workers_page = wait_until(
+            lambda: _get(f"http://127.0.0.1:{port}/workers"), 20, "the console to answer"
+        )
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=20)
+    assert "0 of 1 workers busy" in workers_page
+    assert "host-a" in workers_page
+    assert "***" in stderr.splitlines()[0] and "s3cret-pw" not in stderr
+
+
+def _get(url: str) -> str | None:
+    try:
+        return httpx.get(url).text
+    except httpx.TransportError:
+        return None
