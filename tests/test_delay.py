@@ -302,6 +302,8 @@ async def test_a_delay_through_the_outbox_counts_from_the_commit_not_from_the_re
 
     for n, arrived in arrivals(seen).items():
         assert committed + 3 - 0.2 <= arrived <= committed + 3 + LATE, (n, arrived - committed)
+
+
 def test_a_delayed_publish_no_listener_is_bound_for_is_refused_as_unroutable(unique, rabbit):
     with pytest.raises(listener.Unroutable):
         listener.publish(f"{unique}.nobody", {"n": 1}, delay=5)
