@@ -76,7 +76,11 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
 
     async def overview(request: Request) -> Response:
         rows, age = await _broker(console.broker.overview)
-        activity = await _ledger(console.jobs.activity)
+        # The counts come from the broker: a ledger that does not answer costs only the charts.
+        try:
+            activity, unread = await _ledger(console.jobs.activity), None
+        except HTTPException as exc:
+            activity, unread = [], exc.detail
         return render(
             request,
             "overview.html",
@@ -85,6 +89,7 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
             refresh=REFRESH,
             jobs=console.jobs,
             charts=[_chart(item) for item in activity],
+            unread=unread,
             chart_width=CHART_WIDTH,
             chart_height=CHART_HEIGHT,
         )

@@ -99,19 +99,24 @@ def test_without_a_database_url_every_ledger_page_says_what_is_missing(settings,
     assert "<svg" not in overview.text
 
 
-def test_an_unreachable_ledger_is_a_502_naming_the_database_but_never_its_password(
+def test_an_unreachable_ledger_is_a_502_naming_it_without_its_password_but_the_overview_stays(
     settings, unique, rabbit
 ):
     source = LedgerSource("postgresql://ops:s3cret-pw@127.0.0.1:1/ledger")
     mailer = declared_listener(unique, rabbit)
     client = TestClient(console_app(settings, mailer, jobs=source)[0])
     try:
-        for path in ("/workers", "/jobs?tag=Account:1", "/jobs/m1", "/"):
+        for path in ("/workers", "/jobs?tag=Account:1", "/jobs/m1"):
             page = client.get(path)
             assert page.status_code == 502, path
             assert "the job ledger did not answer" in page.text
             assert "127.0.0.1:1" in page.text
             assert "s3cret-pw" not in page.text
+        overview = client.get("/")  # the broker's counts still show; only the charts are gone
+        assert overview.status_code == 200
+        assert f'<tr data-queue="{mailer.queue}">' in overview.text
+        assert "No charts: the job ledger did not answer" in overview.text
+        assert "s3cret-pw" not in overview.text
     finally:
         source.close()
 
