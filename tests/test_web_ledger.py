@@ -158,7 +158,7 @@ def test_the_workers_page_counts_busy_live_workers_and_marks_silent_ones_lost(
     assert page.status_code == 200
     assert '<p id="busy" class="headline">1 of 2 workers busy</p>' in page.text
     assert 'data-live="3"' in page.text  # the list refreshes by itself
-    rows = re.findall(r"<tr( class=\"lost\")?>\s*<td>(host-\w)</td>", page.text)
+    rows = re.findall(r"<tr( class=\"lost\")?>\s*<td class=\"nowrap\">(host-\w)</td>", page.text)
     assert rows == [("", "host-a"), ("", "host-b"), (' class="lost"', "host-c")]
     assert '<a class="mono" href="/jobs/m-busy">m-busy</a> app:Orders' in page.text
     assert since.strftime("%Y-%m-%d %H:%M:%S UTC") in page.text
