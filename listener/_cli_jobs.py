@@ -50,13 +50,7 @@ def show(
     and how it ended, and where the message is now."""
     from listener import jobs
 
-    def work(engine: Any) -> tuple[list[Job], list[Gap]]:
-        found = jobs.show(message_id, engine=engine)
-        first = min((job.attempts[0].started_at for job in found), default=None)
-        since = first or dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
-        return found, jobs.gaps_since(since, engine=engine)
-
-    found, gaps = with_database(database_url, work)
+    found, gaps = with_database(database_url, lambda engine: jobs.story(message_id, engine=engine))
     if as_json:
         _emit(
             {

@@ -15,11 +15,12 @@ from listener import registry
 from listener import schedule as _schedule
 from listener._cli_operate import JsonOption, UrlOption, _console, _emit_json, _fail, _operate
 from listener.errors import ListenerError
+from listener.listener import Listener
 from listener.operations import Operator
 from listener.scheduler import scheduled, state_queue
 from listener.settings import get_settings
 
-__all__ = ["schedules"]
+__all__ = ["schedule_rows", "schedules"]
 
 
 def schedules(
@@ -35,35 +36,7 @@ def schedules(
     except (ListenerError, ValueError) as exc:
         _fail(str(exc), 2)
     now = dt.datetime.now(dt.UTC)
-
-    def read(operator: Operator) -> list[dict[str, Any]]:
-        rows = []
-        for cls in listeners:
-            plan = _schedule.schedule_of(cls, zone)
-            assert plan is not None
-            state: dict[str, Any] = {}
-            body = operator.peek_latest(state_queue(cls))
-            if body is not None:
-                try:
-                    state = json.loads(body)
-                except ValueError:
-                    state = {}
-            rows.append(
-                {
-                    "listener": cls.name(),
-                    "expression": plan.expression,
-                    "timezone": str(zone) if plan.cron is not None else "UTC",
-                    "missed_ticks": cls.missed_ticks,
-                    "next_tick": plan.next_after(now).isoformat(),
-                    "last_tick": state.get("last_tick"),
-                    "host": state.get("host"),
-                    "pid": state.get("pid"),
-                    "runner_pid": state.get("runner_pid"),
-                }
-            )
-        return rows
-
-    rows = _operate(url, read)
+    rows = _operate(url, lambda operator: schedule_rows(operator, listeners, zone, now))
     if as_json:
         _emit_json({"schedules": rows})
         return
@@ -80,3 +53,35 @@ def schedules(
             fired_by,
         )
     _console().print(table)
+
+
+def schedule_rows(
+    operator: Operator, listeners: list[type[Listener]], zone: dt.tzinfo, now: dt.datetime
+) -> list[dict[str, Any]]:
+    """Each scheduled listener's expression, next tick, and last tick with who fired it (read
+    from its state queue); what `schedules` prints, and the web console shows."""
+    rows = []
+    for cls in listeners:
+        plan = _schedule.schedule_of(cls, zone)
+        assert plan is not None
+        state: dict[str, Any] = {}
+        body = operator.peek_latest(state_queue(cls))
+        if body is not None:
+            try:
+                state = json.loads(body)
+            except ValueError:
+                state = {}
+        rows.append(
+            {
+                "listener": cls.name(),
+                "expression": plan.expression,
+                "timezone": str(zone) if plan.cron is not None else "UTC",
+                "missed_ticks": cls.missed_ticks,
+                "next_tick": plan.next_after(now).isoformat(),
+                "last_tick": state.get("last_tick"),
+                "host": state.get("host"),
+                "pid": state.get("pid"),
+                "runner_pid": state.get("runner_pid"),
+            }
+        )
+    return rows

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from listener import registry
+from listener._cli_db import DatabaseUrlOption
 from listener.errors import ListenerError
 from listener.settings import get_settings
 
@@ -43,8 +44,10 @@ def web(
         str | None,
         typer.Option("--url", help="Broker URL; overrides AMQP_URL.", show_default=False),
     ] = None,
+    database_url: DatabaseUrlOption = None,
 ) -> None:
-    """Serve the web console: listeners, parked messages with replay and purge, topology."""
+    """Serve the web console: listeners, parked messages with replay and purge, topology,
+    schedules; with the job ledger, workers, jobs and the last hour's charts."""
     try:
         import uvicorn
 
@@ -55,7 +58,7 @@ def web(
         _fail(f"the web console needs its extra ({exc.name} is missing): "
               "pip install 'amqp-listener[web]'", 2)  # fmt: skip
     try:
-        settings = get_settings().with_url(url)
+        settings = get_settings().with_url(url).with_database_url(database_url)
         token = settings.web_token.get_secret_value() if settings.web_token else None
         credentials = Credentials.parse(auth, token)
     except (ListenerError, ValueError) as exc:
@@ -67,10 +70,12 @@ def web(
         listeners = registry.discover(modules) if modules else None
     except ListenerError as exc:
         _fail(str(exc), 2)
-    console = Console(BrokerSource(settings, listeners), job_source(), read_only, show_bodies)
+    jobs = job_source(settings)
+    console = Console(BrokerSource(settings, listeners), jobs, read_only, show_bodies)
+    ledger = settings.redacted_database_url if jobs.available else "no job ledger"
     typer.echo(
-        f"amqp-listener web console on http://{host}:{port}/ (broker {settings.redacted_url}"
-        f"{', read-only' if read_only else ''})",
+        f"amqp-listener web console on http://{host}:{port}/ (broker {settings.redacted_url}, "
+        f"{ledger}{', read-only' if read_only else ''})",
         err=True,
     )
     uvicorn.run(create_app(console, credentials), host=host, port=port, log_level="warning")

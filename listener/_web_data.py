@@ -4,28 +4,42 @@
   the operator commands (`listener.operations`), so the console behaves as the CLI does.
   Counts are cached: however many tabs poll, the broker is asked about each listener at
   most once per `ttl` seconds.
-* The job ledger (`JobSource`): workers and jobs. A small interface, so that a ledger
-  reader can fill those pages; until one is configured, `NoLedger` says what is missing.
+* The job ledger (`JobSource`): workers, jobs and the overview's charts, read with the
+  queries of `listener.jobs` (`LedgerSource`); without a database URL, `NoLedger` says
+  what is missing.
 
 Every call here is synchronous (pika); the app runs them in a worker thread.
 """
 
 from __future__ import annotations
 
-import os
+import datetime as dt
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from listener.errors import ConfigurationError
+from listener import jobs
+from listener import schedule as _schedule
+from listener.errors import ConfigurationError, ListenerError
+from listener.jobs import Activity, Gap, Job, WorkerStatus
 from listener.listener import Listener
 from listener.operations import Operator, QueueStatus, Target
 from listener.parked import Page, Parked, ReplayResult
 from listener.settings import Settings
 
-__all__ = ["BrokerSource", "JobSource", "NoLedger", "TopologyRow", "job_source"]
+__all__ = [
+    "BrokerSource",
+    "JobSource",
+    "LedgerError",
+    "LedgerSource",
+    "NoLedger",
+    "TopologyRow",
+    "job_source",
+]
+
+T = TypeVar("T")
 
 #: Seconds the overview's counts are reused: the idle cost promised to the broker.
 OVERVIEW_TTL = 5.0
@@ -125,6 +139,22 @@ class BrokerSource:
             )
         return rows
 
+    def schedules(self) -> list[dict[str, Any]]:
+        """The scheduled listeners given by module, as `amqp-listener schedules` shows them."""
+        from listener._cli_schedules import schedule_rows
+        from listener.scheduler import scheduled
+
+        listeners = scheduled(self.listeners or [])
+        if not listeners:
+            return []
+        try:
+            zone = _schedule.time_zone(self.settings.schedule_timezone)
+        except ValueError as exc:  # a zone name this host does not know
+            raise ConfigurationError(str(exc)) from exc
+        now = dt.datetime.now(dt.UTC)
+        with Operator(self.settings) as operator:
+            return schedule_rows(operator, listeners, zone, now)
+
     def _target(self, operator: Operator, queue: str) -> Target:
         # Only a listener's queue: the console is no general queue browser.
         if queue not in self.queues():
@@ -133,7 +163,7 @@ class BrokerSource:
 
 
 class JobSource(Protocol):
-    """Where the Workers and Jobs pages read from: the job ledger.
+    """Where the Workers and Jobs pages, and the overview's charts, read from: the job ledger.
 
     `available` False means the pages show `missing` instead of data.
     """
@@ -148,8 +178,8 @@ class JobSource(Protocol):
         """What the pages say when there is none."""
         ...
 
-    def workers(self) -> list[dict[str, Any]]:
-        """Every worker on every host: host, pid, listener, busy with, since."""
+    def workers(self) -> list[WorkerStatus]:
+        """Every worker on every host, as `amqp-listener workers` shows them."""
         ...
 
     def jobs(
@@ -160,12 +190,16 @@ class JobSource(Protocol):
         state: str | None = None,
         tag: str | None = None,
         limit: int = 50,
-    ) -> list[dict[str, Any]]:
-        """Jobs matching the search, newest first."""
+    ) -> list[Job]:
+        """Jobs matching the search, the most recently active first."""
         ...
 
-    def job(self, message_id: str) -> dict[str, Any] | None:
-        """One job with its publish and every attempt, or None."""
+    def story(self, message_id: str) -> tuple[list[Job], list[Gap]]:
+        """Every job of one message (empty when unknown), and the ledger's gaps since."""
+        ...
+
+    def activity(self) -> list[Activity]:
+        """Attempts ended per minute and listener over the last hour."""
         ...
 
 
@@ -176,7 +210,7 @@ class NoLedger:
     missing: str
     available: bool = False
 
-    def workers(self) -> list[dict[str, Any]]:
+    def workers(self) -> list[WorkerStatus]:
         return []
 
     def jobs(
@@ -187,22 +221,101 @@ class NoLedger:
         state: str | None = None,
         tag: str | None = None,
         limit: int = 50,
-    ) -> list[dict[str, Any]]:
+    ) -> list[Job]:
         return []
 
-    def job(self, message_id: str) -> dict[str, Any] | None:
-        return None
+    def story(self, message_id: str) -> tuple[list[Job], list[Gap]]:
+        return [], []
+
+    def activity(self) -> list[Activity]:
+        return []
 
 
-def job_source() -> JobSource:
+class LedgerSource:
+    """The job ledger, read with the same queries as `amqp-listener jobs` and `workers`.
+
+    One engine (a small pool) for the console's life. A database failure becomes a
+    `LedgerError` naming the database (never its password) and what failed.
+    """
+
+    available = True
+    missing = ""
+
+    def __init__(self, url: str, *, ttl: float = OVERVIEW_TTL) -> None:
+        from listener.database import create_engine
+
+        self._url = url
+        self.engine = create_engine(url)
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._activity: tuple[float, list[Activity]] | None = None
+
+    def workers(self) -> list[WorkerStatus]:
+        return self._read(lambda: jobs.workers(engine=self.engine))
+
+    def jobs(
+        self,
+        *,
+        message_id: str | None = None,
+        listener: str | None = None,
+        state: str | None = None,
+        tag: str | None = None,
+        limit: int = 50,
+    ) -> list[Job]:
+        if message_id is None:
+            found = self._read(
+                lambda: jobs.find(
+                    listener=listener, tag=tag, state=state, limit=limit, engine=self.engine
+                )
+            )
+        else:  # one message: its jobs, narrowed by the other fields
+            found = [
+                job
+                for job in self._read(lambda: jobs.show(message_id, engine=self.engine))
+                if (listener is None or job.listener == listener)
+                and (state is None or job.state == state)
+                and (tag is None or tag in job.tags)
+            ]
+        return sorted(found, key=lambda job: job.updated_at, reverse=True)
+
+    def story(self, message_id: str) -> tuple[list[Job], list[Gap]]:
+        return self._read(lambda: jobs.story(message_id, engine=self.engine))
+
+    def activity(self) -> list[Activity]:
+        """Cached for `ttl` seconds, as the broker's counts are: tabs do not add queries."""
+        with self._lock:
+            now = time.monotonic()
+            if self._activity is None or now - self._activity[0] >= self.ttl:
+                self._activity = (now, self._read(lambda: jobs.activity(engine=self.engine)))
+            return self._activity[1]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _read(self, query: Callable[[], T]) -> T:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from listener.database import describe_error
+
+        try:
+            return query()
+        except SQLAlchemyError as exc:
+            raise LedgerError(describe_error(exc, self._url)) from exc
+
+
+class LedgerError(ListenerError):
+    """The ledger's database did not answer a read (the text says what to check)."""
+
+
+def job_source(settings: Settings) -> JobSource:
     """The ledger reader for this installation, or `NoLedger` saying why there is none."""
-    if not os.environ.get("AMQP_LISTENER_DATABASE_URL"):
+    if settings.database_url is None:
         return NoLedger(
-            "This page needs the job ledger: set AMQP_LISTENER_DATABASE_URL (PostgreSQL, "
-            "or SQLite on one host), install amqp-listener[db], and run "
-            "`amqp-listener db upgrade`."
+            "This page needs the job ledger: set AMQP_LISTENER_DATABASE_URL (or start the "
+            "console with --database-url) to PostgreSQL, or SQLite on one host, install "
+            "amqp-listener[db], and run `amqp-listener db upgrade`."
         )
-    return NoLedger(
-        "AMQP_LISTENER_DATABASE_URL is set, but this version of the console has no job "
-        "ledger reader yet."
-    )
+    try:
+        return LedgerSource(settings.database_url.get_secret_value())
+    except ConfigurationError as exc:  # no sqlalchemy, or a URL it cannot use
+        return NoLedger(f"The job ledger cannot be read: {exc}")

@@ -39,14 +39,17 @@ if TYPE_CHECKING:
 __all__ = [
     "STATES",
     "UNFINISHED",
+    "Activity",
     "Attempt",
     "Gap",
     "Job",
     "Running",
     "WorkerStatus",
+    "activity",
     "find",
     "gaps_since",
     "show",
+    "story",
     "workers",
 ]
 
@@ -155,6 +158,15 @@ def show(message_id: str, *, engine: Engine | None = None) -> list[Job]:
         return _jobs(connection, rows)
 
 
+def story(message_id: str, *, engine: Engine | None = None) -> tuple[list[Job], list[Gap]]:
+    """`show(message_id)`, with the gaps since its first record (or in the last 30 days when
+    there is none): what may explain a missing attempt, or a missing message."""
+    found = show(message_id, engine=engine)
+    first = min((job.attempts[0].started_at for job in found), default=None)
+    since = first or dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    return found, gaps_since(since, engine=engine)
+
+
 def gaps_since(since: dt.datetime, *, engine: Engine | None = None) -> list[Gap]:
     """Stretches since `since` in which records were dropped, oldest first."""
     from listener.ledger import gaps
@@ -230,6 +242,69 @@ def workers(*, engine: Engine | None = None) -> list[WorkerStatus]:
             )
         )
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """One listener's attempts that ended, per minute, oldest minute first.
+
+    `failed` counts attempts that raised and will be tried again (retried, or their worker
+    died); `parked` those that ended the message in its dead-letter queue.
+    """
+
+    listener: str
+    since: dt.datetime
+    handled: tuple[int, ...]
+    failed: tuple[int, ...]
+    parked: tuple[int, ...]
+
+
+_ACTIVITY = {"handled": "handled", "retried": "failed", "worker_lost": "failed", "parked": "parked"}
+
+
+def activity(*, minutes: int = 60, engine: Engine | None = None) -> list[Activity]:
+    """Per listener, how many attempts ended handled, failed and parked in each of the last
+    `minutes` minutes (the current one last); listeners without any are left out.
+
+    Counted by the database, grouped by minute: one query, however busy the hour was.
+    """
+    from sqlalchemy import Integer, cast, func, select
+
+    from listener.ledger import attempts
+
+    now = dt.datetime.now(dt.UTC)
+    this_minute = int(now.timestamp()) // 60
+    since = dt.datetime.fromtimestamp((this_minute - minutes + 1) * 60, dt.UTC)
+    with _connection(engine) as connection:
+        if connection.dialect.name == "sqlite":
+            epoch = cast(func.strftime("%s", attempts.c.finished_at), Integer)
+        else:
+            epoch = cast(func.extract("epoch", attempts.c.finished_at), Integer)
+        minute = (epoch // 60).label("minute")
+        rows = connection.execute(
+            select(attempts.c.listener, attempts.c.outcome, minute, func.count().label("n"))
+            .where(attempts.c.outcome.in_(_ACTIVITY), attempts.c.finished_at >= since)
+            .group_by(attempts.c.listener, attempts.c.outcome, minute)
+        ).all()
+    counts: dict[str, dict[str, list[int]]] = {}
+    for row in rows:
+        slot = int(row.minute) - (this_minute - minutes + 1)
+        if not 0 <= slot < minutes:
+            continue
+        series = counts.setdefault(
+            row.listener, {name: [0] * minutes for name in ("handled", "failed", "parked")}
+        )
+        series[_ACTIVITY[row.outcome]][slot] += row.n
+    return [
+        Activity(
+            name,
+            since,
+            tuple(series["handled"]),
+            tuple(series["failed"]),
+            tuple(series["parked"]),
+        )
+        for name, series in sorted(counts.items())
+    ]
 
 
 # -- queries ---------------------------------------------------------------------------------

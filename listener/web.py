@@ -1,7 +1,9 @@
 """The web console: `amqp-listener web` serves these pages (the `[web]` extra).
 
 Server-rendered (Starlette and Jinja2; the templates, CSS and JavaScript ship in the
-package: no build step, no CDN). The overview refreshes itself by polling `/api/overview`.
+package: no build step, no CDN). The overview refreshes itself by polling `/api/overview`;
+the other live parts (workers, an unfinished job, the charts) by reloading their own page's
+fragment. The Workers and Jobs pages and the charts read the job ledger (`JobSource`).
 Parked messages are read and acted on through the operator commands, so a replay or purge
 from the browser behaves as one from the CLI, and is as safe when interrupted. Safety rules
 live in `listener._web_security`.
@@ -26,9 +28,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from listener._web_data import BrokerSource, JobSource
+from listener._web_data import BrokerSource, JobSource, LedgerError
 from listener._web_security import CSRF_COOKIE, Credentials, Csrf, SecurityMiddleware
 from listener.errors import BrokerError, ConfigurationError, ListenerError, PublishError
+from listener.jobs import STATES, UNFINISHED, Activity
 
 __all__ = ["Console", "create_app"]
 
@@ -55,6 +58,7 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
     them."""
     templates = Jinja2Templates(directory=str(HERE / "web_templates"))
     templates.env.filters["when"] = _when
+    templates.env.filters["took"] = _took
     csrf = Csrf()
 
     def render(request: Request, name: str, status: int = 200, **context: Any) -> Response:
@@ -63,6 +67,7 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
             read_only=console.read_only,
             csrf_token=csrf.token(cookie),
             nav=request.url.path,
+            ledger=console.jobs.available,
         )
         response = templates.TemplateResponse(request, name, context, status_code=status)
         if CSRF_COOKIE not in request.cookies:
@@ -71,7 +76,23 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
 
     async def overview(request: Request) -> Response:
         rows, age = await _broker(console.broker.overview)
-        return render(request, "overview.html", rows=rows, age=age, refresh=REFRESH)
+        # The counts come from the broker: a ledger that does not answer costs only the charts.
+        try:
+            activity, unread = await _ledger(console.jobs.activity), None
+        except HTTPException as exc:
+            activity, unread = [], exc.detail
+        return render(
+            request,
+            "overview.html",
+            rows=rows,
+            age=age,
+            refresh=REFRESH,
+            jobs=console.jobs,
+            charts=[_chart(item) for item in activity],
+            unread=unread,
+            chart_width=CHART_WIDTH,
+            chart_height=CHART_HEIGHT,
+        )
 
     async def overview_json(_request: Request) -> Response:
         rows, age = await _broker(console.broker.overview)
@@ -134,26 +155,59 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
     async def topology(request: Request) -> Response:
         return render(request, "topology.html", rows=console.broker.topology())
 
+    async def schedules(request: Request) -> Response:
+        rows = await _broker(console.broker.schedules)
+        return render(request, "schedules.html", rows=rows, given=bool(console.broker.listeners))
+
     async def workers(request: Request) -> Response:
-        rows = await run_in_threadpool(console.jobs.workers) if console.jobs.available else []
-        return render(request, "workers.html", jobs=console.jobs, rows=rows)
+        rows = await _ledger(console.jobs.workers)
+        live = [worker for worker in rows if not worker.lost]
+        return render(
+            request,
+            "workers.html",
+            jobs=console.jobs,
+            rows=rows,
+            live=len(live),
+            busy=sum(1 for worker in live if worker.busy),
+            refresh=REFRESH,
+        )
 
     async def jobs(request: Request) -> Response:
         search = {
-            key: request.query_params.get(key) or None
+            key: request.query_params.get(key, "").strip() or None
             for key in ("message_id", "listener", "state", "tag")
         }
-        rows: list[dict[str, Any]] = []
-        if console.jobs.available:
-            rows = await run_in_threadpool(
-                lambda: console.jobs.jobs(
-                    message_id=search["message_id"],
-                    listener=search["listener"],
-                    state=search["state"],
-                    tag=search["tag"],
-                )
+        if search["state"] is not None and search["state"] not in STATES:
+            raise HTTPException(400, f"state must be one of {', '.join(STATES)}")
+        rows = await _ledger(
+            lambda: console.jobs.jobs(
+                message_id=search["message_id"],
+                listener=search["listener"],
+                state=search["state"],
+                tag=search["tag"],
+                limit=PAGE_SIZE,
             )
-        return render(request, "jobs.html", jobs=console.jobs, rows=rows, search=search)
+        )
+        return render(
+            request, "jobs.html", jobs=console.jobs, rows=rows, search=search, states=STATES
+        )
+
+    async def job(request: Request) -> Response:
+        message_id = request.path_params["message_id"]
+        found, gaps = await _ledger(console.jobs.story, message_id)
+        if console.jobs.available and not found:
+            more = " (records were dropped in a gap: it may have run then)" if gaps else ""
+            raise HTTPException(404, f"no record of message {message_id!r} in the ledger{more}")
+        return render(
+            request,
+            "job.html",
+            jobs=console.jobs,
+            message_id=message_id,
+            found=found,
+            gaps=gaps,
+            live=any(item.state in UNFINISHED for item in found),
+            refresh=REFRESH,
+        )
 
     async def not_found(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -168,8 +222,10 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
         Route("/parked/{queue}/confirm", confirm),
         Route("/parked/{queue}/act", act, methods=["POST"]),
         Route("/topology", topology),
+        Route("/schedules", schedules),
         Route("/workers", workers),
         Route("/jobs", jobs),
+        Route("/jobs/{message_id}", job),
         Route("/favicon.ico", lambda _r: RedirectResponse("/static/favicon.svg")),
         Mount("/static", StaticFiles(directory=str(HERE / "web_static")), name="static"),
     ]
@@ -188,6 +244,17 @@ async def _broker(call: Any, *args: Any, **kwargs: Any) -> Any:
         raise HTTPException(404, str(exc)) from exc
     except (BrokerError, PublishError, ListenerError, OSError) as exc:
         raise HTTPException(502, f"the broker did not do it: {exc}") from exc
+
+
+async def _ledger(call: Any, *args: Any) -> Any:
+    """Run a (synchronous) ledger read in a thread; a database failure becomes a 502 with
+    the one line `amqp-listener jobs` would print."""
+    try:
+        return await run_in_threadpool(call, *args)
+    except LedgerError as exc:
+        raise HTTPException(502, f"the job ledger did not answer: {exc}") from exc
+    except ValueError as exc:  # a search the ledger refuses (an unknown state)
+        raise HTTPException(400, str(exc)) from exc
 
 
 def _refuse_if_read_only(console: Console) -> None:
@@ -221,6 +288,49 @@ def _when(stamp: str) -> str:
     if moment.tzinfo is not None:
         moment = moment.astimezone(dt.UTC)
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _took(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+@dataclass(frozen=True, slots=True)
+class Chart:
+    """One listener's last hour as an inline SVG: per minute, a bar per outcome side by side
+    (lines would hide each other when two outcomes count the same)."""
+
+    listener: str
+    # (outcome, its bars as (x, y, height), its total in the hour)
+    series: tuple[tuple[str, tuple[tuple[float, float, float], ...], int], ...]
+    peak: int
+    bar: float
+
+
+#: The charts' drawing size in SVG units.
+CHART_WIDTH, CHART_HEIGHT = 240, 48
+
+
+def _chart(activity: Activity) -> Chart:
+    counts = (
+        ("handled", activity.handled),
+        ("failed", activity.failed),
+        ("parked", activity.parked),
+    )
+    peak = max(max(values, default=0) for _, values in counts) or 1
+    minute = CHART_WIDTH / max(len(activity.handled), 1)
+    bar = minute / len(counts)
+    series = []
+    for offset, (name, values) in enumerate(counts):
+        bars = []
+        for index, value in enumerate(values):
+            if value:
+                height = max(value / peak * CHART_HEIGHT, 1.0)
+                x = index * minute + offset * bar
+                bars.append((round(x, 2), round(CHART_HEIGHT - height, 2), round(height, 2)))
+        series.append((name, tuple(bars), sum(values)))
+    return Chart(activity.listener, tuple(series), peak, round(bar, 2))
 
 
 def _body_text(body: bytes) -> str:

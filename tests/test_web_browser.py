@@ -4,16 +4,28 @@ refused. Screenshots of every page go to artifacts/web/."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import datetime as dt
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
+from support.databases import empty_ledger
+from support.waiting import wait_until
 from support.web import console_app, declared_listener, park
+
+from listener import Listener, jobs
+from listener._web_data import LedgerSource
+from listener.ledger import report_worker
+from listener.recorder import WorkerBeat
+from listener.recording import LedgerMiddleware
+from listener.runner.worker import Worker
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +34,7 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts" / "web"
 CHROMIUM = "/usr/bin/chromium"
+NOW = dt.datetime.now(dt.UTC)
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -62,6 +75,23 @@ def serving(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def working(cls: type[Listener], settings) -> Iterator[Worker]:
+    """A worker for `cls`, recording into the ledger, on its own event loop in a thread."""
+    worker = Worker([cls], settings, install_signals=False, middleware=[LedgerMiddleware(settings)])
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(worker.run(),), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: worker.ready or not thread.is_alive(), 15, "the worker to be ready")
+        assert worker.ready, "the worker did not start"
+        yield worker
+    finally:
+        loop.call_soon_threadsafe(worker.request_stop, "test finished")
+        thread.join(timeout=30)
+        loop.close()
 
 
 @pytest.fixture
@@ -164,3 +194,71 @@ def test_actions_are_refused_read_only_and_without_a_csrf_token(page, settings, 
         assert page.evaluate(post, [base + action, form + "&csrf_token=" + "0" * 64]) == 403
 
     assert rabbit.count(f"{mailer.queue}.dead") == 1
+
+
+def test_a_parked_message_replayed_from_the_console_ends_handled_in_its_job_story(
+    page, settings, unique, rabbit, postgres_url
+):
+    empty_ledger(postgres_url)
+    broken = {"yes": True}
+
+    class Invoices(Listener):
+        subscribes_to = f"{unique}.invoice"
+        queue = f"{unique}.invoices"
+        max_attempts = 1
+
+        def handle(self, message: dict[str, Any]) -> None:
+            if broken["yes"]:
+                raise ConnectionError("the PDF service is down")
+
+    rabbit.track(Invoices)
+    ledger = LedgerSource(postgres_url, ttl=0)
+    recorded = settings.with_database_url(postgres_url)
+
+    def state(message_id: str) -> str | None:
+        found = jobs.show(message_id, engine=ledger.engine)
+        return found[0].state if found else None
+
+    app, _ = console_app(settings, Invoices, jobs=ledger)
+    try:
+        with working(Invoices, recorded), serving(app) as base:
+            message_id = Invoices.notify(number=7)
+            wait_until(lambda: state(message_id) == "parked", 15, "the message to be parked")
+            page.goto(base + f"/parked/{Invoices.queue}/message?id={message_id}")
+            assert "ConnectionError" in page.inner_text("main")
+            broken["yes"] = False
+            page.get_by_role("button", name="Replay this message…").click()
+            page.get_by_role("button", name="Yes, replay").click()
+            playwright_api.expect(page.get_by_role("status")).to_have_text("Replayed 1 message(s)")
+            wait_until(lambda: state(message_id) == "handled", 15, "the replay to be handled")
+
+            page.goto(base + f"/parked/{Invoices.queue}")
+            assert message_id not in page.inner_text("main")
+            page.goto(base + f"/jobs?message_id={message_id}")
+            page.get_by_role("link", name=message_id).click()
+            story = page.locator(".timeline li")
+            playwright_api.expect(story.last).to_contain_text("attempt 1: handled")
+            assert "attempt 1: parked" in story.nth(story.count() - 2).inner_text()
+            assert "ConnectionError: the PDF service is down" in page.inner_text("#story")
+            assert page.locator("[data-state]").inner_text() == "handled"
+            assert unlabelled_controls(page) == []
+            shoot(page, "job")
+            page.goto(base + "/workers")
+            busy = page.locator("#busy")
+            playwright_api.expect(busy).to_have_text("0 of 1 workers busy")
+            page.evaluate("window.notReloaded = true")
+            running = [
+                {"message_id": "m-7", "listener": "app:Other", "since": "2026-12-07T05:00:00"}
+            ]
+            with ledger.engine.begin() as connection:
+                report_worker(
+                    connection, "host-x", 1, WorkerBeat(("app:Other",), NOW, running, 0, 0, 0)
+                )
+            playwright_api.expect(busy).to_have_text("1 of 2 workers busy")
+            assert page.evaluate("window.notReloaded") is True
+            shoot(page, "workers-ledger")
+            page.goto(base + "/")
+            assert page.locator("#activity svg").count() == 1
+            shoot(page, "overview-ledger")
+    finally:
+        ledger.close()

@@ -13,7 +13,7 @@
     listeners.forEach(function (row) {
       var tr = table.querySelector('tr[data-queue="' + CSS.escape(row.queue) + '"]');
       if (!tr) return;
-      ["ready", "unacked", "consumers", "waiting_retry", "parked"].forEach(function (field) {
+      ["ready", "unacked", "consumers", "waiting_retry", "delayed", "parked"].forEach(function (field) {
         var cell = tr.querySelector('[data-field="' + field + '"]');
         if (!cell) return;
         var link = cell.querySelector("a");
@@ -36,4 +36,29 @@
       .finally(function () { setTimeout(poll, every); });
   }
   setTimeout(poll, every);
+})();
+
+// Other live parts (workers, an unfinished job, the overview's charts) carry
+// data-live="SECONDS": they reload their own fragment from the page's URL in place.
+(function () {
+  "use strict";
+  document.querySelectorAll("[data-live][id]").forEach(function (part) {
+    var every = (parseInt(part.getAttribute("data-live"), 10) || 3) * 1000;
+    function poll() {
+      fetch(window.location.href, { credentials: "same-origin", headers: { Accept: "text/html" } })
+        .then(function (response) {
+          if (!response.ok) throw new Error(response.status);
+          return response.text();
+        })
+        .then(function (html) {
+          var fresh = new DOMParser().parseFromString(html, "text/html").getElementById(part.id);
+          if (!fresh) return;
+          part.replaceChildren.apply(part, Array.from(fresh.childNodes));
+          if (!fresh.hasAttribute("data-live")) part = null;  // finished: stop polling
+        })
+        .catch(function () { /* keep what is shown; try again */ })
+        .finally(function () { if (part) setTimeout(poll, every); });
+    }
+    setTimeout(poll, every);
+  });
 })();

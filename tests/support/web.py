@@ -10,7 +10,7 @@ import uuid
 import pika
 
 from listener import Listener
-from listener._web_data import BrokerSource, NoLedger
+from listener._web_data import BrokerSource, JobSource, NoLedger
 from listener._web_security import Credentials
 from listener.settings import Settings
 from listener.web import Console, create_app
@@ -76,9 +76,10 @@ def console_app(
     show_bodies: bool = False,
     credentials: Credentials | None = None,
     ttl: float = 5.0,
+    jobs: JobSource = NO_LEDGER,
 ):
     broker = BrokerSource(settings, [cls], ttl=ttl)
-    return create_app(Console(broker, NO_LEDGER, read_only, show_bodies), credentials), broker
+    return create_app(Console(broker, jobs, read_only, show_bodies), credentials), broker
 
 
 def csrf_token(html: str) -> str:
