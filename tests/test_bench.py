@@ -36,6 +36,7 @@ ROWS = (
     "pika-serial",
     "notify",
     "notify-ledger",
+    "notify-delayed",
     "aio-pika-pipelined",
     "aio-pika-pipelined-uvloop",
     "notify-many",

@@ -110,7 +110,7 @@ class Cluster:
         names = erlang_list.strip().strip("[]").replace("'", "").replace("\n", "")
         return [name.strip() for name in names.split(",") if name.strip()]
 
-    def wait_clustered(self, timeout: float = 60.0) -> None:
+    def wait_clustered(self, timeout: float = 120.0) -> None:
         """Wait until every node serves AMQP and sees all of them running."""
         expected = {node.name for node in self.nodes}
         deadline = time.monotonic() + timeout
