@@ -1,10 +1,10 @@
-"""Fixtures of the cluster suite: one real three-node RabbitMQ cluster for the session, a
+"""Fixtures of the cluster suite: one real three-node RabbitMQ cluster for the package, a
 fault harness per test whose runners and publishers are given the list of the three URLs,
 and a table of every verdict at the end of the run.
 
-The cluster is started once (about half a minute) and torn down at the end of the session,
-even when a test fails; after each test every node is brought back to serving and
-clustered. Without the RabbitMQ server binaries the suite is skipped locally and fails in
+The cluster is started once (about half a minute) and torn down when the cluster tests are
+done (three idle nodes would slow every test after them), even when a test fails; after
+each test every node is brought back to serving and clustered. Without the RabbitMQ server binaries the suite is skipped locally and fails in
 CI (`CI` set), like the fault suite.
 """
 
@@ -24,7 +24,7 @@ from cluster.cluster import Cluster
 from cluster.netns import NamespacedCluster, netns_refused
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster() -> Iterator[Cluster]:
     """Three clustered RabbitMQ nodes owned by this run; stopped and deleted at the end."""
     if not RabbitNode.available():
@@ -68,12 +68,12 @@ def harness_on(cluster: Cluster, unique: str, tmp: Path, record) -> Iterator[Fau
 
 @pytest.fixture
 def fault(cluster: Cluster, unique: str, tmp_path: Path, record_property) -> Iterator[Fault]:
-    """This test's harness on the session's cluster."""
+    """This test's harness on the package's cluster."""
     with harness_on(cluster, unique, tmp_path, record_property) as harness:
         yield harness
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def partitionable() -> Iterator[NamespacedCluster]:
     """Three clustered nodes in network namespaces of their own (for partitions); skipped,
     saying why, where network namespaces are refused."""

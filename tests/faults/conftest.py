@@ -1,4 +1,4 @@
-"""Fixtures of the fault suite: one project-owned RabbitMQ node for the session, a fault
+"""Fixtures of the fault suite: one project-owned RabbitMQ node for the fault suite, a fault
 harness per test, and a summary table of every verdict at the end of the run.
 
 The node listens on its own ports (5682 and distribution port 25682, or the next free pair)
@@ -19,7 +19,7 @@ from faults.harness import VERDICTS, Fault
 from faults.node import SERVER, RabbitNode
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def node() -> Iterator[RabbitNode]:
     """A single RabbitMQ node owned by this run; stopped and deleted at the end."""
     if not RabbitNode.available():
