@@ -4,8 +4,8 @@ and a table of every verdict at the end of the run.
 
 The cluster is started once (about half a minute) and torn down when the cluster tests are
 done (three idle nodes would slow every test after them), even when a test fails; after
-each test every node is brought back to serving and clustered. Without the RabbitMQ server binaries the suite is skipped locally and fails in
-CI (`CI` set), like the fault suite.
+each test every node is brought back to serving and clustered. Without the RabbitMQ server
+binaries the suite is skipped locally and fails in CI (`CI` set), like the fault suite.
 """
 
 from __future__ import annotations
