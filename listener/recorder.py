@@ -480,9 +480,13 @@ def _dropped_counter() -> Counter:
     if _counter is None:
         from prometheus_client import Counter
 
+        # In no registry, as every metric of the framework stays out of prometheus_client's
+        # global one: under `run --metrics-port` (multiprocess mode) its value still reaches
+        # the endpoint, which reads every process's files.
         _counter = Counter(
             "amqp_listener_ledger_dropped_records",
             "Ledger records dropped because the buffer was full while the database was away.",
+            registry=None,
         )
     return _counter
 

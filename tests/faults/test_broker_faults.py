@@ -11,6 +11,7 @@ the session's own node (conftest.py), never the shared one on 5672.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
+import listener.apublisher
 import listener.publisher
 from faults.harness import Runner, describe, wait_until
 from faults.node import RabbitNode
@@ -149,10 +151,20 @@ def notify_on_node(node, monkeypatch):
     monkeypatch.setenv("AMQP_LISTENER_CONFIRM_TIMEOUT", "2")
     get_settings.cache_clear()
     monkeypatch.setattr(listener.publisher, "_default", None)
+    # notify_many() publishes from a background loop whose publisher outlives the test: this
+    # test gets a loop of its own, so later tests never publish to this node.
+    monkeypatch.setattr(listener.apublisher, "_background", None)
     try:
         yield
     finally:
         listener.publisher.default_publisher().close()
+        background = listener.apublisher._background
+        if background is not None and background.publisher is not None:
+            closing = asyncio.run_coroutine_threadsafe(
+                background.publisher.aclose(), background.loop
+            )
+            closing.result(timeout=10)
+            background.loop.call_soon_threadsafe(background.loop.stop)
         get_settings.cache_clear()
 
 
