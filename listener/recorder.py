@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import CollectorRegistry
+
 if TYPE_CHECKING:
     from prometheus_client import Counter
     from sqlalchemy.engine import Engine
@@ -473,6 +475,8 @@ def _close_all() -> None:
 
 
 _counter: Counter | None = None
+#: The ledger's own metrics (`amqp_listener_ledger_dropped_records_total`).
+METRICS = CollectorRegistry()
 
 
 def _dropped_counter() -> Counter:
@@ -480,13 +484,13 @@ def _dropped_counter() -> Counter:
     if _counter is None:
         from prometheus_client import Counter
 
-        # In no registry, as every metric of the framework stays out of prometheus_client's
-        # global one: under `run --metrics-port` (multiprocess mode) its value still reaches
-        # the endpoint, which reads every process's files.
+        # In a registry of its own, as every metric of the framework stays out of
+        # prometheus_client's global one: under `run --metrics-port` (multiprocess mode)
+        # its value reaches the endpoint anyway, which reads every process's files.
         _counter = Counter(
             "amqp_listener_ledger_dropped_records",
             "Ledger records dropped because the buffer was full while the database was away.",
-            registry=None,
+            registry=METRICS,
         )
     return _counter
 

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from prometheus_client import REGISTRY
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from support.proxy import TcpProxy
@@ -17,6 +16,7 @@ from support.waiting import eventually
 from typer.testing import CliRunner
 
 from listener import Listener, jobs
+from listener import recorder as recorder_module
 from listener.cli import app
 from listener.database import create_engine
 from listener.recording import LedgerMiddleware
@@ -67,7 +67,7 @@ async def test_a_database_outage_never_stops_handling_and_leaves_a_reported_gap(
     # 100 records at most: 150 messages make 300 records while the database is away.
     worker_settings = settings.with_database_url(url).model_copy(update={"ledger_buffer": 100})
     ledger = LedgerMiddleware(worker_settings)
-    dropped_before = REGISTRY.get_sample_value(_DROPPED) or 0.0
+    dropped_before = recorder_module.METRICS.get_sample_value(_DROPPED) or 0.0
     async with run_worker(Counter, middleware=[ledger]):
         before = await Counter.anotify_many(range(5))
         await eventually(lambda: len(handled) == 5)
@@ -87,7 +87,9 @@ async def test_a_database_outage_never_stops_handling_and_leaves_a_reported_gap(
         assert await asyncio.to_thread(recorder.flush, 30)
 
     assert sorted(handled) == list(range(155))
-    assert (REGISTRY.get_sample_value(_DROPPED) or 0.0) - dropped_before == recorder.dropped
+    assert (
+        recorder_module.METRICS.get_sample_value(_DROPPED) or 0.0
+    ) - dropped_before == recorder.dropped
     [gap] = jobs.gaps_since(outage_began - dt.timedelta(seconds=1), engine=engine)
     assert gap.started_at >= outage_began - dt.timedelta(seconds=1)
     assert gap.dropped == recorder.dropped
