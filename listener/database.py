@@ -13,6 +13,8 @@ Everything here needs the `db` extra: `pip install 'amqp-listener[db]'`.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -171,7 +173,17 @@ def _sqlite_transactions(engine: Engine) -> None:
         # Leave transaction control to SQLAlchemy's BEGIN below.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        # Turning a new database to WAL takes an exclusive lock and SQLite does not wait for
+        # it (no busy timeout): processes that open a fresh file at once take turns here.
+        # Once the file is in WAL mode, the statement takes no lock.
+        for turn in range(100):
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or turn == 99:
+                    raise
+                time.sleep(0.05)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
