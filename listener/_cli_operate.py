@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from listener import delay as _delay
 from listener import registry
 from listener._cli_db import DatabaseUrlOption
 from listener._cli_outbox import describe_lag, outbox_lag
@@ -119,20 +120,27 @@ def status(
     database_url: DatabaseUrlOption = None,
 ) -> None:
     """Every listener with its queue: ready, unacked, consumers, waiting for a retry,
-    delayed (not yet due), parked; with a database, the outbox lag (rows waiting, age of
-    the oldest)."""
+    parked; the messages delayed (not yet due) in the delay levels all listeners share; with
+    a database, the outbox lag (rows waiting, age of the oldest)."""
     listeners = None
     if modules:
         try:
             listeners = registry.discover(modules)
         except ListenerError as exc:
             _fail(str(exc), 2)
-    rows = _operate(url, lambda operator: operator.status(listeners))
+    rows, delays = _operate(
+        url, lambda operator: (operator.status(listeners), operator.delay_status())
+    )
     outbox = outbox_lag(get_settings().with_database_url(database_url))
     if as_json:
         _emit_json(
             {
                 **({"outbox": outbox} if outbox is not None else {}),
+                "delay_levels": {
+                    "declared": delays.declared,
+                    "delayed": delays.delayed,
+                    "unrouted": delays.unrouted,
+                },
                 "listeners": [
                     {
                         "listener": row.listener,
@@ -142,7 +150,6 @@ def status(
                         "unacked": row.unacked,
                         "consumers": row.consumers,
                         "waiting_retry": row.waiting_retry,
-                        "delayed": row.delayed,
                         "parked": row.parked,
                         "publish_rate": row.publish_rate,
                         "ack_rate": row.ack_rate,
@@ -153,12 +160,10 @@ def status(
             }
         )
         return
-    table = Table(
-        "listener", "queue", "ready", "unacked", "consumers", "waiting retry", "delayed", "parked"
-    )
+    table = Table("listener", "queue", "ready", "unacked", "consumers", "waiting retry", "parked")
     for row in rows:
         if row.missing:
-            table.add_row(row.listener, row.queue, "not declared", "-", "-", "-", "-", "-")
+            table.add_row(row.listener, row.queue, "not declared", "-", "-", "-", "-")
             continue
         table.add_row(
             row.listener,
@@ -167,11 +172,20 @@ def status(
             "-" if row.unacked is None else str(row.unacked),
             str(row.consumers),
             str(row.waiting_retry),
-            str(row.delayed),
             str(row.parked if row.parked is not None else "-"),
         )
     console = _console()
     console.print(table)
+    if delays.declared:
+        console.print(
+            f"delayed (not yet due, all listeners): {delays.delayed}"
+            + (
+                f"; {delays.unrouted} came due after their listener's queue was deleted "
+                f"(queue {_delay.UNROUTED})"
+                if delays.unrouted
+                else ""
+            )
+        )
     if outbox is not None:
         console.print(describe_lag(outbox))
     if rows and all(row.source == "amqp" for row in rows):

@@ -192,7 +192,7 @@ class Store:
         with self.lock:
             delay = _delay.routed_delay(headers)
             if delay is not None:
-                exchange, routing_key = self._undelayed(exchange, routing_key)
+                exchange, routing_key = self._undelayed(exchange, routing_key, headers)
             targets = self._route(exchange, routing_key, message_id)
             self.published.append(
                 PublishedMessage(
@@ -218,15 +218,20 @@ class Store:
                 self.enqueue(cls, envelope, delay=delay or 0.0)
         return message_id
 
-    def _undelayed(self, exchange: str, routing_key: str) -> tuple[str, str]:
-        # Where a delayed message ends up: the address it entered the delay exchange with,
-        # or the queue whose delay level it was published to.
+    def _undelayed(
+        self, exchange: str, routing_key: str, headers: dict[str, Any] | None
+    ) -> tuple[str, str]:
+        # Where a delayed message ends up: the address it entered the delay levels with, or
+        # the listener queue its route names (by its queue's name, from the default exchange).
         if exchange == _delay.ENTRY_EXCHANGE and routing_key.startswith("x."):
             exchange, _, routing_key = routing_key[2:].partition(".")
             return exchange, routing_key
-        for cls in self.listeners:
-            if not exchange and routing_key.startswith(f"{cls.queue}.delay."):
-                return "", cls.queue
+        prefix = _delay.target_key("")
+        if exchange == _delay.ENTRY_EXCHANGE and routing_key.startswith(prefix):
+            return "", routing_key.removeprefix(prefix)
+        queue = _delay.routed_target(headers)  # published to its first level by name
+        if queue is not None:
+            return "", queue
         return exchange, routing_key
 
     def _route(self, exchange: str, routing_key: str, message_id: str) -> list[type[Listener]]:

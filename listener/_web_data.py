@@ -25,7 +25,7 @@ from listener import schedule as _schedule
 from listener.errors import ConfigurationError, ListenerError
 from listener.jobs import Activity, Gap, Job, WorkerStatus
 from listener.listener import Listener
-from listener.operations import Operator, QueueStatus, Target
+from listener.operations import DelayStatus, Operator, QueueStatus, Target
 from listener.parked import Page, Parked, ReplayResult
 from listener.settings import Settings
 
@@ -72,20 +72,29 @@ class BrokerSource:
         self.listeners = list(listeners) if listeners else None
         self.ttl = ttl
         self._lock = threading.Lock()
-        self._cached: tuple[float, list[QueueStatus]] | None = None
+        self._cached: tuple[float, list[QueueStatus], DelayStatus] | None = None
         self.queries = 0  # how many times the broker was asked (tests read it)
 
     def overview(self) -> tuple[list[QueueStatus], float]:
         """Every listener's counts, and how old they are in seconds."""
+        rows, _delays, age = self._counts()
+        return rows, age
+
+    def delays(self) -> DelayStatus:
+        """The shared delay levels' counts (taken with the listeners')."""
+        return self._counts()[1]
+
+    def _counts(self) -> tuple[list[QueueStatus], DelayStatus, float]:
         with self._lock:
             now = time.monotonic()
             if self._cached is None or now - self._cached[0] >= self.ttl:
                 with Operator(self.settings) as operator:
                     rows = operator.status(self.listeners)
+                    delays = operator.delay_status()
                 self.queries += 1
-                self._cached = (time.monotonic(), rows)
-            taken, rows = self._cached
-            return rows, time.monotonic() - taken
+                self._cached = (time.monotonic(), rows, delays)
+            taken, rows, delays = self._cached
+            return rows, delays, time.monotonic() - taken
 
     def forget(self) -> None:
         """Drop the cached counts (after an action changed them)."""

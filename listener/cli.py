@@ -250,16 +250,16 @@ def declare(modules: ModulesArgument, url: UrlOption = None, as_json: JsonOption
                 "queues": [spec.name for spec in topology.queues],
             }
         )
+    levels = [spec.name for spec in listeners[0].topology(settings).levels] if listeners else []
     if as_json:
-        typer.echo(json.dumps({"declared": declared}, indent=2))
+        typer.echo(json.dumps({"declared": declared, "delay_levels": levels}, indent=2))
         return
     for item in declared:
-        # The delay levels are many and alike: one entry for all of them.
-        levels = [name for name in item["queues"] if ".delay." in name]
-        shown = [name for name in item["queues"] if ".delay." not in name]
-        if levels:
-            shown.insert(-1, f"{levels[0]} .. {levels[-1]} ({len(levels)} delay levels)")
-        typer.echo(f"{item['listener']}: exchange {item['exchange']!r} -> {', '.join(shown)}")
+        typer.echo(
+            f"{item['listener']}: exchange {item['exchange']!r} -> {', '.join(item['queues'])}"
+        )
+    if levels:
+        typer.echo(f"shared by all: {levels[0]} .. {levels[-2]} (delay levels), {levels[-1]}")
 
 
 @app.command()

@@ -1,23 +1,30 @@
 """Exact delays held by the broker: when a message is due, and the route that holds it.
 
-Each listener has `LEVELS` delay queues, `<queue>.delay.00` to `<queue>.delay.25`; level n
+One set of `LEVELS` delay levels serves every listener on a virtual host:
+`amqp-listener.delay.00` to `amqp-listener.delay.25`, each a queue and an exchange. Level n
 holds every message for `STEP * 2**n` seconds (its queue TTL), then dead-letters it to the
 next level's exchange. A delay is rounded *up* to whole steps, and its step count, written in
 binary, says which levels the message waits in: 7 s is 56 steps, `111000`, so it waits 4 s,
 2 s and 1 s and skips the other levels. Every message in one level queue waits the same
 time, so none ever waits behind a later one, and nothing but the broker holds it.
 
-The bits travel as a routing key of `LEVELS` words, highest level first (for 7 s, twenty
-`0` words and then `1.1.1.0.0.0`), in the message's `CC` header: RabbitMQ routes a message
-by its CC keys too, and dead-letters it with all of them. Level n's exchange sends a
-message whose bit n is 1 to its queue and one whose bit is 0 straight on to level n-1;
-after level 0 the message goes to the listener's queue by name (so never to another
-listener bound to the same key).
+A delayed message carries two routing keys (the second in its `CC` header: RabbitMQ routes
+by CC keys too, and dead-letters a message with all of them):
+* the *bits*, `d.` and one word per level, highest first (for 7 s, twenty `0` words, then
+  `1.1.1.0.0.0`). Level n's exchange sends a message whose bit n is 1 to its queue and one
+  whose bit is 0 straight on to level n-1's exchange; below level 0 lies `OUT_EXCHANGE`.
+* where it goes: `amqp-listener.to.<queue>` for one listener (`notify(delay=...)`,
+  `Retry(delay=...)`), `x.<exchange>.<routing key>` for every listener bound to an address
+  (`listener.publish(address, delay=...)`). Each listener binds its queue to `OUT_EXCHANGE`
+  with both keys, and `ENTRY_EXCHANGE` to the top level with the same two, so a delayed
+  publish nobody would receive is refused at once (`Unroutable`), as a plain one is.
+The key sets never overlap: the bits alone have a first word `d` and `LEVELS + 1` words.
 
-Per listener, rather than one set shared by the whole broker: so `status` can count
-each listener's delayed messages, a delayed message reaches exactly its listener's queue,
-and deleting a listener's queues deletes what waits for it. The price is 26 quorum queues
-per listener, declared with the rest of its topology (about 0.4 s the first time).
+Shared, rather than a set per listener: a quorum queue costs the broker a Raft member and
+about three file handles of its own, and 26 per listener exhausted a stock broker's 1,024
+handles at ten listeners. A message that reaches `OUT_EXCHANGE` after its listener's queue
+was deleted goes to `UNROUTED` (its alternate exchange), where `status` counts it, rather
+than stalling the broker's dead-letter worker.
 
     STEP = 0.125 s: never early; late by under one step, plus about 2.5 ms per level waited
     in (measured on RabbitMQ 3.10), plus the broker's and the consumer's own latency.
@@ -37,26 +44,41 @@ __all__ = [
     "ENTRY_EXCHANGE",
     "LEVELS",
     "MAX_DELAY",
+    "OUT_EXCHANGE",
     "ROUTE_HEADER",
     "STEP",
+    "UNROUTED",
     "Hop",
+    "address_key",
     "address_route",
     "bits_key",
+    "bits_pattern",
     "due_headers",
     "first_hop",
     "level_name",
+    "queue_route",
     "relay_route",
     "routed_delay",
+    "routed_target",
     "seconds_until",
     "steps",
+    "target_key",
 ]
 
 STEP = 0.125
 LEVELS = 26
 MAX_DELAY = (2**LEVELS - 1) * STEP
-#: `listener.publish(address, delay=...)` enters here: every listener bound to the address
-#: has its top level bound to this exchange, so each gets its own copy, as a plain publish.
+#: Delayed publishes enter here; each listener binds it to the top level with its two keys.
 ENTRY_EXCHANGE = "amqp-listener.delay"
+#: Below level 0: each listener's queue is bound here with its two keys.
+OUT_EXCHANGE = "amqp-listener.delay.out"
+#: `OUT_EXCHANGE`'s alternate exchange (fanout) and its queue: messages whose listener's queue
+#: is gone by the time they are due.
+UNROUTED = "amqp-listener.delay.unrouted"
+#: The first word of a bits key.
+_BITS_WORD = "d"
+#: The prefix of the key that names one listener's queue.
+_TARGET_PREFIX = "amqp-listener.to."
 #: The header that carries the bits (RabbitMQ's sender-selected routing keys).
 ROUTE_HEADER = "CC"
 #: When the message is due, ISO 8601 UTC: for the handler and for operators.
@@ -116,15 +138,29 @@ def steps(seconds: float) -> int:
 
 
 def bits_key(count: int) -> str:
-    """The routing key of a `count`-step delay: one word per level, highest first."""
+    """The routing key of a `count`-step delay: `d`, then one word per level, highest
+    first."""
     if not 0 <= count < 2**LEVELS:
         raise ValueError(f"{count} steps is outside 0..{2**LEVELS - 1}")
-    return ".".join(format(count, f"0{LEVELS}b"))
+    return ".".join((_BITS_WORD, *format(count, f"0{LEVELS}b")))
 
 
-def level_name(queue: str, level: int) -> str:
-    """`file_copier.delay.07`: both the level's queue and its exchange."""
-    return f"{queue}.delay.{level:02d}"
+def bits_pattern(level: int, bit: str) -> str:
+    """The binding key that matches every bits key whose bit `level` is `bit`, and nothing
+    else: exactly `LEVELS + 1` words, the first `d`."""
+    words = ["*"] * LEVELS
+    words[LEVELS - 1 - level] = bit
+    return ".".join((_BITS_WORD, *words))
+
+
+def level_name(level: int) -> str:
+    """`amqp-listener.delay.07`: both the level's queue and its exchange."""
+    return f"{ENTRY_EXCHANGE}.{level:02d}"
+
+
+def target_key(queue: str) -> str:
+    """The key a message delayed for listener queue `queue` travels with."""
+    return f"{_TARGET_PREFIX}{queue}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,16 +173,29 @@ class Hop:
 
 
 def first_hop(queue: str, seconds: float) -> Hop | None:
-    """The first level queue of a `seconds` delay to `queue`, the headers that route it
-    from there, and the delay it really gets; None when it rounds to no delay at all."""
+    """The first level queue of a `seconds` delay to listener queue `queue` (published to
+    by name), the headers that route it from there, and the delay it really gets; None when
+    it rounds to no delay at all."""
     count = steps(seconds)
     if count == 0:
         return None
     return Hop(
-        queue=level_name(queue, count.bit_length() - 1),
-        headers=_route_headers(count),
+        queue=level_name(count.bit_length() - 1),
+        headers=_route_headers(count, target_key(queue)),
         seconds=count * STEP,
     )
+
+
+def queue_route(
+    queue: str, headers: dict[str, Any] | None, seconds: float
+) -> tuple[str, str, dict[str, Any] | None] | None:
+    """Exchange, key and headers that deliver a message to listener queue `queue` after
+    `seconds`, through `ENTRY_EXCHANGE`: refused as unroutable, as a publish, when that
+    listener's topology was never declared. None when it rounds to no delay at all."""
+    count = steps(seconds)
+    if count == 0:
+        return None
+    return ENTRY_EXCHANGE, target_key(queue), {**(headers or {}), **_route_headers(count)}
 
 
 def address_route(
@@ -207,15 +256,12 @@ def relay_route(
     remaining = max(0.0, (due - (now or dt.datetime.now(dt.UTC))).total_seconds())
     if exchange:
         return address_route(exchange, routing_key, headers, remaining)
-    hop = first_hop(routing_key, remaining)
-    if hop is None:
-        return exchange, routing_key, headers
-    return exchange, hop.queue, {**headers, **hop.headers}
+    return queue_route(routing_key, headers, remaining) or (exchange, routing_key, headers)
 
 
-def _route_headers(count: int) -> dict[str, Any]:
+def _route_headers(count: int, *keys: str) -> dict[str, Any]:
     due = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=count * STEP)
-    return {ROUTE_HEADER: [bits_key(count)], DUE_HEADER: due.isoformat()}
+    return {ROUTE_HEADER: [bits_key(count), *keys], DUE_HEADER: due.isoformat()}
 
 
 def address_key(exchange: str, routing_key: str) -> str:
@@ -230,6 +276,17 @@ def routed_delay(headers: dict[str, Any] | None) -> float | None:
         return None
     for key in keys:
         words = key.split(".") if isinstance(key, str) else []
-        if len(words) == LEVELS and set(words) <= {"0", "1"}:
-            return int("".join(words), 2) * STEP
+        if len(words) == LEVELS + 1 and words[0] == _BITS_WORD and set(words[1:]) <= {"0", "1"}:
+            return int("".join(words[1:]), 2) * STEP
+    return None
+
+
+def routed_target(headers: dict[str, Any] | None) -> str | None:
+    """The listener queue a delayed message's route names, if it names one."""
+    keys = (headers or {}).get(ROUTE_HEADER)
+    if not isinstance(keys, list):
+        return None
+    for key in keys:
+        if isinstance(key, str) and key.startswith(_TARGET_PREFIX):
+            return key[len(_TARGET_PREFIX) :]
     return None

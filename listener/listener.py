@@ -320,14 +320,13 @@ class Listener:
         at: dt.datetime | None,
     ) -> tuple[str, str, dict[str, Any] | None]:
         """Exchange, key and headers of a notify: the listener's address, or, for a delay,
-        its first delay level, from where the broker takes it to this listener's queue."""
+        the delay levels' entry, from where the broker takes it to this listener's queue."""
         key = cls._key_for(routing_key)
-        hop = _delay.first_hop(cls.queue, _delay.seconds_until(delay=delay, at=at))
-        if hop is None:
-            return cls.exchange, key, headers
         # Where the message was meant to go, for the headers of a retry or a park.
         original = {"x-original-exchange": cls.exchange, "x-original-routing-key": key}
-        return "", hop.queue, {**original, **(headers or {}), **hop.headers}
+        seconds = _delay.seconds_until(delay=delay, at=at)
+        route = _delay.queue_route(cls.queue, {**original, **(headers or {})}, seconds)
+        return route or (cls.exchange, key, headers)
 
     @classmethod
     def _outbox_route(

@@ -32,6 +32,7 @@ from listener.parked import Page, Parked, ReplayResult, SortKey, sort_key
 from listener.settings import Settings
 
 __all__ = [
+    "DelayStatus",
     "OperationFailed",
     "Operator",
     "Page",
@@ -72,12 +73,22 @@ class QueueStatus:
     waiting_retry: int
     parked: int | None
     missing: bool = False
-    #: Messages in the delay levels: `notify(delay=...)` and `Retry(delay=...)` not yet due.
-    delayed: int = 0
     unacked: int | None = None
     publish_rate: float | None = None
     ack_rate: float | None = None
     source: str = "amqp"
+
+
+@dataclass(frozen=True, slots=True)
+class DelayStatus:
+    """The delay levels every listener shares, as `amqp-listener status` shows them."""
+
+    #: `notify(delay=...)` and `Retry(delay=...)` messages not yet due, for all listeners.
+    delayed: int
+    #: Delayed messages that came due after their listener's queue was deleted.
+    unrouted: int
+    #: False when the levels were never declared on this virtual host.
+    declared: bool = True
 
 
 def resolve_listener(spec: str) -> type[Listener]:
@@ -170,17 +181,12 @@ class Operator:
             for name in self._delay_queue_names(queue, retry_delays):
                 depth = self._depth(name)
                 waiting += depth or 0
-            delayed = 0
-            if main is not None:
-                for level in range(delay.LEVELS):
-                    delayed += self._depth(delay.level_name(queue, level)) or 0
             row = QueueStatus(
                 listener=label,
                 queue=queue,
                 ready=None if main is None else main.message_count,
                 consumers=None if main is None else main.consumer_count,
                 waiting_retry=waiting,
-                delayed=delayed,
                 parked=self._depth(topology.dead_queue_name(queue)),
                 missing=main is None,
             )
@@ -197,6 +203,17 @@ class Operator:
                 )
             rows.append(row)
         return rows
+
+    def delay_status(self) -> DelayStatus:
+        """How many messages wait in the shared delay levels, and how many found no
+        listener when they came due."""
+        depths = [self._depth(delay.level_name(level)) for level in range(delay.LEVELS)]
+        unrouted = self._depth(delay.UNROUTED)
+        return DelayStatus(
+            delayed=sum(depth or 0 for depth in depths),
+            unrouted=unrouted or 0,
+            declared=unrouted is not None,
+        )
 
     # -- parked messages ------------------------------------------------------------------
 

@@ -8,9 +8,11 @@ For a listener with queue `file_copier` on `case_files.copy_requested`:
 * queue `file_copier.retry.5s` per distinct retry delay: messages wait there, then expire
   back into `file_copier` (one queue per delay, so no message waits behind a longer one);
 * queue `file_copier.dead`: parked messages, kept until an operator replays or purges them;
-* exchanges and queues `file_copier.delay.00` to `.25`: the levels that hold a message for an
-  exact delay (`notify(delay=...)`, `Retry(delay=...)`), see `listener.delay`; the top level
-  is bound to the shared exchange `amqp-listener.delay` with `x.case_files.copy_requested`.
+* bindings into and out of the delay levels every listener shares (`amqp-listener.delay.00`
+  to `.25`, for `notify(delay=...)` and `Retry(delay=...)`, see `listener.delay`): the entry
+  exchange `amqp-listener.delay` to the top level, and the out exchange
+  `amqp-listener.delay.out` to `file_copier`, each with `amqp-listener.to.file_copier` and
+  `x.case_files.copy_requested`.
 
 Retry and dead queues are reached through the default exchange, by queue name. Moving a
 message between them is a confirmed publish followed by an ack, or, for the broker's own
@@ -37,6 +39,7 @@ __all__ = [
     "Topology",
     "dead_queue_name",
     "default_queue_name",
+    "delay_bindings",
     "delay_queue",
     "delay_queue_name",
     "describe",
@@ -80,22 +83,30 @@ class Topology:
     queue: QueueSpec
     dead: QueueSpec
     delays: tuple[QueueSpec, ...]
-    #: The delay levels, lowest first; each has an exchange of the same name.
+    #: The delay levels every listener shares, lowest first (each has an exchange of the
+    #: same name), then the queue of delayed messages whose listener is gone.
     levels: tuple[QueueSpec, ...] = ()
+    #: The bindings between the shared levels.
     level_bindings: tuple[Binding, ...] = ()
+    #: This listener's own bindings into and out of the shared levels.
+    delay_bindings: tuple[Binding, ...] = ()
 
     @property
     def queues(self) -> tuple[QueueSpec, ...]:
-        """All queues, in declaration order: the dead queue first, so dead-lettering always
-        has a target."""
-        return (self.dead, *self.delays, *self.levels, self.queue)
+        """The listener's own queues, in declaration order: the dead queue first, so
+        dead-lettering always has a target. The shared delay levels are not among them."""
+        return (self.dead, *self.delays, self.queue)
 
     @property
     def exchanges(self) -> tuple[str, ...]:
-        """The exchanges besides the listener's own: the shared delay entry, the levels'."""
+        """The shared delay exchanges (topic, but `delay.UNROUTED`: fanout)."""
         if not self.levels:
             return ()
-        return (_delay.ENTRY_EXCHANGE, *(spec.name for spec in self.levels))
+        return (
+            _delay.ENTRY_EXCHANGE,
+            *(_delay.level_name(level) for level in range(_delay.LEVELS)),
+            _delay.OUT_EXCHANGE,
+        )
 
 
 def snake_case(name: str) -> str:
@@ -175,38 +186,37 @@ def is_declared_delay(delay: float, declared: Iterable[float]) -> bool:
     return any(_milliseconds(d) == wanted for d in declared)
 
 
-def delay_levels(
-    queue: str, *, exchange: str, binding_key: str, queue_type: QueueType
-) -> tuple[tuple[QueueSpec, ...], tuple[Binding, ...]]:
-    """The level queues of `queue` (lowest first) and the bindings that route between them."""
+def delay_levels(queue_type: QueueType) -> tuple[tuple[QueueSpec, ...], tuple[Binding, ...]]:
+    """The delay levels every listener shares (lowest first, then the queue of messages no
+    listener is left for) and the bindings that route between them (see `listener.delay`)."""
     levels: list[QueueSpec] = []
     bindings: list[Binding] = []
     for level in range(_delay.LEVELS):
-        name = _delay.level_name(queue, level)
-        below = _delay.level_name(queue, level - 1) if level else ""
+        name = _delay.level_name(level)
+        below = _delay.level_name(level - 1) if level else _delay.OUT_EXCHANGE
         arguments: dict[str, Any] = {
             **_type_arguments(queue_type),
             "x-message-ttl": round(_delay.STEP * 1000) * 2**level,
             "x-dead-letter-exchange": below,
-            **({} if level else {"x-dead-letter-routing-key": queue}),
             **_safe_dead_lettering(queue_type),
         }
         levels.append(QueueSpec(name, arguments))
-        bindings.append(Binding(name, name, _bit_pattern(level, "1")))
-        if level:
-            bindings.append(Binding(name, below, _bit_pattern(level, "0"), to_exchange=True))
-        else:
-            bindings.append(Binding(name, queue, _bit_pattern(level, "0")))
-    top = _delay.level_name(queue, _delay.LEVELS - 1)
-    entry_key = _delay.address_key(exchange, binding_key)
-    bindings.append(Binding(_delay.ENTRY_EXCHANGE, top, entry_key, to_exchange=True))
-    return tuple(levels), tuple(bindings)
+        bindings.append(Binding(name, name, _delay.bits_pattern(level, "1")))
+        bindings.append(Binding(name, below, _delay.bits_pattern(level, "0"), to_exchange=True))
+    unrouted = QueueSpec(_delay.UNROUTED, _type_arguments(queue_type))
+    bindings.append(Binding(_delay.UNROUTED, _delay.UNROUTED, ""))
+    return (*levels, unrouted), tuple(bindings)
 
 
-def _bit_pattern(level: int, bit: str) -> str:
-    # Exactly LEVELS words: a longer or shorter key (the queue name a message was first
-    # published to, also among its routing keys) never matches.
-    return ".".join(["*"] * (_delay.LEVELS - 1 - level) + [bit] + ["*"] * level)
+def delay_bindings(queue: str, *, exchange: str, binding_key: str) -> tuple[Binding, ...]:
+    """One listener's way in and out of the shared delay levels: the entry exchange lets
+    its keys into the top level, and the out exchange delivers them to its queue."""
+    keys = (_delay.target_key(queue), _delay.address_key(exchange, binding_key))
+    top = _delay.level_name(_delay.LEVELS - 1)
+    return (
+        *(Binding(_delay.ENTRY_EXCHANGE, top, key, to_exchange=True) for key in keys),
+        *(Binding(_delay.OUT_EXCHANGE, queue, key) for key in keys),
+    )
 
 
 def describe(
@@ -227,9 +237,7 @@ def describe(
     if queue_type == "quorum":
         main_arguments["x-delivery-limit"] = DELIVERY_LIMIT
     delays = sorted({_milliseconds(d) for d in retry_delays if _milliseconds(d) > 0})
-    levels, level_bindings = delay_levels(
-        queue, exchange=exchange, binding_key=binding_key, queue_type=queue_type
-    )
+    levels, level_bindings = delay_levels(queue_type)
     return Topology(
         exchange=exchange,
         binding_key=binding_key,
@@ -238,6 +246,7 @@ def describe(
         delays=tuple(delay_queue(queue, ms / 1000, queue_type) for ms in delays),
         levels=levels,
         level_bindings=level_bindings,
+        delay_bindings=delay_bindings(queue, exchange=exchange, binding_key=binding_key),
     )
 
 

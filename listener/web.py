@@ -76,6 +76,7 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
 
     async def overview(request: Request) -> Response:
         rows, age = await _broker(console.broker.overview)
+        delays = await _broker(console.broker.delays)
         # The counts come from the broker: a ledger that does not answer costs only the charts.
         try:
             activity, unread = await _ledger(console.jobs.activity), None
@@ -85,6 +86,7 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
             request,
             "overview.html",
             rows=rows,
+            delays=delays,
             age=age,
             refresh=REFRESH,
             jobs=console.jobs,
@@ -96,7 +98,14 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
 
     async def overview_json(_request: Request) -> Response:
         rows, age = await _broker(console.broker.overview)
-        return JSONResponse({"listeners": [asdict(row) for row in rows], "age": round(age, 1)})
+        delays = await _broker(console.broker.delays)
+        return JSONResponse(
+            {
+                "listeners": [asdict(row) for row in rows],
+                "delay_levels": asdict(delays),
+                "age": round(age, 1),
+            }
+        )
 
     async def parked_index(request: Request) -> Response:
         rows, _ = await _broker(console.broker.overview)

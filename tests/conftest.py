@@ -86,6 +86,7 @@ class Rabbit:
         self.channel = self.connection.channel()
         self.queues: set[str] = set()
         self.exchanges: set[str] = set()
+        self.entries: set[str] = set()  # keys bound from the delay entry to the top level
 
     def _ch(self) -> Any:
         if self.connection.is_closed:
@@ -98,15 +99,16 @@ class Rabbit:
         """Delete `cls`'s exchange and every queue of its topology after the test."""
         topology = cls.topology()
         self.exchanges.add(topology.exchange)
-        # The delay levels' exchanges are the listener's own; the shared entry exchange stays.
-        self.exchanges.update(spec.name for spec in topology.levels)
         self.queues.update(spec.name for spec in topology.queues)
+        # The delay levels are shared and stay; the listener's way into them goes.
+        self.entries.update(
+            binding.key for binding in topology.delay_bindings if binding.to_exchange
+        )
 
-    def track_delay_levels(self, queue: str) -> None:
-        """Delete the delay levels (queues and exchanges) of listener queue `queue` too."""
-        names = [delay.level_name(queue, level) for level in range(delay.LEVELS)]
-        self.queues.update(names)
-        self.exchanges.update(names)
+    def track_delay_entry(self, queue: str) -> None:
+        """Unbind listener queue `queue`'s key from the delay entry (for a listener declared
+        by another process; its address's key stays, harmless)."""
+        self.entries.add(delay.target_key(queue))
 
     def declare_exchange(self, name: str) -> None:
         self._ch().exchange_declare(name, "topic", durable=True)
@@ -183,6 +185,10 @@ class Rabbit:
         for exchange in self.exchanges:
             with contextlib.suppress(Exception):
                 self._ch().exchange_delete(exchange)
+        top = delay.level_name(delay.LEVELS - 1)
+        for key in self.entries:
+            with contextlib.suppress(Exception):
+                self._ch().exchange_unbind(top, delay.ENTRY_EXCHANGE, key)
         with contextlib.suppress(Exception):
             self.connection.close()
 

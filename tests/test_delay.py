@@ -20,6 +20,7 @@ from support.waiting import eventually
 
 import listener
 from listener import Listener, delay
+from listener.runner.amqp_transport import Transport
 from listener.testing import MemoryBroker
 from listener.topology import describe
 
@@ -113,10 +114,12 @@ def test_a_delay_is_rounded_up_to_whole_steps_never_down(seconds, steps):
 
 @pytest.mark.parametrize("seconds", [0.125, 0.5, 7, 45, 180, 30 * 86400, delay.MAX_DELAY])
 def test_the_levels_a_message_waits_in_add_up_to_its_delay(seconds):
-    levels = describe(
+    *levels, unrouted = describe(
         exchange="jobs", binding_key="run", queue="q", retry_delays=(), queue_type="quorum"
     ).levels
-    key = delay.bits_key(delay.steps(seconds)).split(".")
+    assert len(levels) == delay.LEVELS
+    assert unrouted.name == delay.UNROUTED
+    key = delay.bits_key(delay.steps(seconds)).split(".")[1:]
     waited = sum(
         spec.arguments["x-message-ttl"]
         for level, spec in enumerate(levels)
@@ -182,14 +185,29 @@ async def test_a_thirty_day_delay_takes_the_route_its_bits_say_checked_hop_by_ho
     month = make(f"{unique}.run", f"{unique}.month", seen)
     thirty_days = 30 * 86400
     route = delay.bits_key(delay.steps(thirty_days))
-    words = route.split(".")
+    words = route.split(".")[1:]
     levels = [n for n in range(delay.LEVELS) if words[delay.LEVELS - 1 - n] == "1"]
     assert levels == [11, 13, 14, 18, 19, 20, 21, 24]
+    mine = delay.target_key(month.queue)
+
+    def ours(properties: Any) -> bool:
+        headers = properties.headers or {}
+        return mine in headers.get("CC", []) or headers.get("x-original-exchange") == unique
+
+    def take(level: int) -> list[Any]:
+        # The levels are shared by every listener: keep this test's messages only.
+        return [p for p, _ in rabbit.drain(delay.level_name(level)) if ours(p)]
+
+    async def arrives(level: int) -> Any:
+        found: list[Any] = []
+        await eventually(lambda: bool(found.extend(take(level)) or found))
+        (properties,) = found
+        return properties
+
     async with run_worker(month):
         await month.anotify(n=1, delay=thirty_days)
-        first = delay.level_name(month.queue, 24)
-        await eventually(lambda: rabbit.count(first) == 1)
-        properties, _body = rabbit.get(first)
+        properties = await arrives(24)
+        # Entered by the listener's key, with the bits in CC.
         assert properties.headers["CC"] == [route]
         due = dt.datetime.fromisoformat(properties.headers["x-due-at"])
         assert due - dt.datetime.now(dt.UTC) > dt.timedelta(days=29, hours=23)
@@ -199,20 +217,18 @@ async def test_a_thirty_day_delay_takes_the_route_its_bits_say_checked_hop_by_ho
         channel = rabbit._ch()
         for upper, lower in zip(levels[::-1], levels[::-1][1:], strict=False):
             channel.basic_publish(
-                delay.level_name(month.queue, upper - 1),
+                delay.level_name(upper - 1),
                 route,
                 b'{"n": 2}',
-                pika.BasicProperties(delivery_mode=2),
+                pika.BasicProperties(delivery_mode=2, headers={"CC": [mine]}),
             )
-            target = delay.level_name(month.queue, lower)
-            await eventually(lambda target=target: rabbit.count(target) == 1)
-            assert rabbit.get(target) is not None
+            await arrives(lower)
         # From the lowest level it waits in (11), the rest of the way leads to the listener.
         channel.basic_publish(
-            delay.level_name(month.queue, 10),
+            delay.level_name(10),
             route,
             b'{"n": 3}',
-            pika.BasicProperties(delivery_mode=2),
+            pika.BasicProperties(delivery_mode=2, headers={"CC": [mine]}),
         )
         await eventually(lambda: [n for n, _ in seen] == [3])
 
@@ -232,7 +248,9 @@ async def test_delays_of_seven_and_forty_five_seconds_land_on_time(unique, rabbi
         assert n <= got[n] - started <= n + LATE
 
 
-async def test_status_counts_each_listeners_delayed_messages(unique, rabbit, run_worker, tmp_path):
+async def test_status_counts_the_delayed_messages_and_those_whose_listener_is_gone(
+    unique, rabbit, run_worker, settings, tmp_path
+):
     module = tmp_path / f"{unique}_app.py"
     module.write_text(
         "from listener import Listener\n"
@@ -240,32 +258,48 @@ async def test_status_counts_each_listeners_delayed_messages(unique, rabbit, run
         f"    subscribes_to = '{unique}.run'\n"
         f"    queue = '{unique}.hourly'\n"
         "    def handle(self, message): ...\n"
-        "class Idle(Listener):\n"
-        f"    subscribes_to = '{unique}.other'\n"
-        f"    queue = '{unique}.idle'\n"
-        "    def handle(self, message): ...\n"
     )
+    env_path = f"{tmp_path}{os.pathsep}{ROOT}"
+
+    async def status() -> dict[str, Any]:
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [CLI, "status", f"{unique}_app", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": env_path},
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def clear_the_shared_levels() -> None:
+        # Earlier tests' leftovers, and this test's own at the end: no other test runs now.
+        for name in (*(delay.level_name(level) for level in range(delay.LEVELS)), delay.UNROUTED):
+            rabbit.drain(name)
+
     hourly = make(f"{unique}.run", f"{unique}.hourly")
-    idle = make(f"{unique}.other", f"{unique}.idle")
-    async with run_worker(hourly, idle):
+    gone = make(f"{unique}.gone", f"{unique}.gone")
+    transport = await Transport.connect(settings, name="test")
+    try:
+        await transport.declare(gone.topology(settings))  # declared, and no worker runs it
+    finally:
+        await transport.close()
+    async with run_worker(hourly):
+        clear_the_shared_levels()
         await hourly.anotify(n=1, delay=3600)
         await hourly.anotify(n=2, delay=90)
-    env_path = f"{tmp_path}{os.pathsep}{ROOT}"
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [CLI, "status", f"{unique}_app", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": env_path},
-        check=False,
-    )
+        await gone.anotify(n=3, delay=0.5)
+        await gone.anotify(n=4, delay=0.5)
+        rabbit.delete_queue(gone.queue)  # before they are due: they find no listener
+        await eventually(lambda: rabbit.count(delay.UNROUTED) == 2)
+        after = await status()
 
-    assert result.returncode == 0, result.stderr
-    rows = {row["queue"]: row for row in json.loads(result.stdout)["listeners"]}
-    assert rows[hourly.queue]["delayed"] == 2
-    assert rows[hourly.queue]["ready"] == 0
-    assert rows[idle.queue]["delayed"] == 0
+    clear_the_shared_levels()
+    assert after["delay_levels"] == {"declared": True, "delayed": 2, "unrouted": 2}
+    (row,) = after["listeners"]
+    assert (row["queue"], row["ready"]) == (hourly.queue, 0)
 
 
 # -- through the outbox -------------------------------------------------------------------------

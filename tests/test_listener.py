@@ -370,9 +370,15 @@ def test_a_listener_describes_its_topology():
         "file_copier.dead",
         "file_copier.retry.1s",
         "file_copier.retry.5s",
-        *(f"file_copier.delay.{level:02d}" for level in range(26)),
         "file_copier",
     ]
+    # Its ways into and out of the delay levels every listener shares.
+    assert {(b.source, b.destination, b.key) for b in described.delay_bindings} == {
+        ("amqp-listener.delay", "amqp-listener.delay.25", "amqp-listener.to.file_copier"),
+        ("amqp-listener.delay", "amqp-listener.delay.25", "x.orders.created"),
+        ("amqp-listener.delay.out", "file_copier", "amqp-listener.to.file_copier"),
+        ("amqp-listener.delay.out", "file_copier", "x.orders.created"),
+    }
 
 
 # -- notify() input checks (nothing reaches the broker) -----------------------------------

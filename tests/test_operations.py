@@ -460,7 +460,7 @@ def test_declare_and_publish_speak_json_too(unique, rabbit, amqp_url, tmp_path):
     )
     for name in ("", ".dead", ".retry.2s"):
         rabbit.queues.add(f"{unique}.declared{name}")
-    rabbit.track_delay_levels(f"{unique}.declared")
+    rabbit.track_delay_entry(f"{unique}.declared")
     rabbit.exchanges.add(unique)
     env = {**os.environ, "AMQP_URL": amqp_url, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
 
@@ -473,12 +473,17 @@ def test_declare_and_publish_speak_json_too(unique, rabbit, amqp_url, tmp_path):
         check=False,
     )
     assert declared.returncode == 0, declared.stderr
-    (item,) = json.loads(declared.stdout)["declared"]
+    report = json.loads(declared.stdout)
+    (item,) = report["declared"]
     assert item["queues"] == [
         f"{unique}.declared.dead",
         f"{unique}.declared.retry.2s",
-        *(delay.level_name(f"{unique}.declared", level) for level in range(delay.LEVELS)),
         f"{unique}.declared",
+    ]
+    # The delay levels every listener shares, and the queue of messages no listener is left for.
+    assert report["delay_levels"] == [
+        *(delay.level_name(level) for level in range(delay.LEVELS)),
+        delay.UNROUTED,
     ]
 
     published = cli("publish", f"{unique}.job", '{"n": 1}', "--json", url=amqp_url)

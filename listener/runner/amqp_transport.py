@@ -22,6 +22,7 @@ import pika.connection
 from pika.adapters.asyncio_connection import AsyncioConnection
 
 from listener import _nodes, _pika_internals
+from listener import delay as _delay
 from listener._amqp_errors import consume_error, declare_error, publish_error
 from listener.apublisher import connect_node, connection_alive
 from listener.errors import PublishNacked
@@ -55,6 +56,7 @@ class Transport:
         self._lost = False
         self._publish_channel: aio_pika.abc.AbstractChannel | None = None
         self._publish_lock = asyncio.Lock()
+        self._levels_declared = False
 
     @classmethod
     async def connect(cls, settings: Settings, *, name: str) -> Transport:
@@ -80,28 +82,48 @@ class Transport:
     def is_closed(self) -> bool:
         return self._lost or not (connection_alive(self.connection) and self.consuming.is_open)
 
-    async def declare(self, topology: Topology) -> None:
-        """Declare the exchange, the queues and the binding (idempotent).
+    async def declare(self, topology: Topology, *, again: bool = False) -> None:
+        """Declare the exchange, the queues and the bindings (idempotent); the shared delay
+        levels the first time on this connection, or `again`.
 
         Raises:
             TopologyMismatch: a queue exists with other arguments.
             BrokerError: any other refusal, translated.
         """
-        levels = {spec.name for spec in topology.levels}
+        if topology.levels and (again or not self._levels_declared):
+            await self._declare_shared_levels(topology)
         async with self._scratch_channel() as channel:
             await channel.declare_exchange(
                 topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
             )
-            for name in topology.exchanges:
-                await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
-            await self._declare_levels(topology.levels)
             for spec in topology.queues:
-                if spec.name not in levels:
-                    await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+                await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
             queue = await channel.get_queue(topology.queue.name, ensure=False)
             await queue.bind(topology.exchange, topology.binding_key)
+            for binding in topology.delay_bindings:
+                await _bind(channel, binding)
+
+    async def _declare_shared_levels(self, topology: Topology) -> None:
+        """The delay levels every listener shares: declared once per connection (each
+        declaration is idempotent, but 26 quorum queues are not free to declare)."""
+        async with self._scratch_channel() as channel:
+            await channel.declare_exchange(
+                _delay.UNROUTED, aio_pika.ExchangeType.FANOUT, durable=True
+            )
+            await channel.declare_exchange(
+                _delay.OUT_EXCHANGE,
+                aio_pika.ExchangeType.TOPIC,
+                durable=True,
+                arguments={"alternate-exchange": _delay.UNROUTED},
+            )
+            for name in topology.exchanges:
+                if name != _delay.OUT_EXCHANGE:
+                    await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+        await self._declare_levels(topology.levels)
+        async with self._scratch_channel() as channel:
             for binding in topology.level_bindings:
                 await _bind(channel, binding)
+        self._levels_declared = True
 
     async def _declare_levels(self, specs: Sequence[QueueSpec]) -> None:
         # Creating a quorum queue takes the broker a while, and a channel declares one queue

@@ -385,7 +385,7 @@ class Consumer:
         except Unroutable:
             # The target queue vanished (deleted by hand?): declare the topology again, once.
             topology = self.listener.topology(self.settings)
-            await self.transport.declare(topology)
+            await self.transport.declare(topology, again=True)
             self._known_queues.update(spec.name for spec in topology.queues)
             await self.transport.publish_to_queue(target, copy)
 

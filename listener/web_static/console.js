@@ -13,12 +13,21 @@
     listeners.forEach(function (row) {
       var tr = table.querySelector('tr[data-queue="' + CSS.escape(row.queue) + '"]');
       if (!tr) return;
-      ["ready", "unacked", "consumers", "waiting_retry", "delayed", "parked"].forEach(function (field) {
+      ["ready", "unacked", "consumers", "waiting_retry", "parked"].forEach(function (field) {
         var cell = tr.querySelector('[data-field="' + field + '"]');
         if (!cell) return;
         var link = cell.querySelector("a");
         (link || cell).textContent = show(row[field]);
       });
+    });
+  }
+
+  function updateDelays(levels) {
+    var line = document.getElementById("delay-levels");
+    if (!line || !levels) return;
+    ["delayed", "unrouted"].forEach(function (field) {
+      var cell = line.querySelector('[data-field="' + field + '"]');
+      if (cell) cell.textContent = show(levels[field]);
     });
   }
 
@@ -30,6 +39,7 @@
       })
       .then(function (data) {
         update(data.listeners);
+        updateDelays(data.delay_levels);
         freshness.textContent = "Counts from " + data.age + " s ago; refreshing every " + every / 1000 + " s.";
       })
       .catch(function () { freshness.textContent = "Could not refresh the counts; retrying."; })
@@ -44,7 +54,16 @@
   "use strict";
   document.querySelectorAll("[data-live][id]").forEach(function (part) {
     var every = (parseInt(part.getAttribute("data-live"), 10) || 3) * 1000;
-    function poll() {
+    function updateDelays(levels) {
+    var line = document.getElementById("delay-levels");
+    if (!line || !levels) return;
+    ["delayed", "unrouted"].forEach(function (field) {
+      var cell = line.querySelector('[data-field="' + field + '"]');
+      if (cell) cell.textContent = show(levels[field]);
+    });
+  }
+
+  function poll() {
       fetch(window.location.href, { credentials: "same-origin", headers: { Accept: "text/html" } })
         .then(function (response) {
           if (!response.ok) throw new Error(response.status);
