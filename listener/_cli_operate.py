@@ -131,7 +131,9 @@ def status(
     rows, delays = _operate(
         url, lambda operator: (operator.status(listeners), operator.delay_status())
     )
-    outbox = outbox_lag(get_settings().with_database_url(database_url))
+    settings = get_settings().with_database_url(database_url)
+    outbox = outbox_lag(settings)
+    delayed = _ledger_delayed(settings)
     if as_json:
         _emit_json(
             {
@@ -150,6 +152,7 @@ def status(
                         "unacked": row.unacked,
                         "consumers": row.consumers,
                         "waiting_retry": row.waiting_retry,
+                        "delayed": None if delayed is None else delayed.get(row.queue, 0),
                         "parked": row.parked,
                         "publish_rate": row.publish_rate,
                         "ack_rate": row.ack_rate,
@@ -160,12 +163,15 @@ def status(
             }
         )
         return
-    table = Table("listener", "queue", "ready", "unacked", "consumers", "waiting retry", "parked")
+    columns = ["listener", "queue", "ready", "unacked", "consumers", "waiting retry", "parked"]
+    if delayed is not None:
+        columns.insert(-1, "delayed")
+    table = Table(*columns)
     for row in rows:
         if row.missing:
-            table.add_row(row.listener, row.queue, "not declared", "-", "-", "-", "-")
+            table.add_row(row.listener, row.queue, "not declared", *["-"] * (len(columns) - 3))
             continue
-        table.add_row(
+        cells = [
             row.listener,
             row.queue,
             str(row.ready),
@@ -173,7 +179,10 @@ def status(
             str(row.consumers),
             str(row.waiting_retry),
             str(row.parked if row.parked is not None else "-"),
-        )
+        ]
+        if delayed is not None:
+            cells.insert(-1, str(delayed.get(row.queue, 0)))
+        table.add_row(*cells)
     console = _console()
     console.print(table)
     if delays.declared:
@@ -193,6 +202,25 @@ def status(
             "unacked counts need the management plugin's API (rabbitmq-plugins enable "
             "rabbitmq_management, or set AMQP_LISTENER_MANAGEMENT_URL)"
         )
+
+
+def _ledger_delayed(settings: Settings) -> dict[str, int] | None:
+    """Each listener's delayed messages as the ledger knows them (the broker cannot tell
+    them apart in the shared levels); None without a database, or when it does not answer
+    (the totals from the broker still show)."""
+    if settings.database_url is None:
+        return None
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from listener import database, jobs
+
+    engine = database.create_engine(settings.database_url.get_secret_value())
+    try:
+        return jobs.delayed(engine=engine)
+    except SQLAlchemyError:
+        return None
+    finally:
+        engine.dispose()
 
 
 @dead_app.command("list")

@@ -211,6 +211,10 @@ class JobSource(Protocol):
         """Attempts ended per minute and listener over the last hour."""
         ...
 
+    def delayed(self) -> dict[str, int]:
+        """Per listener queue, the delayed messages not due yet (see `jobs.delayed`)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class NoLedger:
@@ -238,6 +242,9 @@ class NoLedger:
 
     def activity(self) -> list[Activity]:
         return []
+
+    def delayed(self) -> dict[str, int]:
+        return {}
 
 
 class LedgerSource:
@@ -297,6 +304,9 @@ class LedgerSource:
             if self._activity is None or now - self._activity[0] >= self.ttl:
                 self._activity = (now, self._read(lambda: jobs.activity(engine=self.engine)))
             return self._activity[1]
+
+    def delayed(self) -> dict[str, int]:
+        return self._read(lambda: jobs.delayed(engine=self.engine))
 
     def close(self) -> None:
         self.engine.dispose()

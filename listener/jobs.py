@@ -3,13 +3,14 @@
 A *job* is one message as one listener sees it (two listeners on one key make two jobs of
 one message). Its state comes from its last record:
 
-| last record                               | state      | where it is now            |
-| ----------------------------------------- | ---------- | -------------------------- |
-| the publish (no attempt yet)              | `pending`  | the listener's queue       |
-| an attempt under way                      | `running`  | with the worker            |
-| retried, or its worker died, or handed back | `retrying` | a delay queue, or the queue |
-| handled                                   | `handled`  | nowhere: acked             |
-| parked                                    | `parked`   | `<queue>.dead`             |
+| last record                                 | state      | where it is now              |
+| ------------------------------------------- | ---------- | ---------------------------- |
+| the publish (no attempt yet)                | `pending`  | the queue (or, until it is   |
+|                                             |            | due, the delay levels)       |
+| an attempt under way                        | `running`  | with the worker              |
+| retried, or its worker died, or handed back | `retrying` | a delay queue, or the queue  |
+| handled                                     | `handled`  | nowhere: acked               |
+| parked                                      | `parked`   | `<queue>.dead`               |
 
     from listener import jobs
     for job in jobs.find(tag="Account:121", state="parked"):
@@ -46,6 +47,7 @@ __all__ = [
     "Running",
     "WorkerStatus",
     "activity",
+    "delayed",
     "find",
     "gaps_since",
     "show",
@@ -85,6 +87,8 @@ class Attempt:
     exception_type: str | None
     exception_message: str | None
     traceback: str | None
+    #: A delayed publish: when the message is due in the listener's queue.
+    due_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +182,24 @@ def gaps_since(since: dt.datetime, *, engine: Engine | None = None) -> list[Gap]
     return [
         Gap(row.host, row.pid, utc(row.started_at), utc(row.ended_at), row.dropped) for row in rows
     ]
+
+
+def delayed(*, engine: Engine | None = None) -> dict[str, int]:
+    """Per listener queue, the messages published with a delay that are not due yet: those
+    whose publisher had the database URL. The broker cannot tell: the delay levels are
+    shared by every listener."""
+    from sqlalchemy import func, select
+
+    from listener.ledger import attempts
+
+    now = dt.datetime.now(dt.UTC)
+    with _connection(engine) as connection:
+        rows = connection.execute(
+            select(attempts.c.queue, func.count())
+            .where(attempts.c.due_at > now, attempts.c.attempt == 0)
+            .group_by(attempts.c.queue)
+        ).all()
+    return {str(name): int(count) for name, count in rows}
 
 
 #: A worker silent for this long is shown as lost.
@@ -494,6 +516,7 @@ def _attempt(row: Any) -> Attempt:
         row.exception_type,
         row.exception_message,
         row.traceback,
+        utc(row.due_at) if row.due_at is not None else None,
     )
 
 
@@ -508,6 +531,8 @@ def _where(state: str, last: Any, silent: set[tuple[str, int]]) -> str:
     if state == "running":
         return f"being handled on {last.host} pid {last.pid}"
     if state == "pending":
+        if last.due_at is not None and utc(last.due_at) > dt.datetime.now(dt.UTC):
+            return f"the delay levels, due in {last.queue} at {utc(last.due_at).isoformat()}"
         return str(last.queue)
     return str(last.next_queue or last.queue)
 

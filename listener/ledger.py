@@ -36,7 +36,9 @@ from sqlalchemy import (
     case,
     delete,
     func,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
@@ -80,9 +82,18 @@ attempts = Table(
     Column("exception_type", String(255)),
     Column("exception_message", String(MAX_MESSAGE)),
     Column("traceback", Text),
+    # A delayed message's publish (attempt 0): when it is due in the listener's queue.
+    Column("due_at", _When),
     Index(None, "message_id", "started_at"),
     Index(None, "listener", "started_at"),
     Index(None, "outcome", "finished_at"),
+    # Only delayed publishes have a due time: the index stays as small as they are few.
+    Index(
+        "ix_amqp_listener_attempts_due",
+        "due_at",
+        postgresql_where=text("due_at IS NOT NULL"),
+        sqlite_where=text("due_at IS NOT NULL"),
+    ),
 )
 
 tags = Table(
@@ -126,6 +137,17 @@ gaps = Table(
 @migration("ledger", 1, "attempts, tags, workers and gaps")
 def _create_ledger(connection: Connection) -> None:
     create_tables(connection, [attempts, tags, workers, gaps])
+
+
+@migration("ledger", 2, "the due time of a delayed message")
+def _add_due_at(connection: Connection) -> None:
+    # Step 1 creates the tables as they are now: a database made by it has the column.
+    columns = {column["name"] for column in inspect(connection).get_columns(attempts.name)}
+    if "due_at" not in columns:
+        kind = attempts.c.due_at.type.compile(dialect=connection.dialect)
+        connection.exec_driver_sql(f"ALTER TABLE {attempts.name} ADD COLUMN due_at {kind}")
+    due = next(index for index in attempts.indexes if index.name == "ix_amqp_listener_attempts_due")
+    due.create(connection, checkfirst=True)
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -213,12 +235,14 @@ def insert_attempts(connection: Connection, records: Sequence[AttemptRecord]) ->
         row = list(record.values())
         row[_STARTED] = _sqlite_time(row[_STARTED])
         row[_FINISHED] = _sqlite_time(row[_FINISHED])
+        row[_DUE] = _sqlite_time(row[_DUE])
         rows.append(tuple(row))
     connection.exec_driver_sql(statement, rows)
 
 
 _STARTED = COLUMNS.index("started_at")
 _FINISHED = COLUMNS.index("finished_at")
+_DUE = COLUMNS.index("due_at")
 
 
 def _sqlite_time(moment: dt.datetime | None) -> str | None:

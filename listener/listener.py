@@ -187,7 +187,7 @@ class Listener:
 
         exchange, key, headers = cls._route(routing_key, headers, delay, at)
         message_id = default_publisher().publish_body(exchange, key, body, headers=headers)
-        record_publish(cls, (message_id,), (body,))
+        record_publish(cls, (message_id,), (body,), headers)
         return message_id
 
     @classmethod
@@ -219,7 +219,7 @@ class Listener:
         exchange, key, headers = cls._route(routing_key, headers, delay, at)
         publisher = default_async_publisher()
         message_id = await publisher.publish_body(exchange, key, body, headers=headers)
-        record_publish(cls, (message_id,), (body,))
+        record_publish(cls, (message_id,), (body,), headers)
         return message_id
 
     @classmethod
@@ -254,7 +254,7 @@ class Listener:
         ids = run_in_background(
             lambda publisher: publisher.publish_bodies(exchange, key, bodies, headers=headers)
         )
-        record_publish(cls, ids, bodies)
+        record_publish(cls, ids, bodies, headers)
         return ids
 
     @classmethod
@@ -281,7 +281,7 @@ class Listener:
 
         exchange, key, headers = cls._route(routing_key, None, delay, at)
         ids = await default_async_publisher().publish_bodies(exchange, key, bodies, headers=headers)
-        record_publish(cls, ids, bodies)
+        record_publish(cls, ids, bodies, headers)
         return ids
 
     # -- description ------------------------------------------------------------------------

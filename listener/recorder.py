@@ -77,6 +77,8 @@ class AttemptRecord:
     exception_message: str | None = None
     traceback: str | None = None
     tags: tuple[str, ...] = ()
+    #: A delayed message's publish: when it is due in its listener's queue.
+    due_at: dt.datetime | None = None
 
     @property
     def key(self) -> tuple[str, str, int, str, int, dt.datetime]:
@@ -108,6 +110,7 @@ class AttemptRecord:
             self.exception_type,
             cut(self.exception_message, MAX_MESSAGE),
             cut(self.traceback, MAX_TRACEBACK, keep_end=True),
+            self.due_at,
         )
 
     def row(self) -> dict[str, Any]:
@@ -131,6 +134,7 @@ COLUMNS = (
     "exception_type",
     "exception_message",
     "traceback",
+    "due_at",
 )
 
 

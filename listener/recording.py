@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from listener import delay as _delay
 from listener.middleware import Delivery, Middleware
 from listener.recorder import HOST, AttemptRecord, Recorder, Retention, WorkerBeat, recorder_for
 from listener.settings import Settings, get_settings
@@ -170,9 +171,13 @@ def tags_of(listener: type[Listener], message: Any) -> tuple[str, ...]:
 
 
 def record_publish(
-    listener: type[Listener], message_ids: Sequence[str], bodies: Sequence[bytes]
+    listener: type[Listener],
+    message_ids: Sequence[str],
+    bodies: Sequence[bytes],
+    headers: dict[str, Any] | None = None,
 ) -> None:
-    """Record each published message as pending, with this process as its publisher.
+    """Record each published message as pending, with this process as its publisher, and,
+    for a delayed one (`headers` with `listener.delay.DUE_HEADER`), when it is due.
 
     Does nothing without a database URL; never raises (a publish has already happened).
     """
@@ -184,17 +189,36 @@ def record_publish(
         now = dt.datetime.now(dt.UTC)
         name = listener.name()
         pid = os.getpid()
+        due = _due_at(headers)
         for message_id, body in zip(message_ids, bodies, strict=True):
             tags: tuple[str, ...] = ()
             if listener.track is not _base_track():
                 tags = tags_of(listener, listener.codec.decode(body, None, None))
             recorder.add(
                 AttemptRecord(
-                    message_id, name, listener.queue, 0, "pending", HOST, pid, now, tags=tags
+                    message_id,
+                    name,
+                    listener.queue,
+                    0,
+                    "pending",
+                    HOST,
+                    pid,
+                    now,
+                    tags=tags,
+                    due_at=due,
                 )
             )
     except Exception:
         log.exception("could not record the publish of %s in the ledger", listener.__name__)
+
+
+def _due_at(headers: dict[str, Any] | None) -> dt.datetime | None:
+    if not headers or _delay.DUE_HEADER not in headers:
+        return None
+    try:
+        return dt.datetime.fromisoformat(str(headers[_delay.DUE_HEADER]))
+    except ValueError:
+        return None
 
 
 def _base_track() -> Any:

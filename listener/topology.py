@@ -186,9 +186,13 @@ def is_declared_delay(delay: float, declared: Iterable[float]) -> bool:
     return any(_milliseconds(d) == wanted for d in declared)
 
 
-def delay_levels(queue_type: QueueType) -> tuple[tuple[QueueSpec, ...], tuple[Binding, ...]]:
+def delay_levels() -> tuple[tuple[QueueSpec, ...], tuple[Binding, ...]]:
     """The delay levels every listener shares (lowest first, then the queue of messages no
-    listener is left for) and the bindings that route between them (see `listener.delay`)."""
+    listener is left for) and the bindings that route between them (see `listener.delay`).
+
+    Quorum queues whatever a listener's `queue_type`: shared, they must be declared alike by
+    every runner, and only quorum queues dead-letter at least once."""
+    queue_type: QueueType = "quorum"
     levels: list[QueueSpec] = []
     bindings: list[Binding] = []
     for level in range(_delay.LEVELS):
@@ -237,7 +241,7 @@ def describe(
     if queue_type == "quorum":
         main_arguments["x-delivery-limit"] = DELIVERY_LIMIT
     delays = sorted({_milliseconds(d) for d in retry_delays if _milliseconds(d) > 0})
-    levels, level_bindings = delay_levels(queue_type)
+    levels, level_bindings = delay_levels()
     return Topology(
         exchange=exchange,
         binding_key=binding_key,

@@ -11,6 +11,7 @@ live in `listener._web_security`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import secrets
 import urllib.parse
@@ -77,16 +78,19 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
     async def overview(request: Request) -> Response:
         rows, age = await _broker(console.broker.overview)
         delays = await _broker(console.broker.delays)
-        # The counts come from the broker: a ledger that does not answer costs only the charts.
+        # The counts come from the broker: a ledger that does not answer costs only the charts
+        # (and the per-listener delayed counts, which only the ledger knows).
         try:
             activity, unread = await _ledger(console.jobs.activity), None
+            delayed = await _ledger(console.jobs.delayed) if console.jobs.available else None
         except HTTPException as exc:
-            activity, unread = [], exc.detail
+            activity, unread, delayed = [], exc.detail, None
         return render(
             request,
             "overview.html",
             rows=rows,
             delays=delays,
+            delayed=delayed,
             age=age,
             refresh=REFRESH,
             jobs=console.jobs,
@@ -99,9 +103,15 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
     async def overview_json(_request: Request) -> Response:
         rows, age = await _broker(console.broker.overview)
         delays = await _broker(console.broker.delays)
+        delayed: dict[str, int] = {}
+        if console.jobs.available:
+            with contextlib.suppress(HTTPException):  # the ledger's part only
+                delayed = await _ledger(console.jobs.delayed)
         return JSONResponse(
             {
-                "listeners": [asdict(row) for row in rows],
+                "listeners": [
+                    {**asdict(row), "delayed": delayed.get(row.queue, 0)} for row in rows
+                ],
                 "delay_levels": asdict(delays),
                 "age": round(age, 1),
             }

@@ -81,15 +81,39 @@ def test_a_failing_step_leaves_the_database_as_it_was(tmp_path: Path) -> None:
         connection.exec_driver_sql("CREATE TABLE half_done (x INTEGER)")
         raise RuntimeError("step 2 failed")
 
-    schema.migration("ledger", 2, "a broken step")(broken)
+    step = max(schema._migrations["ledger"]) + 1
+    schema.migration("ledger", step, "a broken step")(broken)
     try:
         with pytest.raises(RuntimeError):
             schema.upgrade(engine)
     finally:
-        del schema._migrations["ledger"][2]
+        del schema._migrations["ledger"][step]
     assert "half_done" not in sqlalchemy.inspect(engine).get_table_names()
     with engine.connect() as connection:
         assert schema.current_versions(connection) == _newest()
+
+
+def test_a_ledger_made_by_its_first_version_gets_the_due_time_column_on_upgrade(
+    tmp_path: Path,
+) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path}/a.db")
+    schema.upgrade(engine)
+    with engine.begin() as connection:  # the ledger as its first version made it
+        connection.exec_driver_sql("DROP INDEX ix_amqp_listener_attempts_due")
+        connection.exec_driver_sql("ALTER TABLE amqp_listener_attempts DROP COLUMN due_at")
+        connection.exec_driver_sql(
+            "UPDATE amqp_listener_schema SET version = 1 WHERE component = 'ledger'"
+        )
+
+    upgraded = schema.upgrade(engine)
+
+    assert [(step.component, step.version) for step in upgraded.applied] == [("ledger", 2)]
+    inspector = sqlalchemy.inspect(engine)
+    columns = inspector.get_columns("amqp_listener_attempts")
+    assert "due_at" in {column["name"] for column in columns}
+    assert "ix_amqp_listener_attempts_due" in {
+        index["name"] for index in inspector.get_indexes("amqp_listener_attempts")
+    }
 
 
 def _upgrade_at_once(url: str, upgraders: int) -> list[schema.Upgrade]:
@@ -134,8 +158,9 @@ def test_db_upgrade_command_is_safe_to_repeat(tmp_path: Path) -> None:
     second = runner.invoke(app, ["db", "upgrade", "--database-url", url])
     assert first.exit_code == second.exit_code == 0, first.output
     assert "applied ledger 1" in first.output
+    assert "applied ledger 2" in first.output
     assert "applied" not in second.output
-    assert "up to date (inbox 1, ledger 1, outbox 1)" in second.output
+    assert "up to date (inbox 1, ledger 2, outbox 1)" in second.output
 
 
 def test_db_upgrade_without_a_database_says_how_to_set_one(

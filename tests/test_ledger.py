@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +25,9 @@ from listener.ledger import LostAttempt, record_lost
 from listener.recorder import recorder_for
 from listener.recording import LedgerMiddleware
 from listener.settings import Settings, get_settings
+
+CLI = str(Path(sys.executable).with_name("amqp-listener"))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Order(BaseModel):
@@ -121,6 +128,53 @@ async def test_a_retried_then_parked_message_shows_each_failure_and_lies_in_the_
     assert [found.message_id for found in failed] == [message_id]
     assert orders.pending_jobs("Account:7") == []
     assert jobs.find(tag="Instance:8", state="parked", engine=engine)[0].message_id == message_id
+
+
+async def test_a_delayed_message_is_pending_with_its_due_time_and_counted_for_its_listener(
+    ledger: str, engine: Engine, settings: Settings, run_worker: Any, unique: str, tmp_path: Path
+) -> None:
+    orders = _order_listener(unique)
+    async with run_worker(orders):  # declares its topology, and the shared delay levels
+        pass
+    published = dt.datetime.now(dt.UTC)
+    later = orders.notify(account=5, instance=1, delay=3600)
+    orders.notify(account=5, instance=2, delay=7200)
+    orders.notify(account=5, instance=3)  # not delayed: not counted
+    assert recorder_for(ledger).flush()
+
+    [job] = jobs.show(later, engine=engine)
+    assert job.state == "pending"
+    assert job.published is not None
+    due = job.published.due_at
+    assert due is not None
+    assert dt.timedelta(seconds=3600) <= due - published < dt.timedelta(seconds=3610)
+    assert job.where == f"the delay levels, due in {orders.queue} at {due.isoformat()}"
+    assert jobs.delayed(engine=engine) == {orders.queue: 2}
+
+    # `status` with the database: the per-listener count the broker cannot give.
+    (tmp_path / f"{unique}_app.py").write_text(
+        "from listener import Listener\n"
+        "class Orders(Listener):\n"
+        f"    subscribes_to = '{unique}.order'\n"
+        f"    queue = '{orders.queue}'\n"
+        "    def handle(self, message): ...\n"
+    )
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [CLI, "status", f"{unique}_app", "--json", "--database-url", ledger],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **os.environ,
+            "AMQP_URL": settings.url.get_secret_value(),
+            "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
+        },
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)["listeners"]
+    assert (row["queue"], row["delayed"]) == (orders.queue, 2)
 
 
 async def test_a_message_not_yet_consumed_is_pending_and_found_by_its_tag(

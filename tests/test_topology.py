@@ -84,7 +84,6 @@ def test_the_dead_queue_is_declared_first():
         "file_copier.retry.1s",
         "file_copier.retry.5s",
         "file_copier.retry.30s",
-        *(f"file_copier.delay.{level:02d}" for level in range(26)),
         "file_copier",
     ]
 
@@ -105,11 +104,29 @@ def test_delays_that_round_to_the_same_millisecond_share_a_queue():
     assert [q.name for q in described.delays] == ["file_copier.retry.250ms"]
 
 
-def test_no_retry_delays_means_no_retry_queues_only_the_delay_levels():
+def test_no_retry_delays_means_no_retry_queues():
     assert topology(retry_delays=()).delays == ()
     assert topology(retry_delays=(0, 0.0)).delays == ()
     names = [q.name for q in topology(retry_delays=()).queues]
-    assert [n for n in names if ".delay." not in n] == ["file_copier.dead", "file_copier"]
+    assert names == ["file_copier.dead", "file_copier"]
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+def test_the_shared_delay_levels_are_quorum_queues_whatever_the_listeners_queue_type(
+    queue_type,
+):
+    described = topology(queue_type=queue_type)
+    assert len(described.levels) == 27  # 26 levels and the unrouted queue
+    assert {spec.arguments["x-queue-type"] for spec in described.levels} == {"quorum"}
+    assert topology(queue_type="classic").levels == topology(queue_type="quorum").levels
+
+
+def test_a_level_dead_letters_to_the_level_below_and_level_zero_to_the_out_exchange():
+    levels = {spec.name: spec.arguments for spec in topology().levels}
+    assert levels["amqp-listener.delay.07"]["x-dead-letter-exchange"] == "amqp-listener.delay.06"
+    assert levels["amqp-listener.delay.07"]["x-message-ttl"] == 125 * 2**7
+    assert levels["amqp-listener.delay.00"]["x-dead-letter-exchange"] == "amqp-listener.delay.out"
+    assert all("x-dead-letter-routing-key" not in arguments for arguments in levels.values())
 
 
 def test_a_quorum_delay_queue_expires_back_into_the_main_queue():

@@ -13,7 +13,7 @@
     listeners.forEach(function (row) {
       var tr = table.querySelector('tr[data-queue="' + CSS.escape(row.queue) + '"]');
       if (!tr) return;
-      ["ready", "unacked", "consumers", "waiting_retry", "parked"].forEach(function (field) {
+      ["ready", "unacked", "consumers", "waiting_retry", "delayed", "parked"].forEach(function (field) {
         var cell = tr.querySelector('[data-field="' + field + '"]');
         if (!cell) return;
         var link = cell.querySelector("a");

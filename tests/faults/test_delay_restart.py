@@ -37,12 +37,6 @@ async def _handled_by_worker(
         await asyncio.wait_for(task, timeout=30)
 
 
-@pytest.mark.xfail(
-    reason="Known defect, under investigation: run after the broker-fault tests in a full "
-    "suite, the delayed messages due soonest (delays of 1 to 7 s) did not arrive within 60 s "
-    "of the restart; run alone or after test_broker_faults.py alone, every message arrives.",
-    strict=False,
-)
 def test_delayed_messages_wait_out_a_broker_killed_minus_9_and_arrive_never_early(
     node: RabbitNode, unique: str
 ) -> None:
