@@ -31,14 +31,14 @@ from listener.runner import signals
 from listener.runner.amqp_transport import Subscription, Transport
 from listener.runner.backoff import Backoff
 from listener.runner.consumer import Consumer
-from listener.runner.startup import StartRetries
+from listener.runner.startup import StartRetries, warn_consumer_timeouts
 from listener.settings import Settings
 
 if TYPE_CHECKING:
     from listener.listener import Listener
     from listener.runner.blame import Isolation
 
-__all__ = ["EXIT_RECYCLE", "Worker", "warn_consumer_timeouts"]
+__all__ = ["EXIT_RECYCLE", "Worker"]
 
 log = logging.getLogger("listener.worker")
 
@@ -575,34 +575,6 @@ class Worker:
                 await consumer.inbox.aclose()
         self.chain.after("on_worker_stop", self)
         log.info("worker pid=%d stopped: %r", os.getpid(), self)
-
-
-def warn_consumer_timeouts(listeners: Sequence[type[Listener]], settings: Settings) -> int:
-    """Warn about each listener whose `timeout` is not below the broker's consumer timeout.
-
-    RabbitMQ closes the channel of a consumer that holds a delivery unacked longer than its
-    `consumer_timeout` (30 minutes by default since 3.8.15), and the broker does not tell a
-    client its value, hence the `consumer_timeout` setting. A handler allowed to run that
-    long would lose its channel, and with it the acks of every message on it, before its own
-    timeout fired. Returns the number of warnings.
-    """
-    limit = settings.consumer_timeout
-    if not limit:
-        return 0
-    warned = 0
-    for cls in listeners:
-        if cls.timeout >= limit:
-            warned += 1
-            log.warning(
-                "%s: timeout %gs is not below the broker's consumer timeout (%gs): a message "
-                "handled that long has its channel closed by the broker and is delivered "
-                "again; lower the listener's timeout, or raise the broker's consumer_timeout "
-                "and AMQP_LISTENER_CONSUMER_TIMEOUT with it",
-                cls.name(),
-                cls.timeout,
-                limit,
-            )
-    return warned
 
 
 async def _first_of(*events: asyncio.Event) -> None:
