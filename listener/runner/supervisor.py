@@ -315,7 +315,8 @@ class Supervisor:
                     return code
                 self._begin_stop(f"received {signal.Signals(signum).name}")
             self._fleet.read_reports()
-            self._reap()
+            self._fleet.reap()
+            self._endpoints.reap(stopping=self._stop.active)
             live = len(self._fleet.live())
             if self._reloads.passed(stopping=self._stop.active, workers=live):
                 # Returns only when the exec failed.
@@ -349,10 +350,6 @@ class Supervisor:
             if self._reloads.check is not None:
                 wake = min(wake, self._reloads.check.deadline)
         return max(wake - now, 0.0)
-
-    def _reap(self) -> None:
-        self._fleet.reap()
-        self._endpoints.reap(stopping=self._stop.active)
 
     # -- control signals: pause, resume, reload -------------------------------------------
 
