@@ -45,7 +45,7 @@ def channel_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def subscription_of(worker: Worker, cls: type[Listener]) -> Subscription | None:
     """The subscription consuming `cls`'s queue now (None while it is being replaced)."""
-    return next((s for c, s in worker._subscriptions.items() if c.listener is cls), None)
+    return next((s for c, s in worker.subscriptions.active.items() if c.listener is cls), None)
 
 
 async def round_trip(subscription: Subscription | None, prefetch: int = 10) -> None:

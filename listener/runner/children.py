@@ -1,16 +1,11 @@
-"""Forking a child of the supervisor, and what the child does before its real work.
+"""What a process the supervisor forked does first, before its real work.
 
-Every process the supervisor forks (a worker, a metrics or health serving process) goes
-through `fork`, and then sets itself up the same way before it runs. This module is the fork
-itself (`fork_worker` also gives a worker its status pipe and its place) and the child's
-side of it, kept apart from the supervision loop, which only decides when to fork and what a
-death means. Why each step:
+Every process the supervisor forks (a worker, a metrics or health serving process, the
+outbox relay) is forked by its `listener.runner.child.ChildProcess` and then sets itself up
+the same way before it runs: this module is that child's side (`run_worker`,
+`run_service`), kept apart from the supervision loop, which only decides when to fork and
+what a death means. Why each step:
 
-- **Forked, not spawned.** The supervisor imported the application and discovered the
-  listeners before the first fork; a forked child inherits them, so nothing is imported
-  twice. Forking is safe because the parent holds no connection, no running event loop and
-  no thread at that moment. Buffered log lines are flushed first, or both processes would
-  write them.
 - **Children never outlive the supervisor.** Each child asks the kernel for SIGKILL when its
   parent dies (`prctl(PR_SET_PDEATHSIG, SIGKILL)`, right after the fork) and then checks that
   its parent is still the supervisor, which closes the race where the supervisor died before
@@ -39,9 +34,6 @@ import ctypes
 import logging
 import os
 import signal
-import sys
-import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,108 +43,19 @@ from listener.errors import BrokerError
 from listener.middleware import installed_middleware
 from listener.runner import status_pipe
 from listener.runner.blame import Isolation
-from listener.runner.restarts import Slot, back_off
 from listener.runner.worker import Worker
 from listener.settings import Settings
 
 if TYPE_CHECKING:
     from listener.listener import Listener
 
-__all__ = [
-    "PAUSE_SIGNALS",
-    "REAP_WAIT",
-    "close",
-    "die_with_parent",
-    "flush",
-    "fork",
-    "fork_worker",
-    "run_service",
-    "run_worker",
-    "stdin_from_devnull",
-]
+__all__ = ["PAUSE_SIGNALS", "die_with_parent", "run_service", "run_worker", "stdin_from_devnull"]
 
 log = logging.getLogger("listener.supervisor")
 
 _PR_SET_PDEATHSIG = 1
-#: Seconds to wait for SIGKILLed children to be reaped.
-REAP_WAIT = 5.0
 #: Kept blocked in a new worker until it handles them (their default would kill or be lost).
 PAUSE_SIGNALS = {signal.SIGUSR2, signal.SIGCONT}
-
-
-def fork(child: Callable[[], int]) -> int:
-    """Fork; the child runs `child()` and exits with the code it returns (1 if it raises).
-
-    Returns the child's pid, in the parent only. Raises OSError when the fork fails.
-    """
-    flush()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into the caller's stack
-        code = 1
-        try:
-            code = child()
-        finally:
-            flush()
-            os._exit(code)
-    return pid
-
-
-def fork_worker(slot: Slot, of: int, body: Callable[[int], int]) -> None:
-    """Fork a worker into `slot` (one of `of` places), with a status pipe; the child runs
-    `body(status_fd)` and exits with the code it returns.
-
-    A pipe or a fork that fails (out of memory or processes) schedules another try with
-    back-off: never an exit.
-    """
-    threads = threading.active_count()
-    if threads > 1:
-        log.warning(
-            "forking a worker while %d threads run in the supervisor; a module that "
-            "starts threads at import makes forking unsafe",
-            threads,
-        )
-    try:
-        read_fd, write_fd = os.pipe()
-    except OSError as exc:
-        _fork_failed(slot, of, exc)
-        return
-
-    def child() -> int:
-        close(read_fd)
-        return body(write_fd)
-
-    try:
-        pid = fork(child)
-    except OSError as exc:  # out of memory or processes: try again later, never exit
-        close(read_fd)
-        close(write_fd)
-        _fork_failed(slot, of, exc)
-        return
-    os.close(write_fd)
-    os.set_blocking(read_fd, False)
-    close(slot.status_fd)
-    slot.pid = pid
-    slot.status_fd = read_fd
-    slot.pending = b""
-    slot.started = False
-    slot.ready = False
-    slot.state = "starting"
-    slot.boot_error = None
-    slot.spawns += 1
-    slot.started_at = time.monotonic()
-    slot.restart_at = None
-    log.debug("worker %d of %d forked: pid=%d", slot.number, of, pid)
-
-
-def _fork_failed(slot: Slot, of: int, exc: OSError) -> None:
-    wait = back_off(slot, lived=0.0)
-    log.error(
-        "could not start worker %d of %d (%s); trying again in %.1fs",
-        slot.number,
-        of,
-        exc,
-        wait,
-    )
 
 
 def run_worker(
@@ -256,20 +159,3 @@ def stdin_from_devnull() -> None:
         fd = os.open(os.devnull, os.O_RDONLY)
         os.dup2(fd, 0)
         os.close(fd)
-
-
-def close(fd: int | None) -> None:
-    """Close a file descriptor if there is one, ignoring one already closed."""
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def flush() -> None:
-    """Write out buffered log lines and output: before a fork, an exit or an exec."""
-    for handler in logging.getLogger().handlers:
-        with contextlib.suppress(Exception):
-            handler.flush()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()

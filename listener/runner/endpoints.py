@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 from listener.errors import ConfigurationError
 from listener.runner import children
+from listener.runner.child import REAP_WAIT, ChildProcess
 from listener.runner.health import LIVE_PATH, READY_PATH, HealthEndpoint
-from listener.runner.restarts import Slot, back_off, describe
+from listener.runner.restarts import describe
 
 if TYPE_CHECKING:
     from listener.metrics import MultiprocessEndpoint
@@ -49,7 +49,7 @@ class Service:
     name: str
     url: str
     serve: Callable[[], None]
-    slot: Slot = field(default_factory=lambda: Slot(0))
+    process: ChildProcess = field(default_factory=lambda: ChildProcess(0))
     #: Seconds a SIGTERM gets to end it before the SIGKILL (0: SIGKILL at once).
     stop_wait: float = 0.0
 
@@ -113,10 +113,7 @@ class Endpoints:
         inherited = (handoff or {}).get("health")
         if inherited is not None:
             endpoint = HealthEndpoint.adopt(inherited["endpoint"])
-            service = _health_service_for(endpoint)
-            service.slot.pid = inherited.get("server")
-            service.slot.spawns = 1
-            service.slot.started_at = time.monotonic()
+            service = _health_service_for(endpoint, ChildProcess.adopt(0, inherited.get("server")))
             if port is not None and port in (0, endpoint.port):
                 self.health, self._health_service = endpoint, service
                 self.publish(force=True)
@@ -153,12 +150,15 @@ class Endpoints:
             self.health.publish(state)
             self._health_sent, self._health_at = text, now
 
+    def processes(self) -> list[ChildProcess]:
+        """The processes of the serving processes there are."""
+        return [service.process for service in self.services()]
+
     def restart(self) -> None:
         """Start again the serving processes whose back-off is over."""
         now = time.monotonic()
         for service in self.services():
-            server = service.slot
-            if server.pid is None and server.restart_at is not None and now >= server.restart_at:
+            if service.process.due(now):
                 self._spawn(service)
 
     def reap(self, *, stopping: bool) -> None:
@@ -195,7 +195,7 @@ class Endpoints:
         if self.metrics is not None:
             self.metrics.close()
         if self.health is not None and self._health_service is not None:
-            return {"endpoint": self.health.handoff(), "server": self._health_service.slot.pid}
+            return {"endpoint": self.health.handoff(), "server": self._health_service.process.pid}
         return None
 
     def after_failed_exec(self) -> None:
@@ -220,9 +220,12 @@ class Endpoints:
         self.release(keep=service)
 
 
-def _health_service_for(endpoint: HealthEndpoint) -> Service:
-    """The serving process of an open health endpoint."""
-    return Service("health endpoint", f"{endpoint.url}{LIVE_PATH} and {READY_PATH}", endpoint.serve)
+def _health_service_for(endpoint: HealthEndpoint, process: ChildProcess | None = None) -> Service:
+    """The serving process of an open health endpoint (`process`: one a reload handed down)."""
+    url = f"{endpoint.url}{LIVE_PATH} and {READY_PATH}"
+    if process is None:
+        return Service("health endpoint", url, endpoint.serve)
+    return Service("health endpoint", url, endpoint.serve, process)
 
 
 def _start(
@@ -236,23 +239,19 @@ def _start(
 
     A fork that fails schedules a new try with back-off.
     """
-    server = service.slot
+    server = service.process
 
     def child() -> int:
         close_in_child()
         return children.run_service(service.name, service.serve, supervisor=supervisor, mask=mask)
 
+    first = server.spawns == 0
     try:
-        pid = children.fork(child)
+        pid = server.spawn(child)
     except OSError as exc:
-        wait = back_off(server, lived=0.0)
+        wait = server.back_off(lived=0.0)
         log.error("could not start the %s (%s); trying again in %.1fs", service.name, exc, wait)
         return False
-    first = server.spawns == 0
-    server.pid = pid
-    server.spawns += 1
-    server.started_at = time.monotonic()
-    server.restart_at = None
     log.log(
         logging.INFO if first else logging.DEBUG,
         "%s pid=%d serving %s",
@@ -265,26 +264,17 @@ def _start(
 
 def _reap(service: Service, *, stopping: bool) -> None:
     """Reap the serving process if it ended; unless stopping, schedule its restart."""
-    server = service.slot
-    if server.pid is None:
+    server = service.process
+    ended = server.reap()
+    if ended is None or stopping:
         return
-    try:
-        pid, status = os.waitpid(server.pid, os.WNOHANG)
-    except ChildProcessError:
-        pid, status = server.pid, 0
-    if pid == 0:
-        return
-    server.pid = None
-    if stopping:
-        return
-    lived = time.monotonic() - server.started_at
-    wait = back_off(server, lived)
+    wait = server.back_off(ended.lived)
     log.warning(
         "%s pid=%d died: %s after %.1fs; restarting in %.1fs",
         service.name,
-        pid,
-        describe(status),
-        lived,
+        ended.pid,
+        describe(ended.status),
+        ended.lived,
         wait,
     )
 
@@ -298,45 +288,21 @@ def _relay_service(settings: Settings) -> Service:
         serve_relay(settings)
 
     where = settings.redacted_database_url or "no database"
-    return Service("outbox relay", f"the outbox of {where}", serve, stop_wait=children.REAP_WAIT)
+    return Service("outbox relay", f"the outbox of {where}", serve, stop_wait=REAP_WAIT)
 
 
 def _kill(service: Service) -> None:
     """End a serving process and reap it (bounded): SIGKILL, as most hold nothing to save, or
     first SIGTERM for one that does (the relay finishes its batch)."""
-    server = service.slot
-    server.restart_at = None
-    if server.pid is None:
-        return
-    if service.stop_wait > 0:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(server.pid, signal.SIGTERM)
-        _wait_reaped(server, service.stop_wait)
-        if server.pid is None:
-            return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(server.pid, signal.SIGKILL)
-    _wait_reaped(server, children.REAP_WAIT)
-    if server.pid is not None:
-        log.error("%s pid=%d did not die after SIGKILL", service.name, server.pid)
-
-
-def _wait_reaped(server: Slot, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while server.pid is not None and time.monotonic() < deadline:
-        try:
-            pid, _status = os.waitpid(server.pid, os.WNOHANG)
-        except ChildProcessError:
-            pid = server.pid
-        if pid != 0:
-            server.pid = None
-        else:
-            signal.sigtimedwait({signal.SIGCHLD}, 0.05)
+    server = service.process
+    pid = server.pid
+    if not server.stop(service.stop_wait):
+        log.error("%s pid=%d did not die after SIGKILL", service.name, pid)
 
 
 def health_state(
-    slots: Sequence[Slot],
-    old: Mapping[int, Slot],
+    slots: Sequence[ChildProcess],
+    old: Mapping[int, ChildProcess],
     *,
     paused: bool,
     reloading: bool,
@@ -346,7 +312,7 @@ def health_state(
     """What the health endpoint answers: a place counts as ready when its worker is, or, while
     a reload has yet to replace it, when the old worker in it is."""
     n = len(slots)
-    serving: list[Slot] = []
+    serving: list[ChildProcess] = []
     for slot in slots:
         previous = old.get(slot.number)
         if slot.pid is not None and slot.started:

@@ -44,16 +44,19 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-from listener.runner import children
-from listener.runner.restarts import Slot, describe
+from listener.runner.child import ChildProcess, flush
+from listener.runner.restarts import describe
 
 if TYPE_CHECKING:
     from listener.listener import Listener
+    from listener.runner.endpoints import Endpoints
+    from listener.runner.fleet import Fleet
 
 __all__ = [
     "CHECK_TIMEOUT",
     "HANDOFF_VAR",
     "ReloadCheck",
+    "Reloads",
     "argv",
     "handed_workers",
     "handoff",
@@ -172,8 +175,8 @@ def handoff(
     mask: Iterable[int | signal.Signals],
     paused: bool,
     reloads: int,
-    workers: Sequence[Slot],
-    retiring: Sequence[Slot],
+    workers: Sequence[ChildProcess],
+    retiring: Sequence[ChildProcess],
     health: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The state the new image takes over (`health`: see `Endpoints.before_exec`)."""
@@ -196,7 +199,7 @@ def reexec(command: list[str], state: dict[str, Any], fds: Sequence[int]) -> OSE
     for fd in fds:
         os.set_inheritable(fd, True)
     os.environ[HANDOFF_VAR] = json.dumps(state)
-    children.flush()
+    flush()
     try:
         os.execv(sys.executable, command)
     except OSError as exc:
@@ -222,17 +225,111 @@ def take_handoff() -> dict[str, Any] | None:
     return state
 
 
-def handed_workers(state: dict[str, Any], group: str) -> list[Slot]:
+def handed_workers(state: dict[str, Any], group: str) -> list[ChildProcess]:
     """The workers of `group` ("workers": still in their places, or "retiring": draining)
     a previous image handed down, their status pipes made non-blocking and private again."""
-    slots = []
-    for number, pid, fd, reported in state.get(group, []):
-        slot = Slot(int(number), pid=int(pid), status_fd=int(fd), state=str(reported))
-        slot.started = reported != "starting"
-        slot.ready = reported == "ready"
-        slot.started_at = time.monotonic()
-        with contextlib.suppress(OSError):
-            os.set_inheritable(int(fd), False)
-            os.set_blocking(int(fd), False)
-        slots.append(slot)
-    return slots
+    return [
+        ChildProcess.adopt(int(number), int(pid), int(fd), str(reported))
+        for number, pid, fd, reported in state.get(group, [])
+    ]
+
+
+class Reloads:
+    """The supervisor's side of a reload: the check of the new code under way, then the
+    re-exec once it passed."""
+
+    def __init__(self, supervisor: int) -> None:
+        self.supervisor = supervisor
+        #: The check of the new code, while it runs.
+        self.check: ReloadCheck | None = None
+
+    def begin(
+        self,
+        listeners: Sequence[type[Listener]],
+        mask: set[int | signal.Signals],
+        fleet: Fleet,
+    ) -> None:
+        """SIGHUP: start checking the new code, unless a reload is under way or the workers
+        have yet to start."""
+        if self.check is not None or fleet.roll.active:
+            log.warning("supervisor received SIGHUP during a reload; ignored")
+            return
+        if not fleet.up:
+            log.warning("supervisor received SIGHUP before every worker started; ignored")
+            return
+        check = ReloadCheck.start(listeners, mask)
+        if check is None:
+            return
+        self.check = check
+        log.info(
+            "supervisor received SIGHUP: reloading; checking that the new code loads "
+            "(pid=%d) while %d worker(s) carry on",
+            check.pid,
+            len(fleet.live()),
+        )
+
+    def passed(self, *, stopping: bool, workers: int) -> bool:
+        """Whether the check ended and the new code loads (then re-exec, unless stopping).
+        A check that failed or took too long is logged, with the `workers` that carry on."""
+        check = self.check
+        if check is None:
+            return False
+        status = check.poll()
+        if status is None:
+            if time.monotonic() >= check.deadline:
+                log.error(
+                    "reload abandoned: the new code did not load within %gs; the running "
+                    "workers carry on",
+                    CHECK_TIMEOUT,
+                )
+                self.kill_check()
+            return False
+        self.check = None
+        refused = check.verdict(status)
+        if stopping:
+            return False
+        if refused is None:
+            return True
+        log.error(
+            "reload refused: the new code does not load (%s); %d worker(s) carry on with "
+            "the code they have",
+            refused,
+            workers,
+        )
+        return False
+
+    def kill_check(self) -> None:
+        """End the check, if one runs."""
+        check, self.check = self.check, None
+        if check is not None:
+            check.kill()
+
+    def reexec(
+        self, *, mask: set[int | signal.Signals], paused: bool, fleet: Fleet, endpoints: Endpoints
+    ) -> None:
+        """Replace this process's image with a fresh start of the same command line, handing
+        it the running workers; returns only when the exec failed (logged)."""
+        workers = [c for c in fleet.places if c.pid is not None and c.status_fd is not None]
+        retiring = [c for c in fleet.roll.retiring if c.pid is not None and c.status_fd is not None]
+        command = argv()
+        log.info(
+            "supervisor pid=%d reloading: the new code loads; re-executing %s with %d "
+            "worker(s) consuming until their replacements are ready",
+            self.supervisor,
+            " ".join(command[1:3]),
+            len(workers),
+        )
+        health = endpoints.before_exec()
+        state = handoff(
+            pid=self.supervisor,
+            mask=mask,
+            paused=paused,
+            reloads=fleet.reloads + 1,
+            workers=workers,
+            retiring=retiring,
+            health=health,
+        )
+        fds = [c.status_fd for c in [*workers, *retiring] if c.status_fd is not None]
+        exc = reexec(command, state, fds)  # returns only when the exec failed
+        log.error("reload failed: cannot re-execute (%s); carrying on with the old code", exc)
+        endpoints.after_failed_exec()

@@ -1,19 +1,19 @@
-"""Worker places, their restart back-off, and how a death is told.
+"""How a worker's death is told, and what it leads to.
 
-A supervisor keeps N places (`Slot`), each with the process in it now. When that process dies
-the place is filled again: at once after a long life, with a growing delay while it keeps
-dying young. That policy, and the words a death line uses for a wait status, are kept here,
-apart from the supervision loop, because the serving processes (metrics, health) are
-restarted by the same rule and because they are what an operator reads in the logs.
+When a worker dies its place is filled again (`listener.runner.child.ChildProcess`: at once
+after a long life, with a growing delay while it keeps dying young). The words of that death
+line, and what counts as a clean stop or as a death at all, are kept here, apart from the
+supervision loop, because they are what an operator reads in the logs and what the stop's
+exit code and the blame of a death are decided by.
 
-- **A worker that keeps dying is restarted with back-off.** One that lived less than
-  `SHORT_LIFE` seconds is restarted after a delay that doubles from `BACKOFF_FIRST` up to
-  `BACKOFF_CAP` (with jitter, so that N crashing workers do not restart in lock-step); one
-  that lived longer restarts at once and resets its delay. A fork that fails (no memory, no
-  process slots) is retried the same way. A worker that exits with `EXIT_RECYCLE` asked to be
-  replaced (handler threads stuck past their timeout): a planned restart, at once.
-- **Each death is one log line** (`restart_after_death`): pid, signal name or exit code
-  (`describe`), lifetime, restart delay.
+- **Nothing a worker does makes the supervisor exit** once the workers have started. A worker
+  that dies is restarted, with back-off while it keeps dying young; a handler calling
+  `sys.exit` stops its worker with code 1, and that worker is replaced like any other; a fork
+  that fails (no memory, no process slots) is retried the same way. A worker that exits with
+  `EXIT_RECYCLE` asked to be replaced (handler threads stuck past their timeout): a planned
+  restart, at once.
+- **Each death is one log line** on the `listener.supervisor` logger (`restart_after_death`):
+  pid, signal name or exit code (`describe`), lifetime, restart delay.
 """
 
 from __future__ import annotations
@@ -21,73 +21,22 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
-from dataclasses import dataclass, field
 
-from listener.errors import BrokerError
-from listener.runner.backoff import Backoff
+from listener.runner.child import ChildProcess, Exit
 from listener.runner.worker import EXIT_RECYCLE
 
-__all__ = [
-    "BACKOFF_CAP",
-    "BACKOFF_FIRST",
-    "SHORT_LIFE",
-    "Slot",
-    "back_off",
-    "clean_stop",
-    "describe",
-    "restart_after_death",
-]
+__all__ = ["clean_stop", "describe", "died", "restart_after_death"]
 
 log = logging.getLogger("listener.supervisor")
 
-#: A worker that died sooner than this (seconds) after it started counts as crash-looping.
-SHORT_LIFE = 10.0
-#: Restart delays of a crash-looping worker: doubling from the first up to the cap, jittered.
-BACKOFF_FIRST = 0.5
-BACKOFF_CAP = 30.0
 
-
-@dataclass
-class Slot:
-    """One of the N worker places: the process in it now, and its restart back-off.
-
-    Also used for a worker being replaced by a reload (`old`, `retiring`) and for the
-    serving processes (number 0).
-    """
-
-    number: int
-    pid: int | None = None
-    status_fd: int | None = None  # read end of the worker's status pipe
-    pending: bytes = b""  # a partial report line
-    started: bool = False  # the current worker reported that it consumes (or is paused)
-    ready: bool = False  # ... and consumes on every listener right now
-    state: str = "starting"  # its last report: starting, ready, paused, not-ready
-    boot_error: BrokerError | None = None  # the current worker could not start
-    spawns: int = 0
-    started_at: float = 0.0
-    #: Restart delays of a crash loop; reset after a long life.
-    backoff: Backoff = field(default_factory=lambda: Backoff(BACKOFF_FIRST, BACKOFF_CAP))
-    restart_at: float | None = None
-
-
-def back_off(slot: Slot, lived: float) -> float:
-    """Schedule the slot's next start; returns the delay (grows while it keeps failing)."""
-    if lived < SHORT_LIFE:
-        wait = slot.backoff.next()
-    else:
-        slot.backoff.reset()
-        wait = 0.0
-    slot.restart_at = time.monotonic() + wait
-    return wait
-
-
-def restart_after_death(slot: Slot, pid: int, status: int, lived: float) -> None:
-    """Schedule the next start in `slot`, whose worker `pid` ended with wait `status` after
-    `lived` seconds, and log its death line."""
+def restart_after_death(child: ChildProcess, ended: Exit) -> None:
+    """Plan the next start in `child`'s place, whose worker ended as `ended` says, and log
+    its death line."""
+    status, pid, lived = ended.status, ended.pid, ended.lived
     if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_RECYCLE:
         # It asked to be replaced (stuck handler threads): a planned restart, no back-off.
-        slot.restart_at = time.monotonic()
+        child.restart_now()
         log.warning(
             "worker pid=%d recycled after %.1fs (handler threads stuck past their "
             "timeout); starting its replacement",
@@ -96,9 +45,9 @@ def restart_after_death(slot: Slot, pid: int, status: int, lived: float) -> None
         )
         return
     how = describe(status)
-    if slot.boot_error is not None:
-        how = f"{how} (could not start: {slot.boot_error})"
-    wait = back_off(slot, lived)
+    if child.boot_error is not None:
+        how = f"{how} (could not start: {child.boot_error})"
+    wait = child.back_off(lived)
     log.warning("worker pid=%d died: %s after %.1fs; restarting in %.1fs", pid, how, lived, wait)
 
 
@@ -107,6 +56,14 @@ def clean_stop(status: int) -> bool:
     if os.WIFEXITED(status):
         return os.WEXITSTATUS(status) == 0
     return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+
+
+def died(status: int) -> bool:
+    """Whether a worker that ended with wait `status` died of something it ran, rather than
+    stopping (exit 0, the supervisor's SIGTERM) or asking to be replaced (`EXIT_RECYCLE`)."""
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_RECYCLE:
+        return False
+    return not clean_stop(status)
 
 
 def describe(status: int) -> str:

@@ -15,14 +15,12 @@ deals with two generations of workers at once; the loop only asks it to move on.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import signal
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from listener.runner.restarts import Slot
+from listener.runner.child import ChildProcess
 
 if TYPE_CHECKING:
     from listener.listener import Listener
@@ -40,8 +38,8 @@ class Roll:
 
     def __init__(
         self,
-        slots: Sequence[Slot],
-        spawn: Callable[[Slot], None],
+        slots: Sequence[ChildProcess],
+        spawn: Callable[[ChildProcess], None],
         *,
         supervisor: int,
         listeners: Sequence[type[Listener]],
@@ -52,10 +50,10 @@ class Roll:
         self.supervisor = supervisor
         self.listeners = listeners
         self.grace_period = grace_period
-        self.old: dict[int, Slot] = {}  # workers of the old code, by slot, not yet replaced
-        self.retiring: list[Slot] = []  # replaced workers, draining
+        self.old: dict[int, ChildProcess] = {}  # workers of the old code, by slot, not yet replaced
+        self.retiring: list[ChildProcess] = []  # replaced workers, draining
         self.queue: list[int] = []  # slots whose new worker is yet to start, in order
-        self.rolling: Slot | None = None  # the slot whose new worker is starting
+        self.rolling: ChildProcess | None = None  # the slot whose new worker is starting
         self._halted = False
 
     @property
@@ -63,7 +61,7 @@ class Roll:
         """Whether a roll is under way: a place still has a worker of the old code."""
         return bool(self.queue) or self.rolling is not None or bool(self.old)
 
-    def adopt(self, old: Sequence[Slot], retiring: Sequence[Slot]) -> None:
+    def adopt(self, old: Sequence[ChildProcess], retiring: Sequence[ChildProcess]) -> None:
         """Take over the workers a previous image handed down."""
         for slot in old:
             if slot.number not in self.old:
@@ -110,7 +108,7 @@ class Roll:
             self.rolling = slot
         if self.rolling is None and not self.queue:
             for number in sorted(self.old):  # more old workers than places (none usually)
-                self._retire(Slot(number), number=number)
+                self._retire_unplaced(number)
             names = ", ".join(f"{cls.name()} ({cls.queue})" for cls in self.listeners)
             log.info(
                 "supervisor pid=%d reloaded: %d worker(s) on the new code for: %s",
@@ -119,7 +117,7 @@ class Roll:
                 names,
             )
 
-    def old_died(self, slot: Slot) -> bool:
+    def old_died(self, slot: ChildProcess) -> bool:
         """Whether `slot` is an old worker that died before its replacement was ready; if so,
         that replacement comes next."""
         if self.old.get(slot.number) is not slot:
@@ -130,20 +128,30 @@ class Roll:
             self.queue.insert(0, slot.number)
         return True
 
-    def _retire(self, slot: Slot, *, number: int | None = None) -> None:
+    def retired(self, old: ChildProcess) -> None:
+        """A worker of the old code ended: it drains no more."""
+        if old in self.retiring:
+            self.retiring.remove(old)
+
+    def _retire(self, slot: ChildProcess) -> None:
         """SIGTERM the old worker of `slot`'s place: its replacement consumes."""
-        old = self.old.pop(slot.number if number is None else number, None)
+        old = self.old.pop(slot.number, None)
         if old is None or old.pid is None:
             return
         self.retiring.append(old)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(old.pid, signal.SIGTERM)
-        if number is None:
-            log.info(
-                "worker pid=%d replaced by pid=%d: draining (in-flight messages get %gs)",
-                old.pid,
-                slot.pid,
-                self.grace_period,
-            )
-        else:
-            log.info("worker pid=%d has no place in the new fleet: draining", old.pid)
+        old.signal(signal.SIGTERM)
+        log.info(
+            "worker pid=%d replaced by pid=%d: draining (in-flight messages get %gs)",
+            old.pid,
+            slot.pid,
+            self.grace_period,
+        )
+
+    def _retire_unplaced(self, number: int) -> None:
+        """SIGTERM an old worker whose place the new fleet does not have."""
+        old = self.old.pop(number, None)
+        if old is None or old.pid is None:
+            return
+        self.retiring.append(old)
+        old.signal(signal.SIGTERM)
+        log.info("worker pid=%d has no place in the new fleet: draining", old.pid)

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from listener.errors import AuthenticationFailed, BrokerUnreachable
+from listener.errors import AuthenticationFailed, BrokerUnreachable, ConfigurationError
 from listener.runner.amqp_transport import Transport
 from listener.runner.backoff import Backoff
 from listener.settings import Settings
@@ -29,9 +29,18 @@ from listener.settings import Settings
 if TYPE_CHECKING:
     from listener.listener import Listener
 
-__all__ = ["DELAY_CAP", "FIRST_DELAY", "StartRetries", "check_broker"]
+__all__ = [
+    "DELAY_CAP",
+    "FIRST_DELAY",
+    "StartRetries",
+    "check_broker",
+    "check_listeners",
+    "warn_consumer_timeouts",
+]
 
 log = logging.getLogger("listener.supervisor")
+#: The consumer time-out warning is a worker's (a lone worker gives it too).
+_worker_log = logging.getLogger("listener.worker")
 
 #: Seconds before the second attempt; doubled after each failure up to the cap, jittered.
 FIRST_DELAY = 1.0
@@ -110,3 +119,49 @@ async def _declare_all(listeners: Sequence[type[Listener]], settings: Settings, 
             await transport.declare(cls.topology(settings))
     finally:
         await transport.close()
+
+
+def check_listeners(listeners: Sequence[type[Listener]], settings: Settings) -> None:
+    """Instantiate each listener once: an `__init__` that raises would otherwise kill every
+    worker at start, forever. Then warn about time-outs the broker cuts short.
+
+    Raises:
+        ConfigurationError: a listener cannot be constructed without arguments.
+    """
+    for cls in listeners:
+        try:
+            cls()
+        except Exception as exc:
+            raise ConfigurationError(
+                f"{cls.name()}() raised {type(exc).__name__}: {exc}; a listener must be "
+                "constructible without arguments"
+            ) from exc
+    warn_consumer_timeouts(listeners, settings)
+
+
+def warn_consumer_timeouts(listeners: Sequence[type[Listener]], settings: Settings) -> int:
+    """Warn about each listener whose `timeout` is not below the broker's consumer timeout.
+
+    RabbitMQ closes the channel of a consumer that holds a delivery unacked longer than its
+    `consumer_timeout` (30 minutes by default since 3.8.15), and the broker does not tell a
+    client its value, hence the `consumer_timeout` setting. A handler allowed to run that
+    long would lose its channel, and with it the acks of every message on it, before its own
+    timeout fired. Returns the number of warnings.
+    """
+    limit = settings.consumer_timeout
+    if not limit:
+        return 0
+    warned = 0
+    for cls in listeners:
+        if cls.timeout >= limit:
+            warned += 1
+            _worker_log.warning(
+                "%s: timeout %gs is not below the broker's consumer timeout (%gs): a message "
+                "handled that long has its channel closed by the broker and is delivered "
+                "again; lower the listener's timeout, or raise the broker's consumer_timeout "
+                "and AMQP_LISTENER_CONSUMER_TIMEOUT with it",
+                cls.name(),
+                cls.timeout,
+                limit,
+            )
+    return warned

@@ -30,9 +30,8 @@ import signal
 
 from listener import errors
 from listener.errors import BrokerError
-from listener.runner.restarts import Slot
 
-__all__ = ["REPORT_MAX", "boot_error", "read", "report", "report_error", "tell"]
+__all__ = ["REPORT_MAX", "StatusReader", "boot_error", "report", "report_error", "tell"]
 
 #: A status report must fit one atomic pipe write.
 REPORT_MAX = 2048
@@ -63,31 +62,42 @@ def tell(fd: int, state: str, supervisor: int) -> None:
             os.kill(supervisor, signal.SIGCHLD)
 
 
-def read(slot: Slot) -> list[tuple[str, str]]:
-    """In the supervisor: the complete lines the worker in `slot` wrote since the last read,
-    as (kind, detail). A partial line waits in `slot.pending`; at end of file the read end is
-    closed."""
-    if slot.status_fd is None:
-        return []
-    while True:
-        try:
-            chunk = os.read(slot.status_fd, 4096)
-        except BlockingIOError:
-            break
-        except OSError:
-            chunk = b""
-        if not chunk:
+class StatusReader:
+    """In the supervisor: the read end of one worker's status pipe, non-blocking."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+        self._pending = b""  # a partial report line
+
+    def read(self) -> list[tuple[str, str]]:
+        """The complete lines the worker wrote since the last read, as (kind, detail). A
+        partial line waits for the next read; at end of file the read end is closed."""
+        if self.fd is None:
+            return []
+        while True:
+            try:
+                chunk = os.read(self.fd, 4096)
+            except BlockingIOError:
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.close()
+                break
+            self._pending += chunk
+        *lines, self._pending = self._pending.split(b"\n")
+        reports = []
+        for line in lines:
+            kind, _, detail = line.decode(errors="replace").partition(" ")
+            reports.append((kind, detail))
+        return reports
+
+    def close(self) -> None:
+        """Close the read end (once; one already closed is ignored)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
             with contextlib.suppress(OSError):
-                os.close(slot.status_fd)
-            slot.status_fd = None
-            break
-        slot.pending += chunk
-    *lines, slot.pending = slot.pending.split(b"\n")
-    reports = []
-    for line in lines:
-        kind, _, detail = line.decode(errors="replace").partition(" ")
-        reports.append((kind, detail))
-    return reports
+                os.close(fd)
 
 
 def boot_error(detail: str) -> BrokerError:

@@ -17,38 +17,34 @@ change as one word, "ready", "paused" (connected, consuming nothing on purpose) 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from listener._amqp_errors import consume_error
 from listener.errors import AuthenticationFailed, BrokerUnreachable
 from listener.middleware import Chain, Middleware, installed_middleware
 from listener.runner import signals
-from listener.runner.amqp_transport import Subscription, Transport
-from listener.runner.backoff import Backoff
+from listener.runner.amqp_transport import Transport
 from listener.runner.consumer import Consumer
-from listener.runner.startup import StartRetries
+from listener.runner.startup import StartRetries, warn_consumer_timeouts
+from listener.runner.subscriptions import (
+    CANCEL_WAIT,
+    Subscriptions,
+    describe_close,
+    reconnect_backoff,
+    stopped_within,
+)
 from listener.settings import Settings
 
 if TYPE_CHECKING:
     from listener.listener import Listener
     from listener.runner.blame import Isolation
 
-__all__ = ["EXIT_RECYCLE", "Worker", "warn_consumer_timeouts"]
+__all__ = ["EXIT_RECYCLE", "Worker"]
 
 log = logging.getLogger("listener.worker")
 
-#: Back-off after a lost connection or consumer: doubles from the first value up to the cap,
-#: with jitter so that many workers do not reconnect in lock-step.
-_BACKOFF_FIRST = 0.5
-_BACKOFF_CAP = 15.0
-#: How long cancelled handlers get to unwind (and hand their messages back) after the grace
-#: period, and how long a basic.cancel may wait for its answer during the drain.
-_CANCEL_WAIT = 2.0
 #: The exit code of a worker that stops to be replaced, not because it failed: it carries
 #: sync handler threads stuck past their timeout, which only a new process gets rid of.
 EXIT_RECYCLE = 3
@@ -95,26 +91,23 @@ class Worker:
         self.exit_code = 0
         self.consumers: list[Consumer] = []
         self.ready = False
-        #: Whether consuming is paused (asked for; `ready` says when it took effect).
-        self.paused = paused
         self.warn_timeouts = warn_timeouts
         self._on_state = on_state
         self._state = ""  # the last state told to on_state
         self._started = False
-        #: Consumers whose basic.consume is in force now.
-        self._consuming: set[Consumer] = set()
-        #: Held while consumers are subscribed or cancelled, so that a pause, a resume, a
-        #: reconnect and a re-subscription never interleave.
-        self._consume_lock = asyncio.Lock()
-        self._pausing: asyncio.Task[None] | None = None
-        self._subscriptions: dict[Consumer, Subscription] = {}
-        self._resubscribing: dict[Consumer, asyncio.Task[None]] = {}
-        #: Channels of cancelled consumers, closing once their handlers return.
-        self._retiring: set[asyncio.Future[None]] = set()
         self._transport: Transport | None = None
         self._stop = asyncio.Event()
         self._lost = asyncio.Event()
         self._closing = False
+        self.subscriptions = Subscriptions(
+            settings,
+            paused=paused,
+            transport=lambda: self._transport,
+            closing=lambda: self._closing,
+            stop=self._stop,
+            lost=self._lost,
+            on_change=self._update_ready,
+        )
         # Named after its queues, so that an operator can tell connections apart in the
         # management UI (and close one on purpose).
         queues = ",".join(cls.queue for cls in self.listeners)
@@ -128,6 +121,11 @@ class Worker:
         in_flight = sum(len(c.in_flight) for c in self.consumers)
         counts = " ".join(f"{k}={v}" for k, v in totals.items())
         return f"<Worker pid={os.getpid()} {counts} in_flight={in_flight}>"
+
+    @property
+    def paused(self) -> bool:
+        """Whether consuming is paused (asked for; `ready` says when it took effect)."""
+        return self.subscriptions.paused
 
     def request_stop(self, reason: str = "requested") -> None:
         """Begin a graceful stop (safe to call more than once)."""
@@ -144,7 +142,7 @@ class Worker:
         """Stop taking new messages; those in flight finish normally (safe to repeat)."""
         if self.paused or self._stop.is_set():
             return
-        self.paused = True
+        self.subscriptions.set_paused(True)
         in_flight = sum(len(consumer.in_flight) for consumer in self.consumers)
         log.info(
             "pausing (%s): no new messages until resumed; %d in-flight message(s) finish",
@@ -157,7 +155,7 @@ class Worker:
         """Consume again after `pause()` (safe to repeat)."""
         if not self.paused or self._stop.is_set():
             return
-        self.paused = False
+        self.subscriptions.set_paused(False)
         log.info("resuming (%s): consuming again", reason)
         self._apply_pause()
 
@@ -216,23 +214,18 @@ class Worker:
             except AuthenticationFailed:
                 raise
             except BrokerUnreachable as exc:
-                if await _stopped_within(self._stop, retries.failed(exc)):
+                if await stopped_within(self._stop, retries.failed(exc)):
                     return None
 
     async def _start(self, transport: Transport) -> None:
-        async with self._consume_lock:
+        async with self.subscriptions.lock:
             self._lost.clear()
             self._transport = transport
             for consumer in self.consumers:
                 consumer.transport = transport
                 await transport.declare(consumer.listener.topology(self.settings))
-            self._subscriptions = {}
-            self._consuming = set()
             paused = self.paused
-            for consumer in self.consumers:
-                consumer.accepting = not paused
-                if not paused:  # a reconnect while paused stays paused
-                    await self._subscribe(consumer, transport)
+            await self.subscriptions.start(self.consumers, transport, paused=paused)
             transport.on_close(self._on_connection_closed)
         self._started = True
         if self.paused != paused:
@@ -255,89 +248,6 @@ class Worker:
             )
         self._update_ready("started")
 
-    async def _subscribe(self, consumer: Consumer, transport: Transport) -> None:
-        listener = consumer.listener
-        subscription = await transport.consume(
-            listener.queue, listener.concurrency, consumer.on_message
-        )
-        self._subscriptions[consumer] = subscription
-        self._consuming.add(consumer)
-        subscription.on_closed(functools.partial(self._on_channel_closed, consumer, subscription))
-        subscription.on_cancelled(
-            functools.partial(self._on_consumer_cancelled, consumer, subscription)
-        )
-
-    def _apply_pause(self) -> None:
-        """Bring the consumers in line with `paused`, in a task (signal handlers are sync)."""
-        if not self._started:
-            return  # _start consumes, or not, as `paused` says then
-        if self._pausing is None or self._pausing.done():
-            self._pausing = asyncio.ensure_future(self._align_consumers())
-        # A task already running loops until the state it reached is the one asked for.
-
-    async def _align_consumers(self) -> None:
-        try:
-            while not (self._closing or self._stop.is_set()):
-                transport = self._transport
-                if transport is None or transport.is_closed or self._lost.is_set():
-                    return  # (re)connecting: _start consumes, or not, as `paused` says then
-                paused = self.paused
-                async with self._consume_lock:
-                    if paused:
-                        await self._cancel_consumers()
-                    else:
-                        await self._consume_again(transport)
-                if self.paused == paused:
-                    return
-        finally:
-            self._update_ready("paused" if self.paused else "resumed")
-
-    async def _cancel_consumers(self) -> None:
-        for task in list(self._resubscribing.values()):
-            task.cancel()
-        for consumer in self.consumers:
-            # A delivery already on its way when the cancel goes out is handed back.
-            consumer.accepting = False
-        for consumer in list(self._consuming):
-            subscription = self._subscriptions.get(consumer)
-            if subscription is not None:
-                try:
-                    await asyncio.wait_for(subscription.cancel(), _CANCEL_WAIT)
-                except Exception as exc:
-                    log.warning(
-                        "%s: cancelling its consumer failed (%s); deliveries still arriving "
-                        "are handed back",
-                        consumer.listener.__name__,
-                        _describe(exc),
-                    )
-            # Only now: a cancel cut short by the drain is sent again by the drain.
-            self._consuming.discard(consumer)
-
-    async def _consume_again(self, transport: Transport) -> None:
-        for consumer in self.consumers:
-            consumer.accepting = True
-            if consumer in self._consuming:
-                continue
-            subscription = self._subscriptions.get(consumer)
-            try:
-                if subscription is not None and not subscription.is_closed:
-                    # The same channel: the messages still in flight on it keep their acks.
-                    try:
-                        await subscription.consume()
-                    except Exception as exc:
-                        raise consume_error(exc, consumer.listener.queue) from exc
-                    self._consuming.add(consumer)
-                else:
-                    self._subscriptions.pop(consumer, None)
-                    await self._subscribe(consumer, transport)
-            except Exception as exc:
-                log.warning(
-                    "%s: consuming again failed (%s); retrying on a fresh channel",
-                    consumer.listener.__name__,
-                    exc,
-                )
-                self._resubscribe_later(consumer)
-
     def _update_ready(self, reason: str) -> None:
         """Recompute `ready` and tell `on_state` when the state changed."""
         live = (
@@ -348,12 +258,7 @@ class Worker:
             and self._transport is not None
             and not self._transport.is_closed
         )
-        self.ready = (
-            live
-            and not self.paused
-            and not self._resubscribing
-            and all(consumer in self._consuming for consumer in self.consumers)
-        )
+        self.ready = live and not self.paused and self.subscriptions.complete
         if self.ready:
             state = "ready"
         elif live and self.paused:
@@ -366,137 +271,23 @@ class Worker:
         if self._on_state is not None:
             self._on_state(state)
 
+    def _apply_pause(self) -> None:
+        if self._started:  # else _start consumes, or not, as `paused` says then
+            self.subscriptions.align()
+
     def _on_connection_closed(self, exc: BaseException | None) -> None:
         if not self._closing:
-            log.warning("connection to the broker lost (%s)", _describe(exc))
+            log.warning("connection to the broker lost (%s)", describe_close(exc))
             self._lost.set()
             self._update_ready("connection lost")
-
-    def _on_channel_closed(
-        self, consumer: Consumer, subscription: Subscription, exc: BaseException | None
-    ) -> None:
-        # A consumer channel closed by the broker (consumer_timeout, a refused ack, ...)
-        # would leave that listener consuming nothing.
-        transport = self._transport
-        if transport is None or transport.is_closed:
-            return  # the whole connection went: _on_connection_closed deals with it
-        if self._subscriptions.get(consumer) is subscription and not self._closing:
-            self._consuming.discard(consumer)
-            why = _describe(exc)
-            if self.paused:
-                log.warning(
-                    "%s: its channel was closed by the broker while paused (%s); resuming "
-                    "subscribes it on a fresh channel",
-                    consumer.listener.__name__,
-                    why,
-                )
-                return
-            log.warning(
-                "%s: its channel was closed by the broker (%s); subscribing again",
-                consumer.listener.__name__,
-                why,
-            )
-            self._resubscribe_later(consumer)
-
-    def _on_consumer_cancelled(self, consumer: Consumer, subscription: Subscription) -> None:
-        # The broker cancelled the consumer (its queue was deleted, a node went away).
-        if self._subscriptions.get(consumer) is subscription and not self._closing:
-            self._consuming.discard(consumer)
-            if self.paused:
-                log.warning(
-                    "%s: the broker cancelled its consumer on %s while paused",
-                    consumer.listener.__name__,
-                    consumer.listener.queue,
-                )
-                return
-            log.warning(
-                "%s: the broker cancelled its consumer on %s; declaring and subscribing again",
-                consumer.listener.__name__,
-                consumer.listener.queue,
-            )
-            self._resubscribe_later(consumer)
-
-    def _resubscribe_later(self, consumer: Consumer) -> None:
-        if consumer not in self._resubscribing:
-            self._resubscribing[consumer] = asyncio.ensure_future(self._resubscribe(consumer))
-            self._update_ready(f"{consumer.listener.__name__} lost its consumer")
-
-    async def _resubscribe(self, consumer: Consumer) -> None:
-        """Give one listener a fresh channel and consumer; the others are left alone."""
-        backoff = _reconnect_backoff()
-        try:
-            while not (self._closing or self._lost.is_set() or self._stop.is_set()):
-                transport = self._transport
-                if transport is None or transport.is_closed:
-                    self._lost.set()
-                    return
-                try:
-                    async with self._consume_lock:
-                        if self.paused:
-                            return  # resuming subscribes it
-                        old = self._subscriptions.pop(consumer, None)
-                        self._consuming.discard(consumer)
-                        if old is not None:
-                            await self._retire(consumer, old)
-                        await transport.declare(consumer.listener.topology(self.settings))
-                        await self._subscribe(consumer, transport)
-                except Exception as exc:
-                    wait = backoff.next()
-                    log.warning(
-                        "%s: subscribing again failed (%s); next try in %.1fs",
-                        consumer.listener.__name__,
-                        exc,
-                        wait,
-                    )
-                    if await _stopped_within(self._stop, wait):
-                        return
-                    continue
-                log.info(
-                    "%s: consuming %s again", consumer.listener.__name__, consumer.listener.queue
-                )
-                return
-        finally:
-            if self._resubscribing.get(consumer) is asyncio.current_task():
-                del self._resubscribing[consumer]
-            self._update_ready(f"{consumer.listener.__name__} has no consumer")
-
-    async def _retire(self, consumer: Consumer, old: Subscription) -> None:
-        """Close a replaced consumer's channel, once the handlers running on it returned.
-
-        A consumer the broker cancelled keeps its channel, and the deliveries on it stay
-        with this worker. Closing the channel at once would hand the running ones back to
-        the queue, and so to the new consumer, while their first run goes on: the same
-        message handled twice at once. So the first run is waited for, and acked on its
-        own channel, while the new consumer takes new deliveries.
-        """
-        running = set(consumer.in_flight)
-        if not running or old.is_closed:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(old.close(), _CANCEL_WAIT)
-            return
-        log.info(
-            "%s: %d message(s) still running on the cancelled consumer's channel; it closes "
-            "once they are done",
-            consumer.listener.__name__,
-            len(running),
-        )
-
-        async def close_when_done() -> None:
-            await asyncio.wait(running)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(old.close(), _CANCEL_WAIT)
-
-        task = asyncio.ensure_future(close_when_done())
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
 
     async def _reconnect(self) -> Transport | None:
         old = self._transport
         if old is not None:
             self._closing = True
-            await old.close(timeout=_CANCEL_WAIT)
+            await old.close(timeout=CANCEL_WAIT)
             self._closing = False
-        backoff = _reconnect_backoff()
+        backoff = reconnect_backoff()
         while not self._stop.is_set():
             transport: Transport | None = None
             try:
@@ -504,10 +295,10 @@ class Worker:
                 await self._start(transport)
             except Exception as exc:
                 if transport is not None:
-                    await transport.close(timeout=_CANCEL_WAIT)
+                    await transport.close(timeout=CANCEL_WAIT)
                 wait = backoff.next()
                 log.warning("reconnecting failed (%s); next try in %.1fs", exc, wait)
-                if await _stopped_within(self._stop, wait):
+                if await stopped_within(self._stop, wait):
                     return None
                 continue
             log.info("reconnected to %s", self.settings.redacted_url)
@@ -531,21 +322,7 @@ class Worker:
     async def _drain(self) -> None:
         self._closing = True
         self._update_ready("stopping")
-        for task in list(self._resubscribing.values()):
-            task.cancel()
-        if self._pausing is not None and not self._pausing.done():
-            # Let a pause or resume under way finish its step (it stops after it), so that
-            # every consumer it subscribed is known and cancelled below.
-            await asyncio.wait({self._pausing}, timeout=_CANCEL_WAIT)
-            self._pausing.cancel()
-        for consumer in self.consumers:
-            consumer.accepting = False
-        for consumer, subscription in self._subscriptions.items():
-            if consumer not in self._consuming:
-                continue  # paused: cancelled already
-            # Bounded: a broker that stopped answering must not eat the grace period.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(subscription.cancel(), _CANCEL_WAIT)
+        await self.subscriptions.stop()
         pending = {task for consumer in self.consumers for task in consumer.in_flight}
         if pending:
             log.info(
@@ -563,46 +340,15 @@ class Worker:
             settling = {task for consumer in self.consumers for task in consumer.settling}
             for task in pending - settling:
                 task.cancel()
-            await asyncio.wait(pending, timeout=_CANCEL_WAIT)
+            await asyncio.wait(pending, timeout=CANCEL_WAIT)
         if self._transport is not None:
-            await self._transport.close(timeout=_CANCEL_WAIT)
-        for closing in list(self._retiring):
-            closing.cancel()
-        if self._retiring:
-            await asyncio.wait(self._retiring, timeout=_CANCEL_WAIT)
+            await self._transport.close(timeout=CANCEL_WAIT)
+        await self.subscriptions.close_retiring()
         for consumer in self.consumers:  # idempotent listeners' database connections
             if consumer.inbox is not None:
                 await consumer.inbox.aclose()
         self.chain.after("on_worker_stop", self)
         log.info("worker pid=%d stopped: %r", os.getpid(), self)
-
-
-def warn_consumer_timeouts(listeners: Sequence[type[Listener]], settings: Settings) -> int:
-    """Warn about each listener whose `timeout` is not below the broker's consumer timeout.
-
-    RabbitMQ closes the channel of a consumer that holds a delivery unacked longer than its
-    `consumer_timeout` (30 minutes by default since 3.8.15), and the broker does not tell a
-    client its value, hence the `consumer_timeout` setting. A handler allowed to run that
-    long would lose its channel, and with it the acks of every message on it, before its own
-    timeout fired. Returns the number of warnings.
-    """
-    limit = settings.consumer_timeout
-    if not limit:
-        return 0
-    warned = 0
-    for cls in listeners:
-        if cls.timeout >= limit:
-            warned += 1
-            log.warning(
-                "%s: timeout %gs is not below the broker's consumer timeout (%gs): a message "
-                "handled that long has its channel closed by the broker and is delivered "
-                "again; lower the listener's timeout, or raise the broker's consumer_timeout "
-                "and AMQP_LISTENER_CONSUMER_TIMEOUT with it",
-                cls.name(),
-                cls.timeout,
-                limit,
-            )
-    return warned
 
 
 async def _first_of(*events: asyncio.Event) -> None:
@@ -612,20 +358,3 @@ async def _first_of(*events: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
-
-
-async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep up to `seconds`, waking early if `stop` is set; returns whether it was."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    return stop.is_set()
-
-
-def _reconnect_backoff() -> Backoff:
-    return Backoff(_BACKOFF_FIRST, _BACKOFF_CAP, jitter=(0.5, 1.5))
-
-
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "closed"
-    return f"{type(exc).__name__}: {exc}"
