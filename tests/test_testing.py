@@ -21,6 +21,8 @@ from pydantic import BaseModel
 
 import listener
 from listener import Listener, Middleware, Reject, Retry, Unroutable
+from listener._memory_publishers import MemoryBackend
+from listener._pika_backend import PikaBackend
 from listener.apublisher import AsyncPublisher, default_async_publisher
 from listener.publisher import Publisher, default_publisher
 from listener.testing import MemoryBroker, ParkedMessage, PublishedMessage
@@ -532,7 +534,9 @@ async def test_ajoin_re_raises_the_first_exception_too():
 
 async def test_the_default_publishers_are_the_brokers_only_while_it_is_active():
     broker = MemoryBroker()
-    assert not isinstance(default_publisher(), type(broker.publisher))
+    # One publisher class, two backends: outside the broker, the default sends on pika.
+    assert isinstance(default_publisher()._backend, PikaBackend)
+    assert isinstance(broker.publisher._backend, MemoryBackend)
     with broker:
         assert default_publisher() is broker.publisher
         assert default_async_publisher() is broker.async_publisher
