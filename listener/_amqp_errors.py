@@ -33,10 +33,12 @@ __all__ = [
     "consume_error",
     "declare_error",
     "is_connection_lost",
+    "operator_error",
     "publish_error",
 ]
 
 E = TypeVar("E", bound=BaseException)
+B = TypeVar("B", bound=BrokerError)
 
 _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for (\w+) '([^']+)'")
 _NOT_FOUND_EXCHANGE = re.compile(r"no exchange '([^']*)'")
@@ -242,6 +244,22 @@ def publish_error(
         )
     return PublishError(
         f"publishing message {message_id} failed: {_cause(exc)}", message_id=message_id
+    )
+
+
+def operator_error(exc: BaseException, kind: type[B]) -> B:
+    """Translate a failure during an operator command (`status`, `dead ...`, the web
+    console's actions) into `kind`."""
+    if isinstance(exc, pika.exceptions.ChannelClosedByBroker):
+        if exc.reply_code == 403:
+            return kind(
+                f"the broker refused access ({exc.reply_text}): the user needs read and write "
+                "permission on the queues, and configure permission on '<queue>.operator-lock'"
+            )
+        return kind(f"the broker refused ({exc.reply_code} {exc.reply_text})")
+    return kind(
+        f"the connection to the broker was lost ({type(exc).__name__}); nothing parked is "
+        "lost: the broker takes back what the command held. Run it again"
     )
 
 

@@ -14,7 +14,6 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, NoReturn, TypeVar
 
-import pika.exceptions
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -59,7 +58,8 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 def _operate(url: str | None, work: Callable[[Operator], T]) -> T:
-    """Run `work` with an Operator, translating errors to one line and an exit code."""
+    """Run `work` with an Operator, its errors (the Operator raises only amqp-listener's
+    own) as one line and an exit code."""
     try:
         settings: Settings = get_settings().with_url(url)
         with Operator(settings) as operator:
@@ -71,22 +71,6 @@ def _operate(url: str | None, work: Callable[[Operator], T]) -> T:
         _fail(str(exc), 1)
     except ListenerError as exc:
         _fail(str(exc), 2)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        _report_partial(exc)
-        if exc.reply_code == 403:
-            _fail(
-                f"the broker refused access ({exc.reply_text}): the user needs read and write "
-                "permission on the queues, and configure permission on '<queue>.operator-lock'",
-                1,
-            )
-        _fail(f"the broker refused ({exc.reply_code} {exc.reply_text})", 1)
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        _report_partial(exc)
-        _fail(
-            f"the connection to the broker was lost ({type(exc).__name__}); nothing parked is "
-            "lost: the broker takes back what the command held. Run it again",
-            1,
-        )
 
 
 def _report_partial(exc: BaseException) -> None:

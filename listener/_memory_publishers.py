@@ -1,116 +1,97 @@
 """The publishers `notify()`, `anotify()` and `notify_many()` get while a MemoryBroker is
-active: subclasses of the real ones whose publish puts the message in the broker's `Store`.
+active: the real `Publisher` and `AsyncPublisher`, with a backend that puts each message in
+the broker's `Store` instead of sending it.
 
-They check what the real ones check before sending (the body size; `publish()` validates
-the address and encodes as the real one does, being inherited), add the trace context, and
-never wait: there is no connection and no confirm.
+The publishers check and build the message as in production (the address, the body size,
+the id, the headers and trace context: `listener._outgoing`); only the sending differs, and
+it never waits: there is no connection and no confirm. No method of these backends, nor of
+the publishers over them, can reach RabbitMQ.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import pika
-
-from listener import codec
 from listener._memory_broker import Store
+from listener._outgoing import Outgoing, Sending
 from listener.apublisher import AsyncPublisher
 from listener.publisher import Publisher
-from listener.tracing import inject_trace_context
 
-__all__ = ["MemoryAsyncPublisher", "MemoryPublisher", "run_now"]
+__all__ = ["MemoryBackend", "memory_async_publisher", "memory_publisher", "run_now"]
 
 T = TypeVar("T")
 
 
-class MemoryPublisher(Publisher):
-    """The `Publisher` that `notify()` and `listener.publish()` get while a broker is active."""
+class MemoryBackend:
+    """Sends into a MemoryBroker's `Store`, for the synchronous and the async publisher."""
 
     def __init__(self, store: Store) -> None:
-        super().__init__()
         self._store = store
 
-    def __repr__(self) -> str:
-        return f"<MemoryPublisher published={len(self._store.published)}>"
+    def describe(self) -> str:
+        """For the publisher's repr."""
+        return f"memory messages={len(self._store.published)}"
 
-    def publish_body(
-        self,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        *,
-        headers: dict[str, Any] | None = None,
-        properties: pika.BasicProperties | None = None,
-    ) -> str:
-        codec.check_size(body, self.settings.max_body_bytes)
-        if properties is not None:
-            return self._store.publish(
-                exchange,
-                routing_key,
-                body,
-                headers=dict(properties.headers or {}),
-                message_id=properties.message_id,
-                content_type=properties.content_type,
-                content_encoding=properties.content_encoding,
-            )
-        headers = inject_trace_context(dict(headers) if headers else None)
-        return self._store.publish(exchange, routing_key, body, headers=headers)
+    def send(self, exchange: str, routing_key: str, message: Outgoing) -> None:
+        """Route `message` as a mandatory publish (raises Unroutable as the broker would)."""
+        self._store.publish(
+            exchange,
+            routing_key,
+            message.body,
+            headers=message.headers,
+            message_id=message.message_id,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+        )
 
     def close(self) -> None:
         """Nothing to close: no connection was opened."""
 
 
-class MemoryAsyncPublisher(AsyncPublisher):
-    """The `AsyncPublisher` that `anotify()` and `listener.apublish()` get while a broker is
-    active. Nothing in it waits, so it works on any event loop."""
+class MemoryAsyncBackend:
+    """The async side of `MemoryBackend`: nothing in it waits, so it works on any event
+    loop, and without one (`run_now`)."""
 
     def __init__(self, store: Store) -> None:
-        super().__init__()
-        self._store = store
+        self._sync = MemoryBackend(store)
 
-    def __repr__(self) -> str:
-        return f"<MemoryAsyncPublisher published={len(self._store.published)}>"
+    def describe(self) -> str:
+        """For the publisher's repr."""
+        return self._sync.describe()
 
-    async def publish_body(
-        self,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        *,
-        headers: dict[str, Any] | None = None,
-    ) -> str:
-        codec.check_size(body, self.settings.max_body_bytes)
-        headers = inject_trace_context(dict(headers) if headers else None)
-        return self._store.publish(exchange, routing_key, body, headers=headers)
+    async def send(self, exchange: str, routing_key: str, message: Outgoing) -> None:
+        """Route `message` as a mandatory publish."""
+        self._sync.send(exchange, routing_key, message)
 
-    async def publish_bodies(
-        self,
-        exchange: str,
-        routing_key: str,
-        bodies: Sequence[bytes],
-        *,
-        headers: dict[str, Any] | None = None,
-    ) -> list[str]:
-        # As the real batch: all sizes checked before the first send, every message tried,
-        # the first failure raised at the end.
-        for body in bodies:
-            codec.check_size(body, self.settings.max_body_bytes)
-        results: list[str | BaseException] = []
-        for body in bodies:
+    async def send_batch(self, batch: Sequence[Sending]) -> list[Exception | None]:
+        """As the real batch: every message tried, each one's error (or None) returned."""
+        errors: list[Exception | None] = []
+        for exchange, routing_key, message, _named in batch:
             try:
-                results.append(
-                    await self.publish_body(exchange, routing_key, body, headers=headers)
-                )
+                self._sync.send(exchange, routing_key, message)
             except Exception as exc:
-                results.append(exc)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return [str(result) for result in results]
+                errors.append(exc)
+            else:
+                errors.append(None)
+        return errors
+
+    async def reopen(self) -> None:
+        """No channel to reopen."""
 
     async def aclose(self) -> None:
         """Nothing to close: no connection was opened."""
+
+
+def memory_publisher(store: Store) -> Publisher:
+    """The `Publisher` that `notify()` and `listener.publish()` get while a broker is active."""
+    return Publisher._sending_to(MemoryBackend(store))
+
+
+def memory_async_publisher(store: Store) -> AsyncPublisher:
+    """The `AsyncPublisher` that `anotify()` and `listener.apublish()` get while a broker is
+    active."""
+    return AsyncPublisher._sending_to(MemoryAsyncBackend(store))
 
 
 def run_now(work: Callable[[AsyncPublisher], Awaitable[T]], publisher: AsyncPublisher) -> T:

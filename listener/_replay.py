@@ -21,8 +21,9 @@ from typing import Any
 import pika
 import pika.spec
 
-from listener import _pika_internals, outcome
+from listener import _outgoing, _pika_internals, outcome
 from listener._peek import Peek
+from listener._pika_backend import pika_properties
 from listener.errors import Unroutable
 from listener.parked import REPLAYS_HEADER, Parked, SortKey, sort_key
 
@@ -101,10 +102,10 @@ class Replaying:
         headers = {k: v for k, v in parked.headers.items() if k not in RESET_ON_REPLAY}
         headers[REPLAYS_HEADER] = parked.replays + 1
         headers["x-replayed-at"] = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-        properties = pika.BasicProperties(
-            **{**parked.properties, "headers": headers, "delivery_mode": 2}
+        copy = _outgoing.replayed(parked.properties, parked.body, headers)
+        self._buffered.basic_publish(
+            "", self._queue, copy.body, pika_properties(copy), mandatory=True
         )
-        self._buffered.basic_publish("", self._queue, parked.body, properties, mandatory=True)
 
     def _commit(self) -> None:
         if not self._acked:
@@ -133,10 +134,8 @@ class Replaying:
             parked = self._open.get(key)
             if parked is None:
                 continue
-            properties = pika.BasicProperties(
-                **{**parked.properties, "headers": parked.headers, "delivery_mode": 2}
-            )
-            self._channel.basic_publish("", dead_queue, parked.body, properties)
+            copy = _outgoing.replayed(parked.properties, parked.body, parked.headers)
+            self._channel.basic_publish("", dead_queue, copy.body, pika_properties(copy))
         self._channel.tx_commit()
 
     def _on_return(

@@ -1,6 +1,8 @@
-"""Asynchronous, confirmed publishing on aio-pika: `anotify()`, `apublish()` and batches.
+"""Asynchronous, confirmed publishing: `anotify()`, `apublish()` and batches.
 
-Each event loop gets its own connection. A batch sends every message before waiting, so
+The publisher validates and builds each message (`listener._outgoing`); its backend sends
+it (on aio-pika's connection, `listener._aiormq_backend`). Each event loop gets its own
+connection. A batch sends every message before waiting, so
 the confirms are pipelined: the batch costs about one round trip, not one per message.
 The synchronous `notify_many()` runs a batch on a private event loop in a daemon thread.
 """
@@ -8,32 +10,25 @@ The synchronous `notify_many()` runs a batch on a private event loop in a daemon
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import os
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-import aio_pika
-import aio_pika.abc
-import aiormq
-import aiormq.abc
-
-from listener import _nodes, _redirect, codec, routing
+from listener import _outgoing, _redirect, codec, routing
 from listener import delay as _delay
-from listener._amqp_errors import connect_error, publish_error
+from listener._aiormq_backend import AiormqBackend
 from listener._loop import loop_factory
+from listener._outgoing import Outgoing, Sending
 from listener.errors import PublishNacked
 from listener.settings import Settings, get_settings
-from listener.tracing import inject_trace_context
 
 __all__ = [
+    "AsyncBackend",
     "AsyncPublisher",
     "apublish",
-    "connect_node",
-    "connection_alive",
     "default_async_publisher",
     "run_in_background",
 ]
@@ -42,6 +37,31 @@ T = TypeVar("T")
 
 #: The most messages of a batch awaiting their confirms at once.
 _WINDOW = 1000
+
+
+class AsyncBackend(Protocol):
+    """What sends for an AsyncPublisher: aiormq (`listener._aiormq_backend`) or, in tests,
+    the memory broker (`listener._memory_publishers`)."""
+
+    def describe(self) -> str:
+        """A few words for the publisher's repr."""
+        ...
+
+    async def send(self, exchange: str, routing_key: str, message: Outgoing) -> None:
+        """Send one message and wait for its confirm; raises a PublishError."""
+        ...
+
+    async def send_batch(self, batch: Sequence[Sending]) -> Sequence[Exception | None]:
+        """Send every message, then wait for their confirms; each one's error or None."""
+        ...
+
+    async def reopen(self) -> None:
+        """Use a new channel from the next send on (after a nack)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the connection, if any."""
+        ...
 
 
 class AsyncPublisher:
@@ -55,15 +75,18 @@ class AsyncPublisher:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
-        self._connection: aio_pika.abc.AbstractConnection | None = None
-        self._channel: aio_pika.abc.AbstractChannel | None = None
-        self._lock = asyncio.Lock()
+        self._backend: AsyncBackend = AiormqBackend(self.settings)
         self._published = 0
 
+    @classmethod
+    def _sending_to(cls, backend: AsyncBackend, settings: Settings | None = None) -> AsyncPublisher:
+        """A publisher whose messages go to `backend` (the memory broker's, in tests)."""
+        publisher = cls(settings)
+        publisher._backend = backend
+        return publisher
+
     def __repr__(self) -> str:
-        state = "open" if self._channel is not None and not self._channel.is_closed else "closed"
-        url = self.settings.redacted_url
-        return f"<AsyncPublisher url={url!r} {state} published={self._published}>"
+        return f"<AsyncPublisher {self._backend.describe()} published={self._published}>"
 
     async def publish(
         self,
@@ -92,20 +115,14 @@ class AsyncPublisher:
     ) -> str:
         """Publish an encoded body and wait for its confirm."""
         codec.check_size(body, self.settings.max_body_bytes)
-        channel = await self._underlay()
+        message = _outgoing.new(body, headers)
         try:
-            return await self._send(
-                channel,
-                exchange,
-                routing_key,
-                body,
-                headers,
-                codec.new_message_id(),
-                self.settings.confirm_timeout,
-            )
+            await self._backend.send(exchange, routing_key, message)
         except PublishNacked:
-            await self._reopen_channel()
+            await self._backend.reopen()
             raise
+        self._published += 1
+        return message.message_id
 
     async def publish_bodies(
         self,
@@ -124,167 +141,31 @@ class AsyncPublisher:
         """
         for body in bodies:  # all or nothing: refuse the batch before the first send
             codec.check_size(body, self.settings.max_body_bytes)
-        target = await self._underlay()
         ids: list[str] = []
-        first_error: BaseException | None = None
+        first_error: Exception | None = None
+        new = _outgoing.new
         # In windows, so that a huge batch does not hold every unconfirmed message at once.
         for start in range(0, len(bodies), _WINDOW):
-            window = bodies[start : start + _WINDOW]
-            window_ids = [codec.new_message_id() for _ in window]
-            ids += window_ids
-            sends = [
-                asyncio.ensure_future(
-                    self._send(
-                        target,
-                        exchange,
-                        routing_key,
-                        body,
-                        dict(headers) if headers else None,
-                        message_id,
-                        None,
-                    )
-                )
-                for body, message_id in zip(window, window_ids, strict=True)
+            window = [
+                (exchange, routing_key, new(body, headers), None)
+                for body in bodies[start : start + _WINDOW]
             ]
-            # One deadline for the window rather than one timer per message: the confirms
-            # of a window are pipelined, so they are due together.
-            _done, late = await asyncio.wait(sends, timeout=self.settings.confirm_timeout)
-            for send in late:
-                send.cancel()
-            if late:
-                await asyncio.wait(late)
-            for send, message_id in zip(sends, window_ids, strict=True):
-                # Every exception is retrieved, so that asyncio does not log it as lost.
-                error = None if send.cancelled() else send.exception()
-                if send in late:  # not confirmed in time: the outcome is unknown
-                    error = publish_error(
-                        TimeoutError(),
-                        exchange=exchange,
-                        routing_key=routing_key,
-                        message_id=message_id,
-                    )
-                first_error = first_error or error
+            ids += [message.message_id for _, _, message, _ in window]
+            errors = await self._backend.send_batch(window)
+            for error in errors:
+                if error is None:
+                    self._published += 1
+                elif first_error is None:
+                    first_error = error
         if first_error is not None:
             if isinstance(first_error, PublishNacked):
-                await self._reopen_channel()
+                await self._backend.reopen()
             raise first_error
         return ids
 
     async def aclose(self) -> None:
         """Close the connection; the publisher re-opens it if used again."""
-        connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and not connection.is_closed:
-            await connection.close()
-
-    async def _reopen_channel(self) -> None:
-        """Open a new channel for the next publish. On RabbitMQ 3.10, a channel that first
-        published just after a quorum leader's node died has every later publish nacked."""
-        channel, self._channel = self._channel, None
-        if channel is not None and not channel.is_closed:
-            with contextlib.suppress(Exception):
-                await channel.close()
-
-    async def _underlay(self) -> aiormq.abc.AbstractChannel:
-        """The confirm channel's aiormq channel, which publishes without building an
-        aio-pika `Message` per message (a good part of a pipelined publish's cost)."""
-        channel = await self._open_channel()
-        try:
-            return await channel.get_underlay_channel()
-        except Exception as exc:
-            raise connect_error(exc, self.settings.redacted_url, publishing=True) from exc
-
-    async def _send(
-        self,
-        channel: aiormq.abc.AbstractChannel,
-        exchange_name: str,
-        routing_key: str,
-        body: bytes,
-        headers: dict[str, Any] | None,
-        message_id: str,
-        timeout: float | None,
-    ) -> str:
-        properties = aiormq.spec.Basic.Properties(
-            content_type=codec.CONTENT_TYPE,
-            delivery_mode=2,  # persistent
-            message_id=message_id,
-            timestamp=dt.datetime.now(dt.UTC),
-            headers=inject_trace_context(headers),
-        )
-        try:
-            # The channel was opened with on_return_raises: an unroutable message raises.
-            await channel.basic_publish(
-                body,
-                exchange=exchange_name,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=True,
-                timeout=timeout,
-            )
-        except Exception as exc:
-            error = publish_error(
-                exc, exchange=exchange_name, routing_key=routing_key, message_id=message_id
-            )
-            raise error from exc
-        self._published += 1
-        return message_id
-
-    async def _open_channel(self) -> aio_pika.abc.AbstractChannel:
-        channel = self._channel
-        if channel is not None and not channel.is_closed and connection_alive(self._connection):
-            return channel
-        async with self._lock:
-            if (
-                self._channel is not None
-                and not self._channel.is_closed
-                and connection_alive(self._connection)
-            ):
-                return self._channel
-            if not connection_alive(self._connection):
-                if self._connection is not None:
-                    with contextlib.suppress(Exception):
-                        await self._connection.close()
-                self._connection = await _nodes.aconnect(
-                    self.settings,
-                    lambda node: connect_node(
-                        self.settings, node, f"amqp-listener publisher pid={os.getpid()}"
-                    ),
-                    what="publisher",
-                    publishing=True,
-                )
-            assert self._connection is not None
-            try:
-                self._channel = await self._connection.channel(
-                    publisher_confirms=True, on_return_raises=True
-                )
-            except Exception as exc:
-                # The connection died between the check and the channel: nothing was sent.
-                raise connect_error(exc, self.settings.redacted_url, publishing=True) from exc
-            return self._channel
-
-
-async def connect_node(
-    settings: Settings, node: _nodes.Node, name: str
-) -> aio_pika.abc.AbstractConnection:
-    """An aio-pika connection to one node (amqps: verified against the TLS settings)."""
-    return await aio_pika.connect(
-        node.url,
-        heartbeat=settings.heartbeat,
-        timeout=settings.connect_timeout,
-        ssl_context=_nodes.ssl_context(settings) if node.tls else None,
-        client_properties={"connection_name": name},
-    )
-
-
-def connection_alive(connection: aio_pika.abc.AbstractConnection | None) -> bool:
-    """Whether `connection` can still carry frames.
-
-    aio-pika's `is_closed` turns true only after an explicit close(); a connection lost to
-    the network or closed by the broker shows only in `connected` being cleared.
-    """
-    if connection is None or connection.is_closed:
-        return False
-    connected = getattr(connection, "connected", None)
-    return connected is None or bool(connected.is_set())
+        await self._backend.aclose()
 
 
 _per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncPublisher] = (

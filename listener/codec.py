@@ -8,8 +8,8 @@ content type is never decoded (no pickle, ever): such messages are parked unread
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from typing import Any
 
 import pydantic
@@ -71,9 +71,19 @@ def check_size(body: bytes, limit: int) -> None:
         )
 
 
+#: A random (version 4) UUID's fixed bits: the version nibble and the RFC 4122 variant.
+_UUID4_CLEAR = ~((0xF << 76) | (0xC << 60))
+_UUID4_SET = (0x4 << 76) | (0x8 << 60)
+
+
 def new_message_id() -> str:
-    """A fresh message id: 32 hex digits, unique, stable across retries and parking."""
-    return uuid.uuid4().hex
+    """A fresh message id: 32 hex digits, unique, stable across retries and parking.
+
+    The hex of a random UUID (version 4), bit for bit what `uuid.uuid4().hex` gives, made
+    without building a `UUID`: that takes half the time of a publish's properties.
+    """
+    bits = int.from_bytes(os.urandom(16))
+    return f"{(bits & _UUID4_CLEAR) | _UUID4_SET:032x}"
 
 
 def now_timestamp() -> int:

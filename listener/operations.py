@@ -15,17 +15,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import pika
-import pika.exceptions
-
-from listener import _nodes, delay, registry, topology
+from listener import delay, registry, topology
+from listener._operator_connection import OperationFailed, OperatorConnection, translating
 from listener._peek import Peek
 from listener._replay import Replaying
-from listener.errors import BrokerError, ConfigurationError, Unroutable
+from listener.errors import ConfigurationError, Unroutable
 from listener.listener import Listener
 from listener.management import ManagementAPI
 from listener.parked import Page, Parked, ReplayResult, SortKey, sort_key
@@ -42,11 +39,6 @@ __all__ = [
     "Target",
     "resolve_listener",
 ]
-
-
-class OperationFailed(BrokerError):
-    """An operator command could not do its work (the queue is busy, access refused, the
-    connection was lost); the text says what to check."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,21 +96,19 @@ def resolve_listener(spec: str) -> type[Listener]:
 
 
 class Operator:
-    """A connection for operator commands (synchronous: it backs a CLI)."""
+    """A connection for operator commands (synchronous: it backs a CLI).
+
+    Its methods raise amqp-listener's errors only: a broker or network failure on the way
+    is an OperationFailed (`listener._operator_connection`).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-
-        def open_one(node: _nodes.Node) -> pika.BlockingConnection:
-            parameters = _nodes.pika_parameters(settings, node, "amqp-listener operator")
-            parameters.blocked_connection_timeout = settings.confirm_timeout
-            return pika.BlockingConnection(parameters)
-
-        self._connection = _nodes.connect(settings, open_one, what="operator")
+        self._broker = OperatorConnection(settings)
+        self._connection = self._broker.connection
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._connection.close()
+        self._broker.close()
 
     def __enter__(self) -> Operator:
         return self
@@ -128,6 +118,7 @@ class Operator:
 
     # -- what is there --------------------------------------------------------------------
 
+    @translating
     def target(self, spec: str) -> Target:
         """Resolve TARGET (`module:ClassName` or a queue name) to existing queues.
 
@@ -141,13 +132,14 @@ class Operator:
             target = Target(spec.removesuffix(".dead"), spec)
         else:
             target = Target(spec, topology.dead_queue_name(spec))
-        if self._depth(target.dead_queue) is None:
+        if self._broker.depth(target.dead_queue) is None:
             raise ConfigurationError(
                 f"no dead-letter queue {target.dead_queue!r} on this broker: check the "
                 "target (a listener as module:ClassName, or its queue name) and the vhost"
             )
         return target
 
+    @translating
     def status(self, listeners: Sequence[type[Listener]] | None = None) -> list[QueueStatus]:
         """Depths and consumers of each listener's queues: from the management API when it
         answers (with unacked counts and rates), else from passive declares.
@@ -176,10 +168,10 @@ class Operator:
                 # a restart): that row falls back to what AMQP can tell.
                 with contextlib.suppress(OSError, ValueError):
                     detail = api.queue(queue)
-            main = self._declare_ok(queue)
+            main = self._broker.declare_ok(queue)
             waiting = 0
             for name in self._delay_queue_names(queue, retry_delays):
-                depth = self._depth(name)
+                depth = self._broker.depth(name)
                 waiting += depth or 0
             row = QueueStatus(
                 listener=label,
@@ -187,7 +179,7 @@ class Operator:
                 ready=None if main is None else main.message_count,
                 consumers=None if main is None else main.consumer_count,
                 waiting_retry=waiting,
-                parked=self._depth(topology.dead_queue_name(queue)),
+                parked=self._broker.depth(topology.dead_queue_name(queue)),
                 missing=main is None,
             )
             if detail is not None:
@@ -204,11 +196,12 @@ class Operator:
             rows.append(row)
         return rows
 
+    @translating
     def delay_status(self) -> DelayStatus:
         """How many messages wait in the shared delay levels, and how many found no
         listener when they came due."""
-        depths = [self._depth(delay.level_name(level)) for level in range(delay.LEVELS)]
-        unrouted = self._depth(delay.UNROUTED)
+        depths = [self._broker.depth(delay.level_name(level)) for level in range(delay.LEVELS)]
+        unrouted = self._broker.depth(delay.UNROUTED)
         return DelayStatus(
             delayed=sum(depth or 0 for depth in depths),
             unrouted=unrouted or 0,
@@ -217,6 +210,7 @@ class Operator:
 
     # -- parked messages ------------------------------------------------------------------
 
+    @translating
     def page(
         self,
         target: Target,
@@ -263,6 +257,7 @@ class Operator:
         more = limit is not None and beyond > len(shown)
         return Page(shown, total, shown[-1].message_id if more and shown else None)
 
+    @translating
     def parked(
         self,
         target: Target,
@@ -277,6 +272,7 @@ class Operator:
             target, ids=ids, exception=exception, older_than=older_than, bodies=True
         ).messages
 
+    @translating
     def find(self, target: Target, message_id: str) -> Parked | None:
         """The parked message `message_id`, whole; the read stops where it is found."""
         with self._peeking(target.dead_queue) as messages:
@@ -285,6 +281,7 @@ class Operator:
                     return parked
         return None
 
+    @translating
     def replay(
         self, target: Target, *, ids: Sequence[str] = (), limit: int | None = None
     ) -> ReplayResult:
@@ -298,7 +295,7 @@ class Operator:
         chosen: set[str] | None = set(ids) if ids else None
         if chosen is None and limit is not None:
             chosen = {p.message_id for p in self.page(target, limit=limit).messages}
-        if self._declare_ok(target.queue) is None:
+        if self._broker.declare_ok(target.queue) is None:
             raise Unroutable(
                 f"the listener's queue {target.queue!r} does not exist, so nothing was "
                 "replayed. Start the listener's runner once, or run `amqp-listener declare "
@@ -314,6 +311,7 @@ class Operator:
             raise
         return _result(done, sorted((chosen or set()) - set(done)) if ids else ())
 
+    @translating
     def purge(self, target: Target, *, ids: Sequence[str] = ()) -> ReplayResult:
         """Delete parked messages: those named by `ids`, or all of them."""
         chosen = set(ids)
@@ -333,7 +331,7 @@ class Operator:
     def _peeking(self, queue: str, *, transactional: bool = False) -> Iterator[Peek]:
         """Read `queue` without removing what is not acked (see `listener._peek`), holding
         the operator lock on it."""
-        unlock = self._lock(queue)
+        unlock = self._broker.lock(queue)
         peek = Peek(self._connection, queue, transactional=transactional)
         try:
             yield peek
@@ -350,63 +348,11 @@ class Operator:
             )
         return sort_key(found)
 
-    def _lock(self, queue: str) -> Callable[[], None]:
-        """Hold `<queue>.operator-lock`, an exclusive queue (the broker drops it with this
-        connection, if the command dies): two commands peeking one queue at once would each
-        see only part of it. Returns the release."""
-        lock = f"{queue}.operator-lock"
-        channel = self._connection.channel()
-        try:
-            channel.queue_declare(lock, exclusive=True, auto_delete=True)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 405:
-                raise OperationFailed(
-                    f"another amqp-listener command is working on {queue!r} (it holds "
-                    f"{lock!r}); try again when it is done"
-                ) from None
-            raise
-
-        def release() -> None:
-            with contextlib.suppress(Exception):
-                channel.queue_delete(lock)
-                channel.close()
-
-        return release
-
+    @translating
     def peek_latest(self, queue: str) -> bytes | None:
         """The body of the one message a length-one queue holds, handed back at once; None
         when the queue is empty or missing."""
-        channel = self._connection.channel()
-        try:
-            method, _properties, body = channel.basic_get(queue, auto_ack=False)
-            if method is None:
-                return None
-            assert method.delivery_tag is not None
-            channel.basic_nack(method.delivery_tag, requeue=True)
-            return body if isinstance(body, bytes) else None
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 404:
-                return None
-            raise
-        finally:
-            if channel.is_open:
-                channel.close()
-
-    def _declare_ok(self, queue: str) -> Any:
-        channel = self._connection.channel()
-        try:
-            return channel.queue_declare(queue, passive=True).method
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 404:
-                return None
-            raise
-        finally:
-            if channel.is_open:
-                channel.close()
-
-    def _depth(self, queue: str) -> int | None:
-        method = self._declare_ok(queue)
-        return None if method is None else int(method.message_count)
+        return self._broker.peek_latest(queue)
 
     def _delay_queue_names(self, queue: str, retry_delays: Sequence[float]) -> list[str]:
         declared = {topology.delay_queue_name(queue, d) for d in retry_delays if d > 0}

@@ -53,10 +53,10 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from listener import database, outbox
+from listener import _outgoing, database, outbox
 from listener import delay as _delay
-from listener._amqp_errors import publish_error
-from listener.apublisher import AsyncPublisher
+from listener._aiormq_backend import AiormqBackend
+from listener._outgoing import Sending
 from listener.errors import BrokerError, ConfigurationError, PublishError, Unroutable
 from listener.settings import Settings
 
@@ -116,7 +116,7 @@ class Relay:
         self.counts = RelayCounts()
         self._url = settings.database_url.get_secret_value()
         self._engine: AsyncEngine | None = None
-        self._publisher = AsyncPublisher(settings)
+        self._publisher = AiormqBackend(settings)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
@@ -194,7 +194,7 @@ class Relay:
                     "run `amqp-listener db upgrade` first"
                 )
             self._checked = True
-        channel = await self._publisher._underlay()  # connect before claiming anything
+        channel = await self._publisher.underlay()  # connect before claiming anything
         if self._postgres:
             return await self._batch_postgres(channel)
         return await self._batch_sqlite(channel)
@@ -305,7 +305,8 @@ class Relay:
         """Each row's fate: None (confirmed), a reason (dead), or the transient error."""
         limit = self.settings.max_body_bytes
         outcomes: list[str | Exception | None] = [None] * len(rows)
-        sends: dict[int, asyncio.Future[Any]] = {}
+        sent: list[int] = []
+        batch: list[Sending] = []
         for index, row in enumerate(rows):
             if len(row.body) > limit:
                 outcomes[index] = (
@@ -313,22 +314,12 @@ class Relay:
                     "limit (setting max_body_bytes)"
                 )
                 continue
-            sends[index] = asyncio.ensure_future(_send(channel, row))
-        if sends:
-            _done, late = await asyncio.wait(sends.values(), timeout=self.settings.confirm_timeout)
-            for send in late:
-                send.cancel()
-            if late:
-                await asyncio.wait(late)
-        for index, send in sends.items():
-            row = rows[index]
-            error = TimeoutError("no confirm in time") if send.cancelled() else send.exception()
-            if error is None:
-                continue
-            translated = publish_error(
-                error, exchange=row.exchange, routing_key=row.routing_key, message_id=row.message_id
-            )
-            outcomes[index] = str(translated) if _refused(translated, row) else translated
+            sent.append(index)
+            batch.append(_sending(row))
+        errors = await self._publisher.send_batch(batch, channel)
+        for index, error in zip(sent, errors, strict=True):
+            if error is not None:
+                outcomes[index] = str(error) if _refused(error, rows[index]) else error
         return outcomes
 
     async def _settle(
@@ -458,22 +449,9 @@ def _gone(holder: str) -> bool:
     return False
 
 
-async def _send(channel: aiormq.abc.AbstractChannel, row: sa.Row[Any]) -> None:
-    import aiormq
-
-    # A row due later waits in the delay levels for the time still left from its commit.
+def _sending(row: sa.Row[Any]) -> Sending:
+    """Where and what the relay publishes for `row`: a row due later waits in the delay
+    levels for the time still left from its commit. Errors name the row's own address."""
     exchange, routing_key, headers = _delay.relay_route(row.exchange, row.routing_key, row.headers)
-    properties = aiormq.spec.Basic.Properties(
-        content_type="application/json",
-        delivery_mode=2,
-        message_id=row.message_id,
-        timestamp=row.created_at,
-        headers=headers,
-    )
-    await channel.basic_publish(
-        row.body,
-        exchange=exchange,
-        routing_key=routing_key,
-        properties=properties,
-        mandatory=True,
-    )
+    message = _outgoing.relayed(row.body, row.message_id, row.created_at, headers)
+    return exchange, routing_key, message, (row.exchange, row.routing_key)

@@ -41,11 +41,7 @@ from listener import _redirect, codec, routing
 from listener import schedule as _schedule
 from listener._memory_broker import Clock, Envelope, ParkedMessage, PublishedMessage, Store
 from listener._memory_delivery import Deliveries
-from listener._memory_publishers import (
-    MemoryAsyncPublisher,
-    MemoryPublisher,
-    run_now,
-)
+from listener._memory_publishers import memory_async_publisher, memory_publisher, run_now
 from listener._memory_schedules import advance_with_ticks
 from listener._virtual_loop import VirtualTimeLoop
 from listener.middleware import Chain, Middleware, installed_middleware
@@ -113,8 +109,8 @@ class MemoryBroker:
 
             self._outbox = create_engine(database_url)
             self._deliveries.use_database(get_settings().with_database_url(database_url))
-        self._publisher = MemoryPublisher(self._store)
-        self._async_publisher = MemoryAsyncPublisher(self._store)
+        self._publisher = memory_publisher(self._store)
+        self._async_publisher = memory_async_publisher(self._store)
         self._loop: VirtualTimeLoop | None = None
         self._joining = False
         self.subscribe(*listeners)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -208,3 +209,12 @@ def test_message_ids_are_unique_hex():
     ids = {new_message_id() for _ in range(100)}
     assert len(ids) == 100
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_message_ids_are_random_uuids_as_uuid4_writes_them(monkeypatch):
+    for _ in range(1000):
+        parsed = uuid.UUID(hex=new_message_id())
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+    fixed = bytes(range(240, 256))
+    monkeypatch.setattr("os.urandom", lambda n: fixed[:n])
+    assert new_message_id() == uuid.UUID(bytes=fixed, version=4).hex

@@ -21,6 +21,8 @@ from pydantic import BaseModel
 
 import listener
 from listener import Listener, Middleware, Reject, Retry, Unroutable
+from listener._memory_publishers import MemoryBackend
+from listener._pika_backend import PikaBackend
 from listener.apublisher import AsyncPublisher, default_async_publisher
 from listener.publisher import Publisher, default_publisher
 from listener.testing import MemoryBroker, ParkedMessage, PublishedMessage
@@ -532,7 +534,9 @@ async def test_ajoin_re_raises_the_first_exception_too():
 
 async def test_the_default_publishers_are_the_brokers_only_while_it_is_active():
     broker = MemoryBroker()
-    assert not isinstance(default_publisher(), type(broker.publisher))
+    # One publisher class, two backends: outside the broker, the default sends on pika.
+    assert isinstance(default_publisher()._backend, PikaBackend)
+    assert isinstance(broker.publisher._backend, MemoryBackend)
     with broker:
         assert default_publisher() is broker.publisher
         assert default_async_publisher() is broker.async_publisher
@@ -541,6 +545,28 @@ async def test_the_default_publishers_are_the_brokers_only_while_it_is_active():
     assert default_publisher() is not broker.publisher
     assert default_async_publisher() is not broker.async_publisher
     await default_async_publisher().aclose()
+
+
+async def test_no_method_of_the_brokers_publishers_can_open_a_connection(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the memory publishers opened a broker connection")
+
+    monkeypatch.setattr("listener._nodes.connect", refuse)
+    monkeypatch.setattr("listener._nodes.aconnect", refuse)
+    job = make(lambda self, message: None)
+    with MemoryBroker(job) as broker:
+        publisher, async_publisher = broker.publisher, broker.async_publisher
+        publisher.publish(job.subscribes_to, {"n": 1})
+        publisher.publish_body(job.exchange, "run", b'{"n":2}')
+        await async_publisher.publish(job.subscribes_to, {"n": 3})
+        await async_publisher.publish_body(job.exchange, "run", b'{"n":4}')
+        await async_publisher.publish_bodies(job.exchange, "run", [b'{"n":5}', b'{"n":6}'])
+        job.notify_many([Job(n=7)])
+        publisher.close()
+        await async_publisher.aclose()
+        assert "published=" in repr(publisher) and "published=" in repr(async_publisher)
+        await broker.ajoin()
+    assert sorted(message["n"] for message in broker.handled(job)) == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_middleware_hooks_fire_around_each_delivery_as_in_a_worker():

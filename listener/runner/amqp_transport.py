@@ -23,8 +23,9 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 
 from listener import _nodes, _pika_internals
 from listener import delay as _delay
+from listener._aiormq_backend import connect_node, connection_alive, publish
 from listener._amqp_errors import consume_error, declare_error, publish_error
-from listener.apublisher import connect_node, connection_alive
+from listener._outgoing import Outgoing
 from listener.errors import PublishNacked
 from listener.runner.inbound import Inbound, Subscription
 from listener.settings import Settings
@@ -188,7 +189,7 @@ class Transport:
                 with contextlib.suppress(Exception):
                     await channel.close()
 
-    async def publish_to_queue(self, queue_name: str, message: aio_pika.Message) -> None:
+    async def publish_to_queue(self, queue_name: str, message: Outgoing) -> None:
         """Publish to a queue by name, mandatory, and wait for the confirm.
 
         Raises:
@@ -196,16 +197,17 @@ class Transport:
         """
         try:
             channel = await self._confirm_channel()
-            await channel.default_exchange.publish(
-                message, queue_name, mandatory=True, timeout=self.settings.confirm_timeout
-            )
+            underlay = await channel.get_underlay_channel()
         except Exception as exc:
             error = publish_error(
-                exc, exchange="", routing_key=queue_name, message_id=str(message.message_id)
+                exc, exchange="", routing_key=queue_name, message_id=message.message_id
             )
-            if isinstance(error, PublishNacked):
-                self._publish_channel = None  # nacked channels stay nacked (see publisher.py)
             raise error from exc
+        try:
+            await publish(underlay, "", queue_name, message, timeout=self.settings.confirm_timeout)
+        except PublishNacked:
+            self._publish_channel = None  # nacked channels stay nacked (see publisher.py)
+            raise
 
     async def wait_sent(self, timeout: float = 1.0) -> None:
         """Send every ack marked so far, and wait (bounded) until the bytes left this process.

@@ -18,9 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import aio_pika
-
-from listener import _settling, outcome
+from listener import _outgoing, _settling, outcome
 from listener import delay as _delay
 from listener.codec import DecodeFailure, new_message_id
 from listener.errors import PublishError, Unroutable
@@ -362,23 +360,10 @@ class Consumer:
         target: str,
         headers: dict[str, Any],
     ) -> None:
-        # The copy keeps the body and properties byte for byte, except `expiration` (a parked
-        # message must not expire; it is kept in a header) and `user_id` (the broker refuses a
-        # user_id other than the publishing connection's own).
-        properties = message.properties
-        copy = aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=properties.content_type,
-            content_encoding=properties.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            priority=properties.priority,
-            correlation_id=properties.correlation_id,
-            reply_to=properties.reply_to,
-            message_id=message_id,
-            timestamp=properties.timestamp,
-            type=properties.type,
-            app_id=properties.app_id,
+        # The copy keeps the body and properties byte for byte, except `expiration` and
+        # `user_id` (see `listener._outgoing.KEPT_PROPERTIES`).
+        copy = _outgoing.copy_of(
+            message.properties, message.body, message_id=message_id, headers=headers
         )
         try:
             await self.transport.publish_to_queue(target, copy)
