@@ -20,24 +20,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from listener import delay as _delay
 from listener import outcome
 from listener._memory_broker import Envelope, ParkedMessage, Store
-from listener._settling import (
+from listener.codec import DecodeFailure, new_message_id
+from listener.errors import Reject, Retry
+from listener.middleware import Chain, Delivery
+from listener.outcome import (
+    Ack,
+    Failure,
+    RetryLater,
     attempt_number,
     carried_headers,
-    check_sync_result,
     copy_headers,
     decode_failure,
     failure_from,
     timeout_failure,
 )
-from listener.codec import DecodeFailure, new_message_id
-from listener.errors import Reject, Retry
-from listener.middleware import Chain, Delivery
-from listener.outcome import Ack, Failure, RetryLater
-from listener.runner.execution import AttemptTimedOut, HandlerExited, run_async
-from listener.topology import is_declared_delay
+from listener.runner.execution import (
+    AttemptTimedOut,
+    HandlerExited,
+    check_sync_result,
+    run_async,
+)
 
 if TYPE_CHECKING:
     from listener.inbox import Inbox
@@ -230,6 +234,7 @@ class Deliveries:
             attempt=run.attempt,
             max_attempts=cls.max_attempts,
             retry_delays=cls.retry_delays,
+            queue=cls.queue,
         )
         store = self.store
         if isinstance(decision, Ack):
@@ -263,7 +268,7 @@ class Deliveries:
             cls.queue,
         )
         if isinstance(decision, RetryLater):
-            delay = _retry_delay(decision.delay, cls.retry_delays)
+            delay = decision.delay
             with store.lock:
                 store.enqueue(cls, copy, delay=delay)
                 store.counts["retried"] += 1
@@ -325,11 +330,3 @@ def _virtual_loop_running() -> bool:
         return isinstance(asyncio.get_running_loop(), VirtualTimeLoop)
     except RuntimeError:
         return False
-
-
-def _retry_delay(delay: float, declared: tuple[float, ...]) -> float:
-    """What the broker would make of a retry delay: a `retry_delays` value as it is, any
-    other rounded up to whole delay steps."""
-    if delay <= 0 or is_declared_delay(delay, declared):
-        return max(delay, 0.0)
-    return _delay.steps(delay) * _delay.STEP

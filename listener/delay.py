@@ -46,6 +46,7 @@ __all__ = [
     "first_hop",
     "level_name",
     "relay_route",
+    "route_headers",
     "routed_delay",
     "seconds_until",
     "steps",
@@ -144,7 +145,7 @@ def first_hop(queue: str, seconds: float) -> Hop | None:
         return None
     return Hop(
         queue=level_name(queue, count.bit_length() - 1),
-        headers=_route_headers(count),
+        headers=route_headers(count),
         seconds=count * STEP,
     )
 
@@ -162,7 +163,7 @@ def address_route(
         address_key(exchange, routing_key),
         {
             **(headers or {}),
-            **_route_headers(count),
+            **route_headers(count),
         },
     )
 
@@ -213,8 +214,10 @@ def relay_route(
     return exchange, hop.queue, {**headers, **hop.headers}
 
 
-def _route_headers(count: int) -> dict[str, Any]:
-    due = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=count * STEP)
+def route_headers(count: int, now: dt.datetime | None = None) -> dict[str, Any]:
+    """The headers that route a `count`-step delay through the levels, and say when the
+    message is due (`now` + the delay; default: now)."""
+    due = (now or dt.datetime.now(dt.UTC)) + dt.timedelta(seconds=count * STEP)
     return {ROUTE_HEADER: [bits_key(count)], DUE_HEADER: due.isoformat()}
 
 
