@@ -1,335 +1,206 @@
-"""One delivery of the in-memory broker, taken through the runner's own outcome code.
+"""The in-memory broker's deliveries: the runner's `Consumer`, driven one message at a time.
 
-Decoding (`MessageCodec.decode`), the attempt number, the failure and the copy's headers
-(`listener._settling`), the decision (`listener.outcome.decide`), the delay tier
-(`listener.delay.steps`), the time-out of an async handler
-(`listener.runner.execution.run_async`) and the middleware hooks are the runner's. Only the
-carrying out differs: a retried or parked copy goes to an in-memory queue.
+Each subscribed listener gets a real `listener.runner.consumer.Consumer` on the
+`MemoryTransport`, so decoding, attempt counting, the outcome, the copy's headers, the delay
+tier, the middleware hooks and the acks are a worker's own code. What stays here is what
+only a test needs:
 
-Sync handlers run on the calling thread (so `join()` runs them where the test runs) and are
-never abandoned: one that outlives its `timeout` runs to its end, then counts as timed out.
+* how `handle()` is called: under `join()` a sync handler runs on the calling thread (as if
+  no event loop ran there, like a worker's handler thread), under `ajoin()` on a thread of
+  its own; either way it is never abandoned: one that outlives its `timeout` runs to its
+  end, then counts as timed out;
+* the exception `handle()` raised, for `fail_fast` to re-raise once the message is settled;
+* SystemExit or KeyboardInterrupt from `handle()`: the message goes back to the head of the
+  queues (as the broker would requeue it) and `join()` raises;
+* idempotent listeners without the broker's database, or async ones on SQLite under
+  `join()`'s virtual clock, which fail their attempts with a TypeError that says what to do;
+* what `MemoryBroker.handled()` and the counts record.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from listener import delay as _delay
-from listener import outcome
-from listener._memory_broker import Envelope, ParkedMessage, Store
-from listener._settling import (
-    attempt_number,
-    carried_headers,
-    check_sync_result,
-    copy_headers,
-    decode_failure,
-    failure_from,
-    timeout_failure,
-)
-from listener.codec import DecodeFailure, new_message_id
+from listener._memory_broker import Envelope, Store
+from listener._memory_transport import MemoryTransport
 from listener.errors import Reject, Retry
-from listener.middleware import Chain, Delivery
-from listener.outcome import Ack, Failure, RetryLater
-from listener.runner.execution import AttemptTimedOut, HandlerExited, run_async
-from listener.topology import is_declared_delay
+from listener.middleware import Chain, Delivery, Middleware
+from listener.runner.consumer import Consumer, HandlerCall
+from listener.runner.execution import (
+    AttemptTimedOut,
+    HandlerExited,
+    check_sync_result,
+    run_async,
+)
 
 if TYPE_CHECKING:
     from listener.inbox import Inbox
     from listener.listener import Listener
+    from listener.outcome import Failure
     from listener.settings import Settings
 
 __all__ = ["Deliveries"]
 
-_HOST = socket.gethostname()
-
-#: What an attempt ended with: its failure (None: handled), and the exception `handle()`
-#: raised when it is one that `fail_fast` re-raises.
-Result = tuple[Failure | None, Exception | None]
-
-
-@dataclass(slots=True)
-class _Run:
-    listener: type[Listener]
-    envelope: Envelope
-    message_id: str
-    attempt: int
-    delivery: Delivery
-    failure: Failure | None
-    value: Any = None
-    decoded: bool = False
-
-
-class _Exited(Exception):
-    """`handle()` raised SystemExit or KeyboardInterrupt (a worker would stop)."""
-
-    def __init__(self, original: BaseException) -> None:
-        super().__init__(type(original).__name__)
-        self.original = original
-
 
 class Deliveries:
-    """Runs deliveries taken from a `Store`, and settles them back into it."""
+    """Runs deliveries taken from a `Store` through each listener's `Consumer`."""
 
-    def __init__(self, store: Store, chain: Chain) -> None:
+    def __init__(self, store: Store, middleware: Sequence[Middleware], settings: Settings) -> None:
         self.store = store
-        self.chain = chain
-        self.instances: dict[type[Listener], Listener] = {}
-        #: Idempotent listeners' inboxes, once the broker has a database (`use_database`).
-        self.inboxes: dict[type[Listener], Inbox] = {}
-        self.settings: Settings | None = None
+        self.transport = MemoryTransport(store)
+        # Last, so that its after-hooks run first: a message counts as handled before the
+        # user's middleware hears of it, as it did when the kit recorded it itself.
+        self.chain = Chain([*middleware, _Recorder(store)])
+        self.settings = settings
+        self.consumers: dict[type[Listener], Consumer] = {}
+        #: The exception `handle()` raised in the current delivery (not Retry or Reject).
+        self._error: Exception | None = None
+        #: SystemExit or KeyboardInterrupt, raised by `handle()` in the current delivery.
+        self._exited: BaseException | None = None
+        self._inline = False
+
+    @property
+    def inboxes(self) -> list[Inbox]:
+        """The inboxes of idempotent listeners (with the broker's database only)."""
+        return [c.inbox for c in self.consumers.values() if c.inbox is not None]
 
     def add(self, cls: type[Listener]) -> None:
-        """Create the listener's instance, once, as a worker does when it starts."""
-        if cls not in self.instances:
-            self.instances[cls] = cls()
-        if cls.idempotent and cls not in self.inboxes and self.settings is not None:
-            from listener.inbox import Inbox
+        """Start `cls`'s consumer, once (its instance is created now, as a worker does)."""
+        if cls in self.consumers:
+            return
+        consumer = Consumer(
+            cls,
+            self.transport,
+            settings=self.settings,
+            on_fatal=lambda _reason: None,  # join() raises instead (see deliver)
+            chain=self.chain,
+            call=self._caller(cls),
+            inbox=self.settings.database_url is not None,
+            clock=lambda: self.store.clock.datetime,
+        )
+        self.consumers[cls] = consumer
+        self.transport.subscribe(cls.queue, consumer.on_message)
 
-            self.inboxes[cls] = Inbox(cls, self.settings)
+    async def deliver(
+        self, cls: type[Listener], envelope: Envelope, *, inline: bool
+    ) -> Exception | None:
+        """One delivery, run to its outcome; `inline`: sync handlers on this thread.
 
-    def use_database(self, settings: Settings) -> None:
-        """Run idempotent listeners with the inbox on `settings.database_url`."""
-        self.settings = settings
-        for cls in self.instances:
-            self.add(cls)
+        Returns the exception `handle()` raised, if it failed with one.
 
-    def _handle(self, run: _Run) -> Callable[[Any], Any]:
-        cls = run.listener
-        inbox = self.inboxes.get(cls)
-        if inbox is not None:
-            if cls.is_async and inbox.on_sqlite and _virtual_loop_running():
-                # aiosqlite waits on a thread of its own, which the virtual clock cannot
-                # see: it would jump to the time-out while the database works.
-                raise TypeError(
-                    f"{cls.__name__} is an async idempotent listener on SQLite: deliver with "
-                    "`await broker.ajoin()`, whose clock is real, not with join()"
-                )
-            return inbox.bind(self.instances[cls], run.message_id)
-        if cls.idempotent:
+        Raises:
+            RuntimeError: `handle()` raised SystemExit or KeyboardInterrupt.
+        """
+        self._error, self._exited, self._inline = None, None, inline
+        consumer = self.consumers[cls]
+        message = self.transport.deliver(cls, envelope)
+        running = set(consumer.in_flight)
+        try:
+            await asyncio.wait(running)
+        except asyncio.CancelledError:
+            # The test is being cancelled: the consumer hands the message back, as a
+            # stopping worker does.
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            raise
+        exited = self._exited
+        if exited is not None:
+            if not message.processed:
+                message.nack(requeue=True)  # the broker would put it back: at the head
+            raise RuntimeError(
+                f"{cls.__name__}.handle raised {type(exited).__name__}: a worker would stop "
+                "here; the message is back at the head of the MemoryBroker's queue"
+            ) from exited
+        return self._error
+
+    # -- calling handle() -----------------------------------------------------------------
+
+    def _caller(self, cls: type[Listener]) -> HandlerCall:
+        async def call(handle: Callable[[Any], Any], message: Any, timeout: float) -> None:
+            try:
+                self._check(cls)
+                if cls.is_async:
+                    await run_async(handle, message, timeout)
+                elif self._inline:
+                    _without_loop(_timed, handle, message, timeout)
+                else:
+                    await asyncio.to_thread(_timed, handle, message, timeout)
+            except HandlerExited as exc:
+                self._exited = exc.original
+                raise
+            except AttemptTimedOut:
+                raise
+            except Exception as exc:
+                # Retry and Reject steer the outcome; they are not failures to re-raise.
+                if not isinstance(exc, Retry | Reject):
+                    self._error = exc
+                raise
+
+        return call
+
+    def _check(self, cls: type[Listener]) -> None:
+        if not cls.idempotent:
+            return
+        inbox = self.consumers[cls].inbox
+        if inbox is None:
             raise TypeError(
                 f"{cls.__name__} is idempotent: its handle() needs a database session. Give "
                 "the broker the database: MemoryBroker(..., database_url=...)"
             )
-        return self.instances[cls].handle
+        if cls.is_async and inbox.on_sqlite and self._inline:
+            # aiosqlite waits on a thread of its own, which the virtual clock cannot
+            # see: it would jump to the time-out while the database works.
+            raise TypeError(
+                f"{cls.__name__} is an async idempotent listener on SQLite: deliver with "
+                "`await broker.ajoin()`, whose clock is real, not with join()"
+            )
 
-    def run(
-        self,
-        cls: type[Listener],
-        envelope: Envelope,
-        loop: Callable[[], asyncio.AbstractEventLoop],
-    ) -> Exception | None:
-        """One delivery on this thread; an async handler runs on `loop()`.
 
-        Returns the exception `handle()` raised, if it failed with one.
-        """
-        run = self._begin(cls, envelope)
-        failure, error = run.failure, None
-        try:
-            if failure is None:
-                if cls.is_async:
-                    failure, error = loop().run_until_complete(self._call_async(run))
-                else:
-                    failure, error = self._call_sync(run)
-        except _Exited as exc:
-            raise self._exited(run, exc) from exc.original
-        self._finish(run, failure)
-        return error
+class _Recorder(Middleware):
+    """Records what `MemoryBroker.handled()` and its counts report."""
 
-    async def arun(self, cls: type[Listener], envelope: Envelope) -> Exception | None:
-        """One delivery on the running loop; a sync handler runs on a thread."""
-        run = self._begin(cls, envelope)
-        failure, error = run.failure, None
-        try:
-            if failure is None:
-                if cls.is_async:
-                    failure, error = await self._call_async(run)
-                else:
-                    failure, error = await asyncio.to_thread(self._call_sync, run)
-        except _Exited as exc:
-            raise self._exited(run, exc) from exc.original
-        self._finish(run, failure)
-        return error
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
-    # -- the attempt ------------------------------------------------------------------------
-
-    def _begin(self, cls: type[Listener], envelope: Envelope) -> _Run:
-        # Publishers outside the framework may send no id; the copies need one.
-        message_id = envelope.message_id or new_message_id()
-        attempt, lost = attempt_number(
-            envelope.headers, cls.max_attempts, delivery_limit=cls.delivery_limit()
-        )
-        delivery = Delivery(
-            cls,
-            message_id,
-            attempt,
-            envelope.headers,
-            envelope.exchange,
-            envelope.routing_key,
-            False,
-        )
-        self.chain.before("before_handle", delivery)
-        run = _Run(cls, envelope, message_id, attempt, delivery, lost)
-        if lost is None:
-            try:
-                run.value = cls.codec.decode(
-                    envelope.body, envelope.content_type, envelope.content_encoding
-                )
-                run.decoded = True
-            except DecodeFailure as exc:
-                run.failure = decode_failure(exc)
-        return run
-
-    def _call_sync(self, run: _Run) -> Result:
-        cls = run.listener
-        started = time.monotonic()
-        result: Result = (None, None)
-        try:
-            check_sync_result(self._handle(run)(run.value))
-        except (SystemExit, KeyboardInterrupt) as exc:
-            raise _Exited(exc) from None
-        except Exception as exc:
-            result = (failure_from(exc), _error_of(exc))
-        elapsed = time.monotonic() - started
-        if elapsed > cls.timeout:
-            # The runner would have given up on it at the deadline and dropped its result.
-            return timeout_failure(
-                f"handle() ran {elapsed:.3g}s, longer than its {cls.timeout:g}s timeout"
-            ), None
-        return result
-
-    async def _call_async(self, run: _Run) -> Result:
-        cls = run.listener
-        try:
-            await run_async(self._handle(run), run.value, cls.timeout)
-        except AttemptTimedOut as exc:
-            return timeout_failure(str(exc)), None
-        except HandlerExited as exc:
-            raise _Exited(exc.original) from None
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # the test itself is being cancelled: not the handler's failure
-            inner = asyncio.CancelledError("handle() was cancelled from inside")
-            return failure_from(inner), None
-        except Exception as exc:
-            return failure_from(exc), _error_of(exc)
-        return None, None
-
-    # -- the outcome ------------------------------------------------------------------------
-
-    def _finish(self, run: _Run, failure: Failure | None) -> None:
-        cls = run.listener
-        decision = outcome.decide(
-            failure,
-            attempt=run.attempt,
-            max_attempts=cls.max_attempts,
-            retry_delays=cls.retry_delays,
-        )
+    def after_handle(
+        self, delivery: Delivery, *, outcome: str, failure: Failure | None, duration: float
+    ) -> None:
         store = self.store
-        if isinstance(decision, Ack):
-            with store.lock:
-                store.handled[cls].append(run.value)
-                store.counts["handled"] += 1
-            self._after(run, "handled", None)
-            return
-        assert failure is not None
-        envelope = run.envelope
-        headers = copy_headers(
-            decision,
-            failure,
-            carried=carried_headers(
-                envelope.headers, exchange=envelope.exchange, routing_key=envelope.routing_key
-            ),
-            previous=envelope.headers,
-            listener=cls.name(),
-            host=_HOST,
-            pid=os.getpid(),
-            now=store.clock.datetime,
-        )
-        # Moved through the default exchange, by queue name, as the runner moves copies.
-        copy = Envelope(
-            envelope.body,
-            headers,
-            run.message_id,
-            envelope.content_type,
-            envelope.content_encoding,
-            "",
-            cls.queue,
-        )
-        if isinstance(decision, RetryLater):
-            delay = _retry_delay(decision.delay, cls.retry_delays)
-            with store.lock:
-                store.enqueue(cls, copy, delay=delay)
-                store.counts["retried"] += 1
-            self.chain.after("on_retry", run.delivery, delay=delay, failure=failure)
-            self._after(run, "retried", failure)
-            return
-        parked = ParkedMessage(
-            message_id=run.message_id,
-            body=envelope.body,
-            message=run.value if run.decoded else _try_decode(cls, envelope),
-            headers=headers,
-            reason=decision.reason,
-            exception_type=failure.exception_type,
-            exception_message=str(headers["x-exception-message"]),
-            attempts=decision.attempts,
-            listener=cls,
-        )
         with store.lock:
-            store.parked[cls].append(parked)
-            store.counts["parked"] += 1
-        self.chain.after("on_park", run.delivery, reason=decision.reason, failure=failure)
-        self._after(run, "parked", failure)
-
-    def _after(self, run: _Run, result: str, failure: Failure | None) -> None:
-        self.chain.after(
-            "after_handle",
-            run.delivery,
-            outcome=result,
-            failure=failure,
-            duration=time.monotonic() - run.delivery.started,
-        )
-
-    def _exited(self, run: _Run, exc: _Exited) -> RuntimeError:
-        # A worker would stop and the broker deliver the message again: it goes back.
-        self.store.put_back(run.listener, run.envelope)
-        self._after(run, "returned", None)
-        return RuntimeError(
-            f"{run.listener.__name__}.handle raised {type(exc.original).__name__}: a worker "
-            "would stop here; the message is back at the head of the MemoryBroker's queue"
-        )
+            if outcome == "handled":
+                store.handled[delivery.listener].append(delivery.message)
+            if outcome in store.counts:
+                store.counts[outcome] += 1
 
 
-def _error_of(exc: Exception) -> Exception | None:
-    # Retry and Reject steer the outcome; they are not failures to re-raise.
-    return None if isinstance(exc, Retry | Reject) else exc
-
-
-def _try_decode(cls: type[Listener], envelope: Envelope) -> Any:
+def _timed(handle: Callable[[Any], Any], message: Any, timeout: float) -> None:
+    """Call a sync `handle()` to its end; past `timeout` the attempt counts as timed out
+    (the runner would have given up on it at the deadline and dropped its result)."""
+    started = time.monotonic()
     try:
-        return cls.codec.decode(envelope.body, envelope.content_type, envelope.content_encoding)
-    except DecodeFailure:
-        return None
+        check_sync_result(handle(message))
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise HandlerExited(exc) from exc
+    except Exception:
+        if time.monotonic() - started <= timeout:
+            raise
+    elapsed = time.monotonic() - started
+    if elapsed > timeout:
+        raise AttemptTimedOut(
+            f"handle() ran {elapsed:.3g}s, longer than its {timeout:g}s timeout"
+        ) from None
 
 
-def _virtual_loop_running() -> bool:
-    from listener._virtual_loop import VirtualTimeLoop
-
+def _without_loop(fn: Callable[..., None], *args: Any) -> None:
+    """Run `fn` on this thread as if no event loop ran here: a sync handler under `join()`
+    must be free to call `asyncio.run()`, as it is on a worker's handler thread."""
+    loop = asyncio.get_running_loop()
+    asyncio._set_running_loop(None)
     try:
-        return isinstance(asyncio.get_running_loop(), VirtualTimeLoop)
-    except RuntimeError:
-        return False
-
-
-def _retry_delay(delay: float, declared: tuple[float, ...]) -> float:
-    """What the broker would make of a retry delay: a `retry_delays` value as it is, any
-    other rounded up to whole delay steps."""
-    if delay <= 0 or is_declared_delay(delay, declared):
-        return max(delay, 0.0)
-    return _delay.steps(delay) * _delay.STEP
+        fn(*args)
+    finally:
+        asyncio._set_running_loop(loop)

@@ -58,6 +58,7 @@ __all__ = [
     "level_name",
     "queue_route",
     "relay_route",
+    "route_headers",
     "routed_delay",
     "routed_target",
     "seconds_until",
@@ -181,7 +182,7 @@ def first_hop(queue: str, seconds: float) -> Hop | None:
         return None
     return Hop(
         queue=level_name(count.bit_length() - 1),
-        headers=_route_headers(count, target_key(queue)),
+        headers=route_headers(count, target_key(queue)),
         seconds=count * STEP,
     )
 
@@ -195,7 +196,7 @@ def queue_route(
     count = steps(seconds)
     if count == 0:
         return None
-    return ENTRY_EXCHANGE, target_key(queue), {**(headers or {}), **_route_headers(count)}
+    return ENTRY_EXCHANGE, target_key(queue), {**(headers or {}), **route_headers(count)}
 
 
 def address_route(
@@ -211,7 +212,7 @@ def address_route(
         address_key(exchange, routing_key),
         {
             **(headers or {}),
-            **_route_headers(count),
+            **route_headers(count),
         },
     )
 
@@ -259,8 +260,11 @@ def relay_route(
     return queue_route(routing_key, headers, remaining) or (exchange, routing_key, headers)
 
 
-def _route_headers(count: int, *keys: str) -> dict[str, Any]:
-    due = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=count * STEP)
+def route_headers(count: int, *keys: str, now: dt.datetime | None = None) -> dict[str, Any]:
+    """The headers that route a `count`-step delay through the levels (the bits, then
+    `keys`: where the message goes after them), and say when it is due (`now` + the delay;
+    default: now)."""
+    due = (now or dt.datetime.now(dt.UTC)) + dt.timedelta(seconds=count * STEP)
     return {ROUTE_HEADER: [bits_key(count), *keys], DUE_HEADER: due.isoformat()}
 
 

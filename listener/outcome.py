@@ -1,7 +1,11 @@
 """The outcome of one attempt, decided by pure code: ack, retry after N seconds, or park.
 
-The runner's consumer executes the decision in exactly one place; nothing here does I/O,
-so the contract's outcome table is tested directly against `decide()`.
+`decide()` says the whole of it: the outcome, the queue a copy goes to, and the delay the
+broker will really hold it for. The rest of settling that does no I/O is here too: which
+attempt a delivery is, how an exception from `handle()` becomes a `Failure`, and the headers
+of the retried or parked copy. The runner's consumer carries the decision out in exactly
+one place (`listener.runner.consumer`, which the in-memory test kit drives as well), so the
+contract's outcome table is tested directly against `decide()`.
 
 Two counters meet here. The framework's own `x-attempts` header counts attempts that ended
 in a failure the worker saw (an exception, a time-out, `Retry`); it is written on every retry
@@ -21,7 +25,10 @@ from typing import Any, Literal
 
 import pydantic
 
-from listener.codec import error_summary
+from listener import delay as _delay
+from listener.codec import DecodeFailure, error_summary
+from listener.errors import Reject, Retry
+from listener.topology import dead_queue_name, delay_queue_name, is_declared_delay
 
 __all__ = [
     "ATTEMPTS_HEADER",
@@ -31,11 +38,17 @@ __all__ = [
     "Outcome",
     "Park",
     "RetryLater",
+    "attempt_number",
     "attempts_made",
+    "carried_headers",
+    "copy_headers",
     "decide",
+    "decode_failure",
     "delay_before",
     "deliveries_lost",
+    "failure_from",
     "failure_headers",
+    "timeout_failure",
 ]
 
 ATTEMPTS_HEADER = "x-attempts"
@@ -53,6 +66,8 @@ BROKER_HEADERS = frozenset(
         "x-last-death-reason",
     }
 )
+#: A delayed message's route and due time: a copy (retry or park) gets its own, or none.
+_DELAY_HEADERS = frozenset({_delay.ROUTE_HEADER, _delay.DUE_HEADER})
 #: A forged or corrupt attempt header larger than this is read as this: it parks the message
 #: early (safe: parked messages can be replayed) and never loops.
 _MAX_COUNTER = 1_000_000
@@ -87,6 +102,25 @@ class Failure:
         return cls(kind, name, _clip(message, _MAX_MESSAGE_CHARS), _tail(text), delay, reason)
 
 
+def failure_from(exc: BaseException) -> Failure:
+    """What an exception raised by `handle()` means: a retry, a reject or a failure."""
+    if isinstance(exc, Retry):
+        return Failure.from_exception("retry", exc, delay=exc.delay)
+    if isinstance(exc, Reject):
+        return Failure.from_exception("reject", exc, reason=exc.reason)
+    return Failure.from_exception("error", exc)
+
+
+def decode_failure(exc: DecodeFailure) -> Failure:
+    """A body that never reached `handle()`: parked at once with `exc.reason`."""
+    return Failure("decode", "listener.DecodeFailure", str(exc), reason=exc.reason)
+
+
+def timeout_failure(detail: str) -> Failure:
+    """An attempt that outlived the listener's `timeout`."""
+    return Failure("timeout", "TimeoutError", detail)
+
+
 @dataclass(frozen=True, slots=True)
 class Ack:
     """The attempt succeeded: acknowledge the delivery."""
@@ -94,49 +128,77 @@ class Ack:
 
 @dataclass(frozen=True, slots=True)
 class RetryLater:
-    """Publish a copy to the delay queue for `delay` seconds (confirmed), then ack."""
+    """Publish a copy to `queue` (confirmed), then ack: it is delivered again after `delay`
+    seconds. `steps` is the delay in `listener.delay.STEP`s when `queue` is the first of the
+    delay levels (the copy carries the route for the rest, back to queue `to`), else 0."""
 
     delay: float
     attempts: int
+    queue: str
+    steps: int = 0
+    #: With `steps`: the listener queue the delay levels lead the copy back to.
+    to: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Park:
-    """Publish a copy to `<queue>.dead` with `reason` (confirmed), then ack."""
+    """Publish a copy to `queue` (`<queue>.dead`) with `reason` (confirmed), then ack."""
 
     reason: str
     attempts: int
+    queue: str
 
 
 Outcome = Ack | RetryLater | Park
+#: Most attempts succeed: one shared decision rather than a new one each time.
+_ACK = Ack()
 
 
 def decide(
-    failure: Failure | None, *, attempt: int, max_attempts: int, retry_delays: Sequence[float]
+    failure: Failure | None,
+    *,
+    attempt: int,
+    max_attempts: int,
+    retry_delays: Sequence[float],
+    queue: str,
 ) -> Outcome:
-    """Map one attempt's result to what happens to the message.
+    """Map one attempt's result to what happens to the message, and where its copy goes.
 
     Args:
         failure: None when `handle` returned.
         attempt: this attempt's number, 1 for the first.
         max_attempts: attempts in all, the first included.
-        retry_delays: seconds before attempt 2, 3, ...; the last value repeats.
+        retry_delays: seconds before attempt 2, 3, ...; the last value repeats. Each has a
+            delay queue of its own; any other delay goes through the delay levels, rounded
+            up to whole steps.
+        queue: the listener's queue.
     """
     if failure is None:
-        return Ack()
-    if failure.kind == "reject":
-        return Park("rejected", attempt)
-    if failure.kind == "decode":
-        return Park(failure.reason, attempt)
-    if failure.kind == "lost":
-        return Park("worker_lost", attempt)
-    if failure.kind == "undelivered":
-        return Park("delivery_limit", attempt)
-    if attempt >= max_attempts:
-        return Park("timeout" if failure.kind == "timeout" else "failed", attempt)
-    if failure.kind == "retry" and failure.delay is not None:
-        return RetryLater(failure.delay, attempt)
-    return RetryLater(delay_before(attempt + 1, retry_delays), attempt)
+        return _ACK
+    kind = failure.kind
+    if kind == "reject":
+        reason = "rejected"
+    elif kind == "decode":
+        reason = failure.reason
+    elif kind == "lost":
+        reason = "worker_lost"
+    elif kind == "undelivered":
+        reason = "delivery_limit"
+    elif attempt >= max_attempts:
+        reason = "timeout" if kind == "timeout" else "failed"
+    else:
+        if kind == "retry" and failure.delay is not None:
+            delay = failure.delay
+        else:
+            delay = delay_before(attempt + 1, retry_delays)
+        if delay > 0 and is_declared_delay(delay, retry_delays):
+            return RetryLater(float(delay), attempt, delay_queue_name(queue, delay))
+        steps = _delay.steps(delay)
+        if steps == 0:
+            return RetryLater(0.0, attempt, queue)
+        level = _delay.level_name(steps.bit_length() - 1)
+        return RetryLater(steps * _delay.STEP, attempt, level, steps, queue)
+    return Park(reason, attempt, dead_queue_name(queue))
 
 
 def delay_before(attempt: int, retry_delays: Sequence[float]) -> float:
@@ -144,6 +206,43 @@ def delay_before(attempt: int, retry_delays: Sequence[float]) -> float:
     if not retry_delays or attempt < 2:
         return 0.0
     return float(retry_delays[min(attempt - 2, len(retry_delays) - 1)])
+
+
+def attempt_number(
+    headers: Mapping[str, Any],
+    max_attempts: int,
+    *,
+    deaths: int = 0,
+    delivery_limit: int | None = None,
+) -> tuple[int, Failure | None]:
+    """This delivery's attempt number, and a Failure when no attempt may run.
+
+    Attempts the framework counted (`x-attempts`) plus the worker deaths blamed on this
+    message (`deaths`, see `listener.runner.blame`). A message whose blamed deaths used up
+    `max_attempts` is parked as it stands (`lost`). So is one delivered `delivery_limit`
+    times without an outcome (`x-delivery-count`, the backstop for deaths blame cannot see):
+    the broker raises that count for every unsettled delivery of a dead connection, so it
+    is never read as a count of deaths.
+    """
+    # Most deliveries carry neither counter: looked up before any call is made.
+    done = attempts_made(headers) if ATTEMPTS_HEADER in headers else 0
+    if deaths and done + deaths >= max_attempts:
+        return done + deaths, Failure(
+            "lost",
+            "listener.WorkerLost",
+            f"its worker died {deaths} time(s) while this message was the only one running",
+        )
+    if delivery_limit is not None and "x-delivery-count" in headers:
+        unsettled = deliveries_lost(headers)
+        if unsettled >= delivery_limit:
+            return done + deaths + 1, Failure(
+                "undelivered",
+                "listener.DeliveryLimit",
+                f"delivered {unsettled} time(s) without an outcome (its worker or its "
+                f"connection was lost each time); parked at the delivery limit "
+                f"max_deliveries={delivery_limit}",
+            )
+    return done + deaths + 1, None
 
 
 def attempts_made(headers: Mapping[str, Any] | None) -> int:
@@ -155,6 +254,63 @@ def deliveries_lost(headers: Mapping[str, Any] | None) -> int:
     """Deliveries of this copy that ended without an outcome (quorum `x-delivery-count`):
     a death, a lost connection or a requeue, whoever's fault it was."""
     return _counter(headers, "x-delivery-count")
+
+
+def carried_headers(
+    headers: Mapping[str, Any] | None,
+    *,
+    exchange: str,
+    routing_key: str,
+    expiration: str | None = None,
+) -> dict[str, Any]:
+    """The headers a copy of a delivery keeps: all but the broker's own, plus where the
+    message was first published (kept from the first copy on)."""
+    carried = {
+        k: v
+        for k, v in (headers or {}).items()
+        if k not in BROKER_HEADERS and k not in _DELAY_HEADERS
+    }
+    carried.setdefault("x-original-exchange", exchange)
+    carried.setdefault("x-original-routing-key", routing_key)
+    if expiration is not None:
+        carried.setdefault("x-original-expiration", str(expiration))
+    return carried
+
+
+def copy_headers(
+    decision: RetryLater | Park,
+    failure: Failure,
+    *,
+    carried: Mapping[str, Any],
+    previous: Mapping[str, Any] | None,
+    listener: str,
+    host: str,
+    pid: int,
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """Every header of the copy moved to a delay queue or parked: `carried` plus what
+    failed, how and where, plus the park reason or the route through the delay levels."""
+    headers = dict(carried)
+    headers.update(
+        failure_headers(
+            failure,
+            attempts=decision.attempts,
+            previous=previous,
+            listener=listener,
+            host=host,
+            pid=pid,
+            now=now,
+        )
+    )
+    if isinstance(decision, Park):
+        headers["x-parked-reason"] = decision.reason
+        if failure.reason and failure.kind == "reject":
+            headers["x-exception-message"] = failure.reason
+    elif decision.steps:
+        headers.update(
+            _delay.route_headers(decision.steps, _delay.target_key(decision.to), now=now)
+        )
+    return headers
 
 
 def failure_headers(

@@ -3,8 +3,9 @@
 While a `MemoryBroker` is active (`with broker:`), `notify()`, `anotify()`,
 `notify_many()`, `anotify_many()`, `listener.publish()` and `listener.apublish()` publish
 to it instead of RabbitMQ. `join()` then delivers every message to the listeners subscribed
-to it, and settles each one with the runner's own code: the same attempt counting, retry
-delays (on a virtual clock: nothing sleeps), parking reasons and failure headers.
+to it, and settles each one with the runner's own code (a worker's `Consumer`, over an
+in-memory transport): the same attempt counting, retry delays (on a virtual clock: nothing
+sleeps), parking reasons and failure headers.
 
     from listener.testing import MemoryBroker
 
@@ -31,7 +32,6 @@ abandoning of a sync handler's thread at its time-out.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import datetime as dt
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
@@ -44,7 +44,7 @@ from listener._memory_delivery import Deliveries
 from listener._memory_publishers import memory_async_publisher, memory_publisher, run_now
 from listener._memory_schedules import advance_with_ticks
 from listener._virtual_loop import VirtualTimeLoop
-from listener.middleware import Chain, Middleware, installed_middleware
+from listener.middleware import Middleware, installed_middleware
 from listener.settings import get_settings
 
 if TYPE_CHECKING:
@@ -100,15 +100,18 @@ class MemoryBroker:
         if start is not None:
             self._store.clock._epoch = start.astimezone(dt.UTC)
         self._schedule_timezone = schedule_timezone
-        self._deliveries = Deliveries(
-            self._store, Chain(installed_middleware() if middleware is None else middleware)
-        )
+        settings = get_settings()
         self._outbox: sa.Engine | None = None
         if database_url is not None:
             from listener.database import create_engine
 
             self._outbox = create_engine(database_url)
-            self._deliveries.use_database(get_settings().with_database_url(database_url))
+            settings = settings.with_database_url(database_url)
+        self._deliveries = Deliveries(
+            self._store,
+            installed_middleware() if middleware is None else middleware,
+            settings,
+        )
         self._publisher = memory_publisher(self._store)
         self._async_publisher = memory_async_publisher(self._store)
         self._loop: VirtualTimeLoop | None = None
@@ -173,7 +176,7 @@ class MemoryBroker:
         self.close()
 
     async def _close_inboxes(self) -> None:
-        for inbox in self._deliveries.inboxes.values():
+        for inbox in self._deliveries.inboxes:
             await inbox.aclose()
 
     def close(self) -> None:
@@ -259,13 +262,13 @@ class MemoryBroker:
             )
         fail_fast = self.fail_fast if fail_fast is None else fail_fast
         with self._joined():
+            loop = self._private_loop()
             for _ in range(self.max_deliveries):
                 taken = self._take(wait_for_retries)
                 if taken is None:
                     return
-                # A context per delivery, as each delivery is a task of its own in a worker.
-                context = contextvars.copy_context()
-                error = context.run(self._deliveries.run, *taken, self._private_loop)
+                # Each delivery is a task of its own, with a copy of this thread's context.
+                error = loop.run_until_complete(self._deliveries.deliver(*taken, inline=True))
                 if error is not None and fail_fast:
                     raise error
             raise self._runaway()
@@ -280,7 +283,7 @@ class MemoryBroker:
                 taken = self._take(wait_for_retries)
                 if taken is None:
                     return
-                error = await asyncio.create_task(self._deliveries.arun(*taken))
+                error = await self._deliveries.deliver(*taken, inline=False)
                 if error is not None and fail_fast:
                     raise error
             raise self._runaway()

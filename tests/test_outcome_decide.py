@@ -7,6 +7,7 @@ import datetime as dt
 import pydantic
 import pytest
 
+from listener import delay
 from listener.errors import Reject, Retry
 from listener.outcome import (
     ATTEMPTS_HEADER,
@@ -14,15 +15,21 @@ from listener.outcome import (
     Failure,
     Park,
     RetryLater,
+    attempt_number,
     attempts_made,
+    carried_headers,
+    copy_headers,
     decide,
     delay_before,
     deliveries_lost,
+    failure_from,
     failure_headers,
 )
 
 DELAYS = (1.0, 5.0, 30.0)
 MAX = 5
+QUEUE = "jobs"
+DEAD = "jobs.dead"
 
 
 class CustomProblem(Exception):
@@ -45,42 +52,57 @@ OUTCOME_TABLE = [
         "decode failure: unsupported type",
         failure("decode", reason="unsupported_content_type"),
         1,
-        Park("unsupported_content_type", 1),
+        Park("unsupported_content_type", 1, DEAD),
     ),
     (
         "decode failure: not JSON",
         failure("decode", reason="decode_error"),
         1,
-        Park("decode_error", 1),
+        Park("decode_error", 1, DEAD),
     ),
     (
         "decode failure: model mismatch",
         failure("decode", reason="validation_error"),
         1,
-        Park("validation_error", 1),
+        Park("validation_error", 1, DEAD),
     ),
-    ("decode failure: too large", failure("decode", reason="too_large"), 2, Park("too_large", 2)),
+    (
+        "decode failure: too large",
+        failure("decode", reason="too_large"),
+        2,
+        Park("too_large", 2, DEAD),
+    ),
     # the worker died mid-message too often
-    ("worker lost", failure("lost"), 3, Park("worker_lost", 3)),
-    ("worker lost on the first attempt", failure("lost"), 1, Park("worker_lost", 1)),
+    ("worker lost", failure("lost"), 3, Park("worker_lost", 3, DEAD)),
+    ("worker lost on the first attempt", failure("lost"), 1, Park("worker_lost", 1, DEAD)),
     # Reject: parked at once, no retries
-    ("reject on attempt 1 of 5", failure("reject"), 1, Park("rejected", 1)),
-    ("reject on the last attempt", failure("reject"), MAX, Park("rejected", MAX)),
+    ("reject on attempt 1 of 5", failure("reject"), 1, Park("rejected", 1, DEAD)),
+    ("reject on the last attempt", failure("reject"), MAX, Park("rejected", MAX, DEAD)),
     # handle raises
-    ("error on attempt 1 of 5", failure("error"), 1, RetryLater(delay_before(2, DELAYS), 1)),
-    ("error on attempt 3 of 5", failure("error"), 3, RetryLater(delay_before(4, DELAYS), 3)),
-    ("error on attempt 4 of 5", failure("error"), 4, RetryLater(30.0, 4)),
-    ("error on the last attempt", failure("error"), MAX, Park("failed", MAX)),
-    ("error beyond the last attempt", failure("error"), MAX + 3, Park("failed", MAX + 3)),
+    ("error on attempt 1 of 5", failure("error"), 1, RetryLater(1.0, 1, "jobs.retry.1s")),
+    ("error on attempt 3 of 5", failure("error"), 3, RetryLater(30.0, 3, "jobs.retry.30s")),
+    ("error on attempt 4 of 5", failure("error"), 4, RetryLater(30.0, 4, "jobs.retry.30s")),
+    ("error on the last attempt", failure("error"), MAX, Park("failed", MAX, DEAD)),
+    ("error beyond the last attempt", failure("error"), MAX + 3, Park("failed", MAX + 3, DEAD)),
     # the attempt outlives `timeout`
-    ("timeout on attempt 1 of 5", failure("timeout"), 1, RetryLater(1.0, 1)),
-    ("timeout on attempt 2 of 5", failure("timeout"), 2, RetryLater(5.0, 2)),
-    ("timeout on the last attempt", failure("timeout"), MAX, Park("timeout", MAX)),
+    ("timeout on attempt 1 of 5", failure("timeout"), 1, RetryLater(1.0, 1, "jobs.retry.1s")),
+    ("timeout on attempt 2 of 5", failure("timeout"), 2, RetryLater(5.0, 2, "jobs.retry.5s")),
+    ("timeout on the last attempt", failure("timeout"), MAX, Park("timeout", MAX, DEAD)),
     # raise Retry(delay=...)
-    ("Retry(delay=7) on attempt 1", failure("retry", delay=7), 1, RetryLater(7, 1)),
-    ("Retry(delay=0) on attempt 2", failure("retry", delay=0), 2, RetryLater(0, 2)),
-    ("Retry(delay=7) on the last attempt", failure("retry", delay=7), MAX, Park("failed", MAX)),
-    ("Retry() without a delay", failure("retry"), 2, RetryLater(delay_before(3, DELAYS), 2)),
+    (
+        "Retry(delay=7) on attempt 1",
+        failure("retry", delay=7),
+        1,
+        RetryLater(7.0, 1, "amqp-listener.delay.05", steps=56, to="jobs"),
+    ),
+    ("Retry(delay=0) on attempt 2", failure("retry", delay=0), 2, RetryLater(0.0, 2, QUEUE)),
+    (
+        "Retry(delay=7) on the last attempt",
+        failure("retry", delay=7),
+        MAX,
+        Park("failed", MAX, DEAD),
+    ),
+    ("Retry() without a delay", failure("retry"), 2, RetryLater(5.0, 2, "jobs.retry.5s")),
     # handle returned
     ("success", None, 1, Ack()),
     ("success on the last attempt", None, MAX, Ack()),
@@ -93,22 +115,114 @@ OUTCOME_TABLE = [
     ids=[row[0] for row in OUTCOME_TABLE],
 )
 def test_each_attempt_result_maps_to_the_contract_outcome(failure_, attempt, expected):
-    assert decide(failure_, attempt=attempt, max_attempts=MAX, retry_delays=DELAYS) == expected
+    assert (
+        decide(failure_, attempt=attempt, max_attempts=MAX, retry_delays=DELAYS, queue=QUEUE)
+        == expected
+    )
 
 
 def test_a_single_attempt_listener_parks_on_the_first_failure():
-    decision = decide(failure("error"), attempt=1, max_attempts=1, retry_delays=DELAYS)
-    assert decision == Park("failed", 1)
+    decision = decide(failure("error"), attempt=1, max_attempts=1, retry_delays=DELAYS, queue=QUEUE)
+    assert decision == Park("failed", 1, DEAD)
 
 
 def test_retry_without_delay_uses_the_listeners_own_delays():
-    decision = decide(failure("retry"), attempt=1, max_attempts=3, retry_delays=(0.25, 9))
-    assert decision == RetryLater(0.25, 1)
+    decision = decide(
+        failure("retry"), attempt=1, max_attempts=3, retry_delays=(0.25, 9), queue=QUEUE
+    )
+    assert decision == RetryLater(0.25, 1, "jobs.retry.250ms")
 
 
 def test_retry_delays_of_zero_retry_at_once():
-    decision = decide(failure("error"), attempt=1, max_attempts=3, retry_delays=())
-    assert decision == RetryLater(0.0, 1)
+    decision = decide(failure("error"), attempt=1, max_attempts=3, retry_delays=(), queue=QUEUE)
+    assert decision == RetryLater(0.0, 1, QUEUE)
+
+
+@pytest.mark.parametrize(
+    ("asked", "queue", "delay", "steps"),
+    [
+        (0.05, "amqp-listener.delay.00", 0.125, 1),  # never early: a whole step
+        (0.3, "amqp-listener.delay.01", 0.375, 3),
+        (7, "amqp-listener.delay.05", 7.0, 56),
+        (5, "jobs.retry.5s", 5.0, 0),  # a delay of retry_delays has a queue of its own
+        (0, "jobs", 0.0, 0),
+    ],
+)
+def test_a_retry_goes_to_the_queue_that_holds_it_for_its_tiered_delay(asked, queue, delay, steps):
+    decision = decide(
+        failure("retry", delay=asked), attempt=1, max_attempts=3, retry_delays=DELAYS, queue=QUEUE
+    )
+    # Through the shared delay levels, the copy is routed back to the listener's queue.
+    assert decision == RetryLater(delay, 1, queue, steps, "jobs" if steps else "")
+
+
+def test_the_copy_of_a_retry_through_the_delay_levels_carries_its_route_and_due_time():
+    decision = RetryLater(7.0, 1, "amqp-listener.delay.05", 56, "jobs")
+    headers = copy_headers(
+        decision,
+        failure("retry", delay=7),
+        carried={"x-original-exchange": "jobs"},
+        previous=None,
+        listener="app:Jobs",
+        host="h",
+        pid=1,
+        now=NOW,
+    )
+    assert headers["CC"] == [delay.bits_key(56), delay.target_key("jobs")]
+    assert headers["x-due-at"] == (NOW + dt.timedelta(seconds=7)).isoformat()
+    assert "x-parked-reason" not in headers
+
+
+def test_the_copy_of_a_parked_message_says_why_and_has_no_route():
+    headers = copy_headers(
+        Park("rejected", 2, DEAD),
+        Failure("reject", "listener.Reject", "no", reason="bad input"),
+        carried={"CC": ["stale"]}
+        | carried_headers(
+            {"x-delivery-count": 3, "CC": ["0.1"], "x-due-at": "x", "k": "v"},
+            exchange="jobs",
+            routing_key="run",
+        ),
+        previous=None,
+        listener="app:Jobs",
+        host="h",
+        pid=1,
+        now=NOW,
+    )
+    assert headers["x-parked-reason"] == "rejected"
+    assert headers["x-exception-message"] == "bad input"
+    assert headers["k"] == "v"
+    assert "x-delivery-count" not in headers and "x-due-at" not in headers
+
+
+@pytest.mark.parametrize(
+    ("headers", "deaths", "expected"),
+    [
+        ({}, 0, (1, None)),
+        ({ATTEMPTS_HEADER: 2}, 0, (3, None)),
+        ({ATTEMPTS_HEADER: 1}, 1, (3, None)),
+    ],
+)
+def test_the_attempt_number_counts_failed_attempts_and_blamed_deaths(headers, deaths, expected):
+    assert attempt_number(headers, 5, deaths=deaths) == expected
+
+
+def test_deaths_that_use_up_the_attempts_park_the_message_as_lost():
+    attempt, lost = attempt_number({ATTEMPTS_HEADER: 1}, 3, deaths=2)
+    assert attempt == 3 and lost is not None and lost.kind == "lost"
+
+
+def test_a_delivery_at_the_delivery_limit_parks_as_undelivered():
+    _attempt, lost = attempt_number({"x-delivery-count": 4}, 5, delivery_limit=4)
+    assert lost is not None and lost.kind == "undelivered"
+    assert "max_deliveries=4" in lost.message
+
+
+def test_retry_and_reject_raised_by_handle_are_outcomes_and_anything_else_a_failure():
+    assert failure_from(Retry(delay=3)).kind == "retry"
+    assert failure_from(Retry(delay=3)).delay == 3
+    assert failure_from(Reject("nope")).reason == "nope"
+    assert failure_from(LookupError("x")).kind == "error"
 
 
 # -- delay_before --------------------------------------------------------------------------
@@ -178,7 +292,9 @@ def test_a_huge_counter_is_clamped_and_still_parks(value):
     lost = deliveries_lost({"x-delivery-count": value})
     assert 0 < made <= 1_000_000
     assert 0 < lost <= 1_000_000
-    decision = decide(failure("error"), attempt=made + 1, max_attempts=MAX, retry_delays=DELAYS)
+    decision = decide(
+        failure("error"), attempt=made + 1, max_attempts=MAX, retry_delays=DELAYS, queue=QUEUE
+    )
     assert isinstance(decision, Park)
 
 

@@ -20,7 +20,7 @@ import pytest
 from pydantic import BaseModel
 
 import listener
-from listener import Listener, Middleware, Reject, Retry, Unroutable
+from listener import Listener, Middleware, Reject, Retry, Unroutable, delay
 from listener._memory_publishers import MemoryBackend
 from listener._pika_backend import PikaBackend
 from listener.apublisher import AsyncPublisher, default_async_publisher
@@ -627,6 +627,60 @@ def test_asking_about_a_listener_that_is_not_subscribed_names_it_and_the_fix():
 def test_a_second_active_broker_is_refused():
     with MemoryBroker(), pytest.raises(RuntimeError, match="another MemoryBroker is active"):
         MemoryBroker().__enter__()
+
+
+def test_a_sync_handler_under_join_sees_no_event_loop_and_may_run_one():
+    results: list[int] = []
+
+    async def double(n: int) -> int:
+        return 2 * n
+
+    def handle(self, message: Job) -> None:
+        results.append(asyncio.run(double(message.n)))
+
+    runner = make(handle)
+    with MemoryBroker(runner) as broker:
+        runner.notify(n=4)
+        broker.join()
+    assert results == [8]
+
+
+def test_the_broker_delivers_through_the_runners_consumer_on_the_memory_transport():
+    from listener._memory_transport import MemoryTransport
+    from listener.runner.consumer import Consumer
+
+    counted = make(lambda self, message: None)
+    with MemoryBroker(counted) as broker:
+        counted.notify(n=1)
+        broker.join()
+    consumer = broker._deliveries.consumers[counted]
+    assert type(consumer) is Consumer
+    assert isinstance(consumer.transport, MemoryTransport)
+    assert consumer.counts["handled"] == 1
+
+
+def test_a_retry_outside_retry_delays_carries_its_route_and_waits_whole_steps():
+    seen: list[tuple[float, object]] = []
+    headers: dict[str, Any] = {}
+
+    class Headers(Middleware):
+        def before_handle(self, delivery: Any) -> None:
+            headers.clear()
+            headers.update(delivery.headers)
+
+    def handle(self, message: Job) -> None:
+        seen.append((broker.clock.now, headers.get("CC")))
+        if len(seen) == 1:
+            raise Retry(delay=0.3)
+
+    stepping = make(handle)
+    with MemoryBroker(stepping, middleware=[Headers()]) as broker:
+        stepping.notify(n=1)
+        broker.join()
+    assert seen[0] == (0.0, None)
+    assert seen[1][0] == 0.375  # 0.3 s rounded up to whole 0.125 s steps, never early
+    # As RabbitMQ delivers it, CC and all: the bits, and the key back to its queue.
+    assert seen[1][1] == [delay.bits_key(3), delay.target_key(stepping.queue)]
 
 
 def test_join_on_a_broker_that_is_not_active_is_refused():

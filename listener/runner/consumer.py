@@ -4,6 +4,10 @@
 Acks happen only after `handle()` returned (at-least-once: if the worker dies first, the
 broker redelivers). A retry or a park is a confirmed publish of a copy *followed by* the
 ack of the original, so a crash between the two can duplicate a message but never lose it.
+
+The consumer speaks to the broker only through a `DeliveryTransport`
+(`listener.runner.transport`): RabbitMQ's in a worker, the in-memory one of
+`listener.testing`, which drives this same class, so that both settle alike.
 """
 
 from __future__ import annotations
@@ -15,33 +19,34 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from listener import _outgoing, _settling, outcome
-from listener import delay as _delay
+from listener import _outgoing, outcome
 from listener.codec import DecodeFailure, new_message_id
 from listener.errors import PublishError, Unroutable
 from listener.middleware import Chain, Delivery, installed_middleware
-from listener.outcome import Ack, Failure, Park, RetryLater
+from listener.outcome import Ack, Failure, RetryLater
 from listener.runner.execution import (
     AttemptTimedOut,
     HandlerExited,
     HandlerThreads,
     run_async,
-    run_sync,
 )
-from listener.topology import delay_queue_name, is_declared_delay
 
 if TYPE_CHECKING:
     from listener.inbox import Inbox
     from listener.listener import Listener
-    from listener.runner.amqp_transport import Transport
     from listener.runner.blame import Isolation
-    from listener.runner.inbound import Inbound
+    from listener.runner.transport import DeliveryTransport as Transport
+    from listener.runner.transport import Incoming as Inbound
     from listener.settings import Settings
 
-__all__ = ["Consumer"]
+#: How `handle()` is called: `(handle, message, timeout)`, raising `AttemptTimedOut` past the
+#: timeout and `HandlerExited` for SystemExit or KeyboardInterrupt.
+HandlerCall = Callable[[Callable[[Any], Any], Any, float], Awaitable[Any]]
+
+__all__ = ["Consumer", "HandlerCall"]
 
 log = logging.getLogger("listener.worker")
 
@@ -64,7 +69,14 @@ class Consumer:
         chain: Chain | None = None,
         on_stuck: Callable[[], None] | None = None,
         isolation: Isolation | None = None,
+        call: HandlerCall | None = None,
+        inbox: bool = True,
+        clock: Callable[[], dt.datetime] | None = None,
     ) -> None:
+        """The last three are for the in-memory test kit: `call` runs `handle()` (default:
+        an async one on the loop, a sync one on a thread of `HandlerThreads`), `inbox=False`
+        leaves an idempotent listener without its inbox, and `clock` stamps failure headers
+        (default: the wall clock)."""
         self.listener = listener
         #: The worker's journal, gate and suspects, when it runs under a supervisor.
         self.isolation = isolation
@@ -76,11 +88,16 @@ class Consumer:
         self._instance = listener()
         self._on_fatal = on_fatal
         self._threads = (
-            None if listener.is_async else HandlerThreads(f"{listener.__name__}-handler")
+            None
+            if listener.is_async or call is not None
+            else HandlerThreads(f"{listener.__name__}-handler")
         )
+        threads = self._threads
+        self._call: HandlerCall = call or (run_async if threads is None else threads.run)
+        self._clock = clock or _utcnow
         self._known_queues: set[str] = {spec.name for spec in listener.topology(settings).queues}
         self.inbox: Inbox | None = None
-        if listener.idempotent:  # imported only here: the database is an optional extra
+        if listener.idempotent and inbox:  # imported only here: the database is an optional extra
             from listener.inbox import Inbox
 
             self.inbox = Inbox(listener, settings)
@@ -154,7 +171,7 @@ class Consumer:
         if message.redelivered and isolation is not None:
             # A message that was running when a worker of this runner died: it runs alone.
             deaths = isolation.deaths(listener.queue, identity)
-        attempt, lost = _settling.attempt_number(
+        attempt, lost = outcome.attempt_number(
             headers, listener.max_attempts, deaths=deaths or 0, delivery_limit=self._delivery_limit
         )
         delivery = Delivery(
@@ -218,6 +235,7 @@ class Consumer:
                     attempt=attempt,
                     max_attempts=listener.max_attempts,
                     retry_delays=listener.retry_delays,
+                    queue=listener.queue,
                 )
                 task = asyncio.current_task()
                 assert task is not None
@@ -247,20 +265,17 @@ class Consumer:
                 message.body, message.properties.content_type, message.properties.content_encoding
             )
         except DecodeFailure as exc:
-            return _settling.decode_failure(exc)
+            return outcome.decode_failure(exc)
         delivery.message = value
         handle: Callable[[Any], Any] = self._instance.handle
         if self.inbox is not None:  # the same call, inside the inbox's transaction
             handle = self.inbox.bind(self._instance, message_id)
         try:
-            if self._threads is None:
-                await run_async(handle, value, listener.timeout)
-            else:
-                await run_sync(self._threads, handle, value, listener.timeout)
+            await self._call(handle, value, listener.timeout)
         except AttemptTimedOut as exc:
             if self._threads is not None and self._on_stuck is not None:
                 self._on_stuck()
-            return _settling.timeout_failure(str(exc))
+            return outcome.timeout_failure(str(exc))
         except HandlerExited as exc:
             log.error(
                 "%s: handle() called %s on message %s; stopping this worker, the message goes "
@@ -277,11 +292,11 @@ class Consumer:
                 # The worker is stopping: not the handler's failure. Left unacked, the
                 # message is redelivered.
                 raise
-            return _settling.failure_from(
+            return outcome.failure_from(
                 asyncio.CancelledError("handle() was cancelled from inside")
             )
         except Exception as exc:  # Retry and Reject included: outcomes, not failures
-            return _settling.failure_from(exc)
+            return outcome.failure_from(exc)
         return None
 
     async def _settle(
@@ -313,8 +328,7 @@ class Consumer:
                 message_id,
             )
             return "returned"
-        assert isinstance(decision, RetryLater | Park)
-        headers = _settling.copy_headers(
+        headers = outcome.copy_headers(
             decision,
             failure,
             carried=_carried_headers(message),
@@ -322,13 +336,9 @@ class Consumer:
             listener=listener.name(),
             host=_HOST,
             pid=os.getpid(),
-            now=dt.datetime.now(dt.UTC),
+            now=self._clock(),
         )
-        delay = 0.0
-        if isinstance(decision, RetryLater):
-            target, delay = await self._delay_target(decision.delay, headers)
-        else:
-            target = f"{listener.queue}.dead"
+        target = decision.queue
         try:
             await self._move(message, message_id, target, headers)
         except PublishError as exc:
@@ -347,7 +357,7 @@ class Consumer:
         self._ack(message, message_id)
         if isinstance(decision, RetryLater):
             self.counts["retried"] += 1
-            self.chain.after("on_retry", delivery, delay=delay, failure=failure)
+            self.chain.after("on_retry", delivery, delay=decision.delay, failure=failure)
             return "retried"
         self.counts["parked"] += 1
         self.chain.after("on_park", delivery, reason=decision.reason, failure=failure)
@@ -373,18 +383,6 @@ class Consumer:
             await self.transport.declare(topology, again=True)
             self._known_queues.update(spec.name for spec in topology.queues)
             await self.transport.publish_to_queue(target, copy)
-
-    async def _delay_target(self, delay: float, headers: dict[str, Any]) -> tuple[str, float]:
-        """Where a retry in `delay` seconds is published: the listener's queue for none, the
-        queue of a `retry_delays` value, else the first delay level, with the route for the
-        rest added to `headers` (exact to `listener.delay.STEP`, never shorter)."""
-        if delay > 0 and is_declared_delay(delay, self.listener.retry_delays):
-            return delay_queue_name(self.listener.queue, delay), delay
-        hop = _delay.first_hop(self.listener.queue, delay) if delay > 0 else None
-        if hop is None:
-            return self.listener.queue, 0.0
-        headers.update(hop.headers)
-        return hop.queue, hop.seconds
 
     def _ack(self, message: Inbound, message_id: str) -> bool:
         """Settle `message`; False when its channel died since the delivery (its tag means
@@ -434,6 +432,10 @@ class _LeaveUnacked(Exception):
     """The attempt ended because the worker is stopping: no outcome, the broker redelivers."""
 
 
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
 def _digest(body: bytes) -> str:
     """What names a delivery without a message id across its redeliveries (blame needs a
     name that stays): a digest of its body."""
@@ -441,7 +443,7 @@ def _digest(body: bytes) -> str:
 
 
 def _carried_headers(message: Inbound) -> dict[str, Any]:
-    return _settling.carried_headers(
+    return outcome.carried_headers(
         message.headers,
         exchange=message.exchange,
         routing_key=message.routing_key,

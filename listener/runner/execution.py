@@ -20,14 +20,20 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import inspect
 import queue
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from listener import _settling
-
-__all__ = ["AttemptTimedOut", "HandlerExited", "HandlerThreads", "run_async", "run_sync"]
+__all__ = [
+    "AttemptTimedOut",
+    "HandlerExited",
+    "HandlerThreads",
+    "check_sync_result",
+    "run_async",
+    "run_sync",
+]
 
 #: How long an idle pool thread waits for work before it ends.
 _IDLE_SECONDS = 60.0
@@ -141,7 +147,7 @@ class HandlerThreads:
     def _call(attempt: _Attempt) -> None:
         try:
             result = attempt.fn(attempt.arg)
-            _settling.check_sync_result(result)
+            check_sync_result(result)
             attempt.result = result
         except (SystemExit, KeyboardInterrupt) as exc:
             attempt.error = HandlerExited(exc)
@@ -211,3 +217,24 @@ async def run_sync(
 ) -> None:
     """Run a sync handler on its own thread; past `timeout` abandon it and fail the attempt."""
     await threads.run(handler, message, timeout)
+
+
+def check_sync_result(result: Any) -> None:
+    """Refuse an awaitable returned by a sync `handle()` (an async handler in disguise).
+
+    Nothing would ever run it, so the attempt must not count as done.
+
+    Raises:
+        TypeError: `result` is awaitable (it is closed first).
+    """
+    if not inspect.isawaitable(result):
+        return
+    close = getattr(result, "close", None)
+    if close is not None:
+        # Closing is a courtesy; the TypeError below is what matters.
+        with contextlib.suppress(Exception):
+            close()
+    raise TypeError(
+        "handle() returned an awaitable: it is async but does not look it (a "
+        "decorator without functools.wraps?); declare it with async def"
+    )
