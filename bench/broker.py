@@ -18,7 +18,8 @@ import pika.exceptions
 import pika.spec
 
 from bench.wire import CONTENT_TYPE
-from listener.topology import Topology
+from listener import delay as _delay
+from listener.topology import Binding, Topology
 
 __all__ = ["Broker"]
 
@@ -34,6 +35,7 @@ class Broker:
         self._channel: Any = None
         self._exchanges: set[str] = set()
         self._queues: set[str] = set()
+        self._entries: list[Binding] = []  # keys bound from the delay entry to the top level
 
     def _ch(self) -> Any:
         if self._connection is None or not self._connection.is_open:
@@ -56,16 +58,43 @@ class Broker:
         return version.decode() if isinstance(version, bytes) else str(version)
 
     def declare(self, topology: Topology) -> None:
-        """Declare the exchange, every queue with the framework's arguments, the binding."""
+        """Declare the exchange, every queue with the framework's arguments, the binding,
+        and the listener's way into and out of the shared delay levels (declared too, as
+        `amqp-listener run` does; they are shared, so they stay)."""
         self._exchanges.add(topology.exchange)
-        # The delay levels' exchanges: `amqp-listener run` declares them for its listeners.
-        self._exchanges.update(spec.name for spec in topology.levels)
         self._queues.update(spec.name for spec in topology.queues)
         channel = self._ch()
         channel.exchange_declare(topology.exchange, "topic", durable=True)
         for spec in topology.queues:
             channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
         channel.queue_bind(topology.queue.name, topology.exchange, topology.binding_key)
+        self._declare_levels(topology)
+        for binding in topology.delay_bindings:
+            if binding.to_exchange:
+                channel.exchange_bind(binding.destination, binding.source, binding.key)
+                self._entries.append(binding)
+            else:
+                channel.queue_bind(binding.destination, binding.source, binding.key)
+
+    def _declare_levels(self, topology: Topology) -> None:
+        channel = self._ch()
+        channel.exchange_declare(_delay.UNROUTED, "fanout", durable=True)
+        channel.exchange_declare(
+            _delay.OUT_EXCHANGE,
+            "topic",
+            durable=True,
+            arguments={"alternate-exchange": _delay.UNROUTED},
+        )
+        for name in topology.exchanges:
+            if name != _delay.OUT_EXCHANGE:
+                channel.exchange_declare(name, "topic", durable=True)
+        for spec in topology.levels:
+            channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+        for binding in topology.level_bindings:
+            if binding.to_exchange:
+                channel.exchange_bind(binding.destination, binding.source, binding.key)
+            else:
+                channel.queue_bind(binding.destination, binding.source, binding.key)
 
     def prefill(
         self,
@@ -121,12 +150,12 @@ class Broker:
             self._delete_queue(name)
 
     def delete(self, topology: Topology) -> None:
-        """Delete the queues and the exchanges of `topology` (the shared delay entry stays)."""
+        """Delete the queues and the exchange of `topology`, and unbind its keys from the
+        delay entry (the shared delay levels stay)."""
         for name in (spec.name for spec in topology.queues):
             self._delete_queue(name)
         self._delete_exchange(topology.exchange)
-        for spec in topology.levels:
-            self._delete_exchange(spec.name)
+        self._unbind_entries()
 
     def delete_all(self) -> None:
         """Delete everything declared and not deleted yet, on a fresh connection."""
@@ -135,7 +164,14 @@ class Broker:
             self._delete_queue(name)
         for name in sorted(self._exchanges):
             self._delete_exchange(name)
+        self._unbind_entries()
         self.close()
+
+    def _unbind_entries(self) -> None:
+        while self._entries:
+            binding = self._entries.pop()
+            with contextlib.suppress(Exception):
+                self._ch().exchange_unbind(binding.destination, binding.source, binding.key)
 
     def _delete_queue(self, name: str) -> None:
         with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):  # already gone

@@ -164,7 +164,7 @@ CASES: tuple[Case, ...] = (
     Case(
         "notify-delayed",
         "serial",
-        "notify(delay=3600), one at a time (vs notify())",
+        "notify(delay=1), one at a time (vs notify())",
         "notify",
         Goal(0.9),
         publisher="notify-delayed",

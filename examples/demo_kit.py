@@ -148,7 +148,8 @@ class Broker:
         return found
 
     def delete(self, listeners: Iterable[type[Listener]]) -> None:
-        """Delete the listeners' queues, and their exchanges once nothing else is bound."""
+        """Delete the listeners' queues, their keys into the shared delay levels, and their
+        exchanges once nothing else is bound."""
         channel = self.connection.channel()
         exchanges = set()
         for cls in listeners:
@@ -156,6 +157,9 @@ class Broker:
             exchanges.add(topology.exchange)
             for spec in topology.queues:
                 channel.queue_delete(spec.name)
+            for binding in topology.delay_bindings:
+                if binding.to_exchange:
+                    channel.exchange_unbind(binding.destination, binding.source, binding.key)
         for exchange in sorted(exchanges):
             try:
                 channel.exchange_delete(exchange, if_unused=True)
