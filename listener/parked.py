@@ -9,21 +9,12 @@ import datetime as dt
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from listener._outgoing import KEPT_PROPERTIES
+
 __all__ = ["Page", "Parked", "ReplayResult", "SortKey", "sort_key"]
 
 REPLAYS_HEADER = "x-replays"
 
-_KEPT_PROPERTIES = (
-    "content_type",
-    "content_encoding",
-    "priority",
-    "correlation_id",
-    "reply_to",
-    "message_id",
-    "timestamp",
-    "type",
-    "app_id",
-)
 
 #: Oldest first: (has no parking time, parking time, message id). A message with no known
 #: parking time goes last, not first; the id breaks ties so that pages never overlap.
@@ -56,7 +47,7 @@ class Parked:
         headers = dict(properties.headers or {})
         kept = {
             name: getattr(properties, name)
-            for name in _KEPT_PROPERTIES
+            for name in KEPT_PROPERTIES
             if getattr(properties, name) is not None
         }
         return cls(
