@@ -34,7 +34,10 @@ def park(
     order = list(range(count))
     if shuffle:
         random.Random(7).shuffle(order)
-    channel = rabbit.connection.channel()  # no confirms: the depth is awaited below
+    channel = rabbit.connection.channel()
+    # Confirmed: a message sent to a quorum queue whose leader is still starting, on a
+    # channel closed at once, may never be enqueued.
+    channel.confirm_delivery()
     for n in order:
         headers = {
             "x-parked-reason": "failed",
