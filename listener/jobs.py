@@ -301,7 +301,8 @@ def activity(*, minutes: int = 60, engine: Engine | None = None) -> list[Activit
         if connection.dialect.name == "sqlite":
             epoch = cast(func.strftime("%s", attempts.c.finished_at), Integer)
         else:
-            epoch = cast(func.extract("epoch", attempts.c.finished_at), Integer)
+            # Floored: a cast rounds, and would count 12:00:59.6 in the minute after.
+            epoch = cast(func.floor(func.extract("epoch", attempts.c.finished_at)), Integer)
         minute = (epoch // 60).label("minute")
         rows = connection.execute(
             select(attempts.c.listener, attempts.c.outcome, minute, func.count().label("n"))

@@ -220,6 +220,22 @@ async def test_a_real_workers_jobs_are_searched_told_as_a_timeline_and_charted(
     assert overview.count("<rect ") == 3  # one minute, one bar per outcome
 
 
+def test_an_attempt_ended_in_the_last_second_of_a_minute_counts_in_that_minute(ledger):
+    from listener.ledger import write_batch
+    from listener.recorder import AttemptRecord
+
+    minute = int(dt.datetime.now(dt.UTC).timestamp()) // 60 * 60
+    at = dt.datetime.fromtimestamp(minute - 0.3, dt.UTC)  # hh:mm:59.7 of the minute before
+    record = AttemptRecord("late", "app:Orders", "orders", 1, "handled", "h", 1, at, at, 0.01)
+    with ledger.engine.begin() as connection:
+        write_batch(connection, [record], open_attempts=set(), gap=None)
+
+    [chart] = ledger.activity()
+
+    expected = (minute - 60 - int(chart.since.timestamp())) // 60
+    assert chart.handled[expected] == sum(chart.handled) == 1
+
+
 def test_the_charts_count_each_minute_of_the_last_hour_and_nothing_older(ledger):
     from listener.ledger import write_batch
     from listener.recorder import AttemptRecord
