@@ -1,9 +1,9 @@
 """Exact delays held by the broker: when a message is due, and the route that holds it.
 
 One set of `LEVELS` delay levels serves every listener on a virtual host:
-`amqp-listener.delay.00` to `amqp-listener.delay.25`, each a queue (and, but level 0, an
-exchange). Level n holds every message for `STEP * 2**n` seconds (its queue TTL), then
-dead-letters it on. A delay is rounded *up* to whole steps, and its step count, written in
+`amqp-listener.delay.00` to `amqp-listener.delay.25`, each a queue and an exchange. Level n
+holds every message for `STEP * 2**n` seconds (its queue TTL), then dead-letters it to the
+next level's exchange. A delay is rounded *up* to whole steps, and its step count, written in
 binary, says which levels the message waits in: 7 s is 56 steps, `111000`, so it waits 4 s,
 2 s and 1 s and skips the other levels. Every message in one level queue waits the same
 time, so none ever waits behind a later one, and nothing but the broker holds it.
@@ -11,16 +11,12 @@ time, so none ever waits behind a later one, and nothing but the broker holds it
 A delayed message carries two routing keys (the second in its `CC` header: RabbitMQ routes
 by CC keys too, and dead-letters a message with all of them):
 * the *bits*, `d.` and one word per level, highest first (for 7 s, twenty `0` words, then
-  `1.1.1.0.0.0`). A message enters through `IN_EXCHANGE`, which sends it to the level of its
-  highest bit set; when its time there is up, level n's queue dead-letters it to the
-  exchange of the same name, which sends it to the level of its next bit set below n, or,
-  when none is left, to `OUT_EXCHANGE`. One exchange between two levels, however many
-  levels a message skips: a chain of an exchange per level cost a delayed publish more than
-  half its speed.
+  `1.1.1.0.0.0`). Level n's exchange sends a message whose bit n is 1 to its queue and one
+  whose bit is 0 straight on to level n-1's exchange; below level 0 lies `OUT_EXCHANGE`.
 * where it goes: `amqp-listener.to.<queue>` for one listener (`notify(delay=...)`,
   `Retry(delay=...)`), `x.<exchange>.<routing key>` for every listener bound to an address
   (`listener.publish(address, delay=...)`). Each listener binds its queue to `OUT_EXCHANGE`
-  with both keys, and `ENTRY_EXCHANGE` to `IN_EXCHANGE` with the same two, so a delayed
+  with both keys, and `ENTRY_EXCHANGE` to the top level with the same two, so a delayed
   publish nobody would receive is refused at once (`Unroutable`), as a plain one is.
 The key sets never overlap: the bits alone have a first word `d` and `LEVELS + 1` words.
 
@@ -46,7 +42,6 @@ from typing import Any
 __all__ = [
     "DUE_HEADER",
     "ENTRY_EXCHANGE",
-    "IN_EXCHANGE",
     "LEVELS",
     "MAX_DELAY",
     "OUT_EXCHANGE",
@@ -57,10 +52,10 @@ __all__ = [
     "address_key",
     "address_route",
     "bits_key",
+    "bits_pattern",
     "due_headers",
     "first_hop",
     "level_name",
-    "next_level_pattern",
     "queue_route",
     "relay_route",
     "route_headers",
@@ -74,12 +69,9 @@ __all__ = [
 STEP = 0.125
 LEVELS = 26
 MAX_DELAY = (2**LEVELS - 1) * STEP
-#: Delayed publishes enter here; each listener binds it to `IN_EXCHANGE` with its two keys.
+#: Delayed publishes enter here; each listener binds it to the top level with its two keys.
 ENTRY_EXCHANGE = "amqp-listener.delay"
-#: From the entry to the level of a message's highest bit.
-IN_EXCHANGE = "amqp-listener.delay.in"
-#: After the last level a message waits in: each listener's queue is bound here with its
-#: two keys.
+#: Below level 0: each listener's queue is bound here with its two keys.
 OUT_EXCHANGE = "amqp-listener.delay.out"
 #: `OUT_EXCHANGE`'s alternate exchange (fanout) and its queue: messages whose listener's queue
 #: is gone by the time they are due.
@@ -154,16 +146,11 @@ def bits_key(count: int) -> str:
     return ".".join((_BITS_WORD, *format(count, f"0{LEVELS}b")))
 
 
-def next_level_pattern(above: int, level: int | None) -> str:
-    """The binding key that matches every bits key whose highest bit set below level
-    `above` is `level` (None: no bit set below `above`), and nothing else: exactly
-    `LEVELS + 1` words, the first `d`."""
+def bits_pattern(level: int, bit: str) -> str:
+    """The binding key that matches every bits key whose bit `level` is `bit`, and nothing
+    else: exactly `LEVELS + 1` words, the first `d`."""
     words = ["*"] * LEVELS
-    lowest = 0 if level is None else level + 1
-    for zero in range(lowest, above):
-        words[LEVELS - 1 - zero] = "0"
-    if level is not None:
-        words[LEVELS - 1 - level] = "1"
+    words[LEVELS - 1 - level] = bit
     return ".".join((_BITS_WORD, *words))
 
 

@@ -10,7 +10,7 @@ For a listener with queue `file_copier` on `case_files.copy_requested`:
 * queue `file_copier.dead`: parked messages, kept until an operator replays or purges them;
 * bindings into and out of the delay levels every listener shares (`amqp-listener.delay.00`
   to `.25`, for `notify(delay=...)` and `Retry(delay=...)`, see `listener.delay`): the entry
-  exchange `amqp-listener.delay` to `amqp-listener.delay.in`, and the out exchange
+  exchange `amqp-listener.delay` to the top level, and the out exchange
   `amqp-listener.delay.out` to `file_copier`, each with `amqp-listener.to.file_copier` and
   `x.case_files.copy_requested`.
 
@@ -104,8 +104,7 @@ class Topology:
             return ()
         return (
             _delay.ENTRY_EXCHANGE,
-            _delay.IN_EXCHANGE,
-            *(_delay.level_name(level) for level in range(1, _delay.LEVELS)),
+            *(_delay.level_name(level) for level in range(_delay.LEVELS)),
             _delay.OUT_EXCHANGE,
         )
 
@@ -198,25 +197,16 @@ def delay_levels() -> tuple[tuple[QueueSpec, ...], tuple[Binding, ...]]:
     bindings: list[Binding] = []
     for level in range(_delay.LEVELS):
         name = _delay.level_name(level)
-        # What leaves level n goes to the exchange of its name (level 0: straight out).
-        after = name if level else _delay.OUT_EXCHANGE
+        below = _delay.level_name(level - 1) if level else _delay.OUT_EXCHANGE
         arguments: dict[str, Any] = {
             **_type_arguments(queue_type),
             "x-message-ttl": round(_delay.STEP * 1000) * 2**level,
-            "x-dead-letter-exchange": after,
+            "x-dead-letter-exchange": below,
             **_safe_dead_lettering(queue_type),
         }
         levels.append(QueueSpec(name, arguments))
-    # Each exchange sends a message to the level of its next bit set, or out.
-    for source, above in (
-        *((_delay.level_name(level), level) for level in range(1, _delay.LEVELS)),
-        (_delay.IN_EXCHANGE, _delay.LEVELS),
-    ):
-        for level in range(above):
-            pattern = _delay.next_level_pattern(above, level)
-            bindings.append(Binding(source, _delay.level_name(level), pattern))
-        pattern = _delay.next_level_pattern(above, None)
-        bindings.append(Binding(source, _delay.OUT_EXCHANGE, pattern, to_exchange=True))
+        bindings.append(Binding(name, name, _delay.bits_pattern(level, "1")))
+        bindings.append(Binding(name, below, _delay.bits_pattern(level, "0"), to_exchange=True))
     unrouted = QueueSpec(_delay.UNROUTED, _type_arguments(queue_type))
     bindings.append(Binding(_delay.UNROUTED, _delay.UNROUTED, ""))
     return (*levels, unrouted), tuple(bindings)
@@ -224,13 +214,11 @@ def delay_levels() -> tuple[tuple[QueueSpec, ...], tuple[Binding, ...]]:
 
 def delay_bindings(queue: str, *, exchange: str, binding_key: str) -> tuple[Binding, ...]:
     """One listener's way in and out of the shared delay levels: the entry exchange lets
-    its keys in to the levels, and the out exchange delivers them to its queue."""
+    its keys into the top level, and the out exchange delivers them to its queue."""
     keys = (_delay.target_key(queue), _delay.address_key(exchange, binding_key))
+    top = _delay.level_name(_delay.LEVELS - 1)
     return (
-        *(
-            Binding(_delay.ENTRY_EXCHANGE, _delay.IN_EXCHANGE, key, to_exchange=True)
-            for key in keys
-        ),
+        *(Binding(_delay.ENTRY_EXCHANGE, top, key, to_exchange=True) for key in keys),
         *(Binding(_delay.OUT_EXCHANGE, queue, key) for key in keys),
     )
 

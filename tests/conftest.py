@@ -86,7 +86,7 @@ class Rabbit:
         self.channel = self.connection.channel()
         self.queues: set[str] = set()
         self.exchanges: set[str] = set()
-        self.entries: set[str] = set()  # keys bound from the delay entry into the levels
+        self.entries: set[str] = set()  # keys bound from the delay entry to the top level
 
     def _ch(self) -> Any:
         if self.connection.is_closed:
@@ -185,9 +185,10 @@ class Rabbit:
         for exchange in self.exchanges:
             with contextlib.suppress(Exception):
                 self._ch().exchange_delete(exchange)
+        top = delay.level_name(delay.LEVELS - 1)
         for key in self.entries:
             with contextlib.suppress(Exception):
-                self._ch().exchange_unbind(delay.IN_EXCHANGE, delay.ENTRY_EXCHANGE, key)
+                self._ch().exchange_unbind(top, delay.ENTRY_EXCHANGE, key)
         with contextlib.suppress(Exception):
             self.connection.close()
 

@@ -374,8 +374,8 @@ def test_a_listener_describes_its_topology():
     ]
     # Its ways into and out of the delay levels every listener shares.
     assert {(b.source, b.destination, b.key) for b in described.delay_bindings} == {
-        ("amqp-listener.delay", "amqp-listener.delay.in", "amqp-listener.to.file_copier"),
-        ("amqp-listener.delay", "amqp-listener.delay.in", "x.orders.created"),
+        ("amqp-listener.delay", "amqp-listener.delay.25", "amqp-listener.to.file_copier"),
+        ("amqp-listener.delay", "amqp-listener.delay.25", "x.orders.created"),
         ("amqp-listener.delay.out", "file_copier", "amqp-listener.to.file_copier"),
         ("amqp-listener.delay.out", "file_copier", "x.orders.created"),
     }
