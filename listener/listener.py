@@ -322,6 +322,8 @@ class Listener:
         """Exchange, key and headers of a notify: the listener's address, or, for a delay,
         the delay levels' entry, from where the broker takes it to this listener's queue."""
         key = cls._key_for(routing_key)
+        if delay is None and at is None:  # the hot path: nothing more to build
+            return cls.exchange, key, headers
         # Where the message was meant to go, for the headers of a retry or a park.
         original = {"x-original-exchange": cls.exchange, "x-original-routing-key": key}
         seconds = _delay.seconds_until(delay=delay, at=at)
