@@ -174,7 +174,8 @@ def status(
             f"delayed (not yet due, all listeners): {delays.delayed}"
             + (
                 f"; {delays.unrouted} came due after their listener's queue was deleted "
-                f"(queue {_delay.UNROUTED})"
+                f"(queue {_delay.UNROUTED}; `amqp-listener delay list` shows them, "
+                "`amqp-listener delay replay` sends them on)"
                 if delays.unrouted
                 else ""
             )

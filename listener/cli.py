@@ -18,6 +18,7 @@ from pythonjsonlogger.json import JsonFormatter
 
 from listener import registry
 from listener._cli_db import DatabaseUrlOption, db_app
+from listener._cli_delay import delay_app
 from listener._cli_jobs import jobs_app, workers
 from listener._cli_operate import JsonOption, dead_app, status
 from listener._cli_outbox import relay, with_outbox
@@ -295,6 +296,7 @@ app.command()(status)
 app.command()(schedules)
 app.add_typer(dead_app, name="dead")
 app.add_typer(db_app, name="db")
+app.add_typer(delay_app, name="delay")
 app.add_typer(jobs_app, name="jobs")
 app.command()(workers)
 app.command()(relay)

@@ -60,6 +60,7 @@ __all__ = [
     "relay_route",
     "route_headers",
     "routed_delay",
+    "routed_destination",
     "routed_target",
     "seconds_until",
     "steps",
@@ -80,6 +81,8 @@ UNROUTED = "amqp-listener.delay.unrouted"
 _BITS_WORD = "d"
 #: The prefix of the key that names one listener's queue.
 _TARGET_PREFIX = "amqp-listener.to."
+#: The prefix of the key a delayed `publish(address)` travels with.
+_ADDRESS_PREFIX = "x."
 #: The header that carries the bits (RabbitMQ's sender-selected routing keys).
 ROUTE_HEADER = "CC"
 #: When the message is due, ISO 8601 UTC: for the handler and for operators.
@@ -270,7 +273,7 @@ def route_headers(count: int, *keys: str, now: dt.datetime | None = None) -> dic
 
 def address_key(exchange: str, routing_key: str) -> str:
     """The key a delayed `publish(address)` enters `ENTRY_EXCHANGE` with."""
-    return f"x.{exchange}.{routing_key}"
+    return f"{_ADDRESS_PREFIX}{exchange}.{routing_key}"
 
 
 def routed_delay(headers: dict[str, Any] | None) -> float | None:
@@ -294,3 +297,33 @@ def routed_target(headers: dict[str, Any] | None) -> str | None:
         if isinstance(key, str) and key.startswith(_TARGET_PREFIX):
             return key[len(_TARGET_PREFIX) :]
     return None
+
+
+def routed_destination(headers: dict[str, Any] | None) -> tuple[str, str] | None:
+    """Where a delayed message goes once due, as an exchange and a routing key: a listener's
+    queue by name on the default exchange, or the address it was published to; None when
+    its route names neither (not a delayed message).
+
+    Read from its `CC` keys and, for a message the levels dead-lettered, from the routing
+    keys the broker recorded in `x-death` (a delayed `notify()` enters with its destination
+    as its routing key, not in `CC`)."""
+    for key in _route_keys(headers or {}):
+        if key.startswith(_TARGET_PREFIX):
+            return "", key[len(_TARGET_PREFIX) :]
+        if key.startswith(_ADDRESS_PREFIX):
+            # Exchange names hold no dots (listener.routing), so the first one ends it.
+            exchange, dot, routing_key = key[len(_ADDRESS_PREFIX) :].partition(".")
+            if dot and exchange and routing_key:
+                return exchange, routing_key
+    return None
+
+
+def _route_keys(headers: dict[str, Any]) -> list[str]:
+    keys = headers.get(ROUTE_HEADER)
+    found = [key for key in keys if isinstance(key, str)] if isinstance(keys, list) else []
+    deaths = headers.get("x-death")
+    for death in deaths if isinstance(deaths, list) else ():
+        recorded = death.get("routing-keys") if isinstance(death, dict) else None
+        if isinstance(recorded, list):
+            found.extend(key for key in recorded if isinstance(key, str))
+    return found

@@ -22,6 +22,7 @@ from listener import delay, registry, topology
 from listener._operator_connection import OperationFailed, OperatorConnection, translating
 from listener._peek import Peek
 from listener._replay import Replaying
+from listener._unrouted import Unrouted, UnroutedResult, send_on
 from listener.errors import ConfigurationError, Unroutable
 from listener.listener import Listener
 from listener.management import ManagementAPI
@@ -37,6 +38,8 @@ __all__ = [
     "QueueStatus",
     "ReplayResult",
     "Target",
+    "Unrouted",
+    "UnroutedResult",
     "resolve_listener",
 ]
 
@@ -207,6 +210,30 @@ class Operator:
             unrouted=unrouted or 0,
             declared=unrouted is not None,
         )
+
+    @translating
+    def unrouted(self, *, limit: int = 100) -> tuple[int, list[Unrouted]]:
+        """The delayed messages that came due after their listener's queue was deleted
+        (`delay.UNROUTED`): how many there are, and the first `limit`, read and handed back."""
+        total = self._broker.depth(delay.UNROUTED) or 0
+        found: list[Unrouted] = []
+        if total:
+            with self._peeking(delay.UNROUTED) as messages:
+                for _tag, parked in messages:
+                    found.append(Unrouted.read(parked))
+                    if len(found) >= limit:
+                        break
+        return total, found
+
+    @translating
+    def send_unrouted(self, *, limit: int | None = None) -> UnroutedResult:
+        """Send the messages in `delay.UNROUTED` (at most `limit`) on to where they were
+        going, each removed once the broker confirmed its copy; those whose destination
+        still does not exist stay (`listener._unrouted`)."""
+        if self._broker.depth(delay.UNROUTED) is None:
+            return UnroutedResult()
+        with self._peeking(delay.UNROUTED) as messages:
+            return send_on(self._connection, messages, limit)
 
     # -- parked messages ------------------------------------------------------------------
 
