@@ -164,6 +164,10 @@ def test_a_handle_that_is_not_a_function_is_refused():
         ("queue", ""),
         ("queue", "amq.x"),
         ("queue", 5),
+        ("max_deliveries", 0),
+        ("max_deliveries", 21),  # past the queue's own delivery limit: never reached
+        ("max_deliveries", True),
+        ("max_deliveries", "5"),
     ],
     ids=repr,
 )
@@ -223,6 +227,13 @@ def test_only_subscribes_to_and_handle_are_required():
     assert sample.timeout == 60
     assert sample.concurrency == 8
     assert sample.queue == "sample"
+
+
+def test_the_delivery_limit_is_three_times_max_attempts_at_most_the_queues_or_as_set():
+    assert define("Sample").delivery_limit() == 15
+    assert define("Sample", max_attempts=1).delivery_limit() == 3
+    assert define("Sample", max_attempts=10).delivery_limit() == 20  # the queue's own limit
+    assert define("Sample", max_attempts=10, max_deliveries=4).delivery_limit() == 4
 
 
 def test_the_subscription_splits_at_the_first_dot():

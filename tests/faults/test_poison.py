@@ -80,11 +80,11 @@ def oom_cgroup(unique: str) -> Iterator[Path]:
                 time.sleep(0.1)
 
 
-@pytest.mark.parametrize(
-    ("poison", "workers"),
-    [("exit", 1), ("exit", 2), ("segv", 2), ("abort", 1), ("oom", 2)],
-    ids=["os._exit-1-worker", "os._exit-2-workers", "SIGSEGV-2-workers", "abort-1-worker", "OOM"],
-)
+POISONS = {"exit": "os._exit", "segv": "SIGSEGV", "abort": "os.abort", "oom": "OOM"}
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
+@pytest.mark.parametrize("poison", list(POISONS), ids=list(POISONS.values()))
 def test_a_poison_message_beside_seven_innocents_is_parked_alone_and_they_are_all_handled(
     fault, request, poison, workers
 ):
@@ -105,18 +105,20 @@ def test_a_poison_message_beside_seven_innocents_is_parked_alone_and_they_are_al
         return "poison" in parked and len(fault.handled()) >= INNOCENTS
 
     wait_until(settled, 120, "the poison parked and the innocents handled", step=0.5)
+    runs = fault.events()["start"]["poison"]
     verdict = fault.verdict(
-        f"P1 {poison} poison beside {INNOCENTS} innocents, --workers {workers}",
+        f"P1 {POISONS[poison]} poison beside {INNOCENTS} innocents, --workers {workers}",
         recovery_s=None,
-        notes=f"{len(runner.deaths())} worker deaths; the poison ran "
-        f"{fault.events()['start']['poison']} times",
+        notes=f"innocents parked {len(set(parked) - {'poison'})}; poison parked "
+        f"{len(parked.get('poison', []))} time(s) after {runs} runs; "
+        f"{len(runner.deaths())} worker deaths",
     )
 
     verdict.assert_nothing_lost()
     assert set(parked) == {"poison"}, f"innocents parked: {sorted(parked)}"
+    assert fault.parked == {"poison": 1}, f"parked late: {dict(fault.parked)}"
     [headers] = parked["poison"]  # parked exactly once
     assert headers["x-parked-reason"] == "worker_lost", headers
-    runs = fault.events()["start"]["poison"]
     # Blamed deaths (and failures a worker saw, as a MemoryError) count as attempts.
     assert MAX_ATTEMPTS <= headers["x-attempts"] <= runs, headers
     assert MAX_ATTEMPTS <= runs <= 2 * MAX_ATTEMPTS, f"the poison ran {runs} times"
@@ -147,10 +149,12 @@ def test_a_poison_that_takes_the_whole_runner_down_is_parked_at_the_delivery_lim
         wait_until(over, 30, "the runner to die or the poison to be parked", step=0.2)
     runner.kill()
     runs = fault.events()["start"]["poison"]
+    reasons = [copy.get("x-parked-reason") for copy in parked["poison"]]
     fault.verdict(
         "P2 poison killing the whole runner",
         recovery_s=None,
-        notes=f"{starts} runner starts, {runs} runs",
+        notes=f"parked {len(reasons)} time(s) as {', '.join(map(str, reasons))} after {runs} "
+        f"deliveries without an outcome; {starts} runner starts",
     )
 
     [headers] = parked["poison"]
@@ -200,3 +204,5 @@ def test_pauses_reloads_and_forced_closes_with_max_attempts_1_park_nothing_and_l
     assert verdict.parked == 0, f"parked for interruptions: {dict(fault.parked)}"
     assert interruptions == {"pause": 4, "reload": 2, "forced close": 3}
     assert runner.deaths() == []
+    # Nothing here is anyone's fault: no message was made a suspect, none ran alone.
+    assert "runs alone" not in runner.stderr
