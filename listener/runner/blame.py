@@ -30,7 +30,11 @@ What it cannot see: a death of the whole runner (the supervisor included, as an 
 a container or a `kill` of its process group does), or a suspect redelivered to a runner on
 another host. The delivery limit covers those (`Listener.max_deliveries`, by default three
 times `max_attempts`): a message delivered that many times without an outcome is parked
-with the reason `delivery_limit`.
+with the reason `delivery_limit`. Beside such a poison, the messages redelivered with it
+after every runner death would reach that limit too: a redelivered message the runner has no
+record of, delivered twice without an outcome, runs alone as well, after a random wait, so
+that the innocent ones get their turn before the poison takes the runner down again
+(`consumer.UNSEEN_DEATHS_ALONE`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -54,6 +55,14 @@ _HOST = socket.gethostname()
 #: Wait before handing a message back when it could not be moved, so that a broker that
 #: keeps refusing does not turn into a hot redelivery loop.
 _SETTLE_RETRY_PAUSE = 1.0
+#: A redelivered message this runner knows nothing of, delivered this many times without
+#: an outcome, runs alone as a suspect would: its deaths (a whole runner killed, the
+#: supervisor included) left no journal. One lost connection (one redelivery) never does.
+UNSEEN_DEATHS_ALONE = 2
+#: Seconds such a message waits, at random up to this, before it queues to run alone: the
+#: messages a restarted runner is handed back then run in a random order, so that a poison
+#: that kills the whole runner does not run first every time and starve the innocent ones.
+_UNSEEN_SHUFFLE = 0.25
 
 
 class Consumer:
@@ -168,9 +177,12 @@ class Consumer:
         isolation = self.isolation
         identity = given or _digest(message.body)
         deaths = None
+        unseen = False
         if message.redelivered and isolation is not None:
             # A message that was running when a worker of this runner died: it runs alone.
             deaths = isolation.deaths(listener.queue, identity)
+            if deaths is None and "x-delivery-count" in headers:
+                unseen = outcome.deliveries_lost(headers) >= UNSEEN_DEATHS_ALONE
         attempt, lost = outcome.attempt_number(
             headers, listener.max_attempts, deaths=deaths or 0, delivery_limit=self._delivery_limit
         )
@@ -190,15 +202,25 @@ class Consumer:
         # from its decode to its settling (an ack still unsent when it kills the worker
         # would make the message before it run again).
         gate = isolation.gate if isolation is not None and lost is None else None
-        alone = deaths is not None
+        alone = deaths is not None or unseen
         try:
             if gate is not None:
                 if alone:
-                    log.warning(
-                        "%s: message %s was running when a worker died; it runs alone",
-                        listener.__name__,
-                        message_id,
-                    )
+                    if unseen:
+                        log.warning(
+                            "%s: message %s was delivered %d times without an outcome "
+                            "(a runner or a connection lost); it runs alone",
+                            listener.__name__,
+                            message_id,
+                            outcome.deliveries_lost(headers),
+                        )
+                        await asyncio.sleep(random.uniform(0, _UNSEEN_SHUFFLE))
+                    else:
+                        log.warning(
+                            "%s: message %s was running when a worker died; it runs alone",
+                            listener.__name__,
+                            message_id,
+                        )
                     await gate.enter_alone()
                     try:
                         await self.transport.wait_sent()

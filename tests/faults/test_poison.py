@@ -130,9 +130,13 @@ def test_a_poison_message_beside_seven_innocents_is_parked_alone_and_they_are_al
 
 def test_a_poison_that_takes_the_whole_runner_down_is_parked_at_the_delivery_limit(fault):
     # An OOM kill of a container, a `kill` of the process group: the supervisor dies too,
-    # and with it everything blame knew. The delivery limit (3 x max_attempts) still ends it.
+    # and with it everything blame knew. The delivery limit (3 x max_attempts) still ends it,
+    # and the innocents beside it, redelivered each time with it, run alone in a random
+    # order once delivered twice without an outcome: each is handled, none is parked.
     fault.declare()
-    send(fault, "poison", poison="runner")
+    send(fault, "poison", poison="runner")  # first in the queue: it would run first each time
+    for n in range(INNOCENTS):
+        send(fault, f"innocent-{n}", sleep=0.5)
     starts = 0
     parked: dict[str, list[dict[str, Any]]] = {}
     deadline = time.monotonic() + 150
@@ -147,16 +151,24 @@ def test_a_poison_that_takes_the_whole_runner_down_is_parked_at_the_delivery_lim
             return runner.exited or "poison" in parked
 
         wait_until(over, 30, "the runner to die or the poison to be parked", step=0.2)
+    wait_until(
+        lambda: len(fault.handled()) >= INNOCENTS, 60, "the innocents handled", step=0.5
+    )
     runner.kill()
     runs = fault.events()["start"]["poison"]
     reasons = [copy.get("x-parked-reason") for copy in parked["poison"]]
-    fault.verdict(
-        "P2 poison killing the whole runner",
+    verdict = fault.verdict(
+        f"P2 poison killing the whole runner, beside {INNOCENTS} innocents",
         recovery_s=None,
-        notes=f"parked {len(reasons)} time(s) as {', '.join(map(str, reasons))} after {runs} "
-        f"deliveries without an outcome; {starts} runner starts",
+        notes=f"innocents parked {len(set(parked) - {'poison'})}; poison parked "
+        f"{len(reasons)} time(s) as {', '.join(map(str, reasons))} after {runs} deliveries "
+        f"without an outcome; {starts} runner starts",
     )
 
+    verdict.assert_nothing_lost()
+    assert set(parked) == {"poison"}, f"innocents parked: {sorted(parked)}"
+    handled = fault.handled()
+    assert all(handled[f"innocent-{n}"] >= 1 for n in range(INNOCENTS)), handled
     [headers] = parked["poison"]
     assert headers["x-parked-reason"] == "delivery_limit", headers
     assert runs == 3 * MAX_ATTEMPTS, f"ran {runs} times"
