@@ -208,8 +208,9 @@ async def connect_node(
 ) -> aio_pika.abc.AbstractConnection:
     """An aio-pika connection to one node (amqps: verified against the TLS settings), with
     `heartbeat` seconds (default: the setting)."""
+    _nodes.check_login(settings, node)
     return await aio_pika.connect(
-        node.url,
+        node.aiormq_url,
         heartbeat=settings.heartbeat if heartbeat is None else heartbeat,
         timeout=settings.connect_timeout,
         ssl_context=_nodes.ssl_context(settings) if node.tls else None,
