@@ -185,7 +185,8 @@ def depth(node: TlsNode, queue: str) -> int:
 def cli(node: TlsNode, ca_file: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """`amqp-listener ARGS` with AMQP_URL the node's TLS URL, trusting `ca_file`."""
     environment = clean_env(TESTS)
-    environment.update(AMQP_URL=node.tls_url(), AMQP_LISTENER_TLS_CA_FILE=str(ca_file), **env)
+    environment.update({"AMQP_URL": node.tls_url(), "AMQP_LISTENER_TLS_CA_FILE": str(ca_file)})
+    environment.update(env)
     return subprocess.run(
         [EXECUTABLE, *args], env=environment, capture_output=True, text=True, timeout=60
     )
@@ -245,6 +246,19 @@ def test_the_cli_refuses_an_unknown_ca_with_one_line_and_no_traceback(node, queu
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert "unknown CA" in lines[0]
+    assert depth(node, queue) == 0
+
+
+def test_the_cli_refuses_a_hostname_mismatch_with_one_line_naming_the_host(node, queue):
+    done = cli(
+        node, node.ca_file, "publish", f"{queue}.key", "{}", AMQP_URL=node.tls_url("localhost")
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "hostname mismatch" in lines[0]
+    assert "'localhost'" in lines[0]
+    assert "guest:guest" not in lines[0]
     assert depth(node, queue) == 0
 
 
