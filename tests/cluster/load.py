@@ -96,34 +96,33 @@ def assert_survived(verdict: Verdict, fault: Fault, runner: Runner, losses: int 
 
 @dataclass(frozen=True)
 class Publishing:
-    """What the publishing thread saw from a moment on (a fault): its errors, and how
-    soon confirms came again."""
+    """What the test's publishing saw, timed from a moment (the fault): every publish that
+    raised, and how soon confirms came again."""
 
-    errors: list[tuple[float, str]]  # (seconds after the moment, the PublishError raised)
+    #: (seconds from the moment, negative before it; the PublishError raised), every one.
+    errors: list[tuple[float, str]]
     #: Seconds from the last error to the next confirm (None: no error, or none since).
     recovered_s: float | None
-    #: The longest wait between two confirms (or from the moment to the first one).
+    #: The longest wait between two confirms after the moment (or until the first one).
     longest_pause_s: float
 
     def __str__(self) -> str:
-        errors = ", ".join(f"{kind} +{at:.2f}s" for at, kind in self.errors) or "none"
+        errors = ", ".join(f"{kind} {at:+.2f}s" for at, kind in self.errors) or "none"
         recovered = (
             ""
             if self.recovered_s is None
             else (f", confirmed again {self.recovered_s:.2f}s after the last")
         )
         return (
-            f"publish errors: {errors}{recovered}; longest pause between confirms "
-            f"{self.longest_pause_s:.2f}s"
+            f"publish errors (from the fault): {errors}{recovered}; longest pause between "
+            f"confirms {self.longest_pause_s:.2f}s"
         )
 
 
 def publishing_since(fault: Fault, since: float) -> Publishing:
-    """The publishing thread's errors and pauses after monotonic time `since`."""
+    """Every publish error of the test, and the pauses after monotonic time `since`."""
     with fault._lock:
-        errors = sorted(
-            (at - since, fault.unknown[mid]) for mid, at in fault.failed_at.items() if at >= since
-        )
+        errors = sorted((at - since, fault.unknown[mid]) for mid, at in fault.failed_at.items())
         confirms = sorted(at for at in fault.confirmed.values() if at >= since)
     recovered = None
     if errors:
