@@ -85,7 +85,10 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument(
-        "--url", default=default_url(), help="broker (default: AMQP_URL, or the local broker)"
+        "--url",
+        default=default_url(),
+        help="broker (default: AMQP_URL, or the local broker); for the framework cases, a "
+        "comma-separated list of a cluster's nodes may be given",
     )
     args = parser.parse_args(argv)
     if args.n < 2:

@@ -35,7 +35,7 @@ import aio_pika
 import aio_pika.abc
 
 from bench.recorder import RECORDER
-from bench.wire import CONTENT_TYPE, item, url
+from bench.wire import CONTENT_TYPE, item, one_url
 
 
 def _body(value: dict[str, Any]) -> bytes:
@@ -61,7 +61,7 @@ def _write_result(out: Path, messages: int, seconds: float) -> None:
 
 async def consume_aio_pika(queue: str, prefetch: int, *, latency: bool) -> None:
     """Consume `queue` with a callback and per-message acks until SIGTERM."""
-    connection = await aio_pika.connect(url())
+    connection = await aio_pika.connect(one_url())
     channel = await connection.channel(publisher_confirms=False)
     await channel.set_qos(prefetch_count=prefetch)
     source = await channel.get_queue(queue, ensure=False)
@@ -104,7 +104,7 @@ def consume_pika_select(queue: str, prefetch: int) -> None:
         connection.ioloop.stop()
 
     connection = pika.SelectConnection(
-        pika.URLParameters(url()),
+        pika.URLParameters(one_url()),
         on_open_callback=lambda conn: conn.channel(on_open_callback=on_channel),
         on_open_error_callback=on_open_error,
         on_close_callback=lambda conn, _exc: conn.ioloop.stop(),
@@ -128,7 +128,7 @@ def publish_pika_serial(exchange: str, routing_key: str, count: int, out: Path) 
     import pika
     import pika.spec
 
-    connection = pika.BlockingConnection(pika.URLParameters(url()))
+    connection = pika.BlockingConnection(pika.URLParameters(one_url()))
     channel = connection.channel()
     channel.confirm_delivery()
     values = [item(n) for n in range(count + 1)]
@@ -155,7 +155,7 @@ async def publish_aio_pika_pipelined(
     exchange: str, routing_key: str, count: int, window: int, out: Path
 ) -> None:
     """Publish `count` messages in gathered windows of `window`, every one confirmed."""
-    connection = await aio_pika.connect(url())
+    connection = await aio_pika.connect(one_url())
     channel = await connection.channel(publisher_confirms=True)
     destination = await channel.get_exchange(exchange, ensure=False)
     values = [item(n) for n in range(count + 1)]

@@ -19,6 +19,7 @@ import pika.spec
 
 from bench.wire import CONTENT_TYPE
 from listener import delay as _delay
+from listener.settings import split_urls
 from listener.topology import Binding, Topology
 
 __all__ = ["Broker"]
@@ -39,11 +40,13 @@ class Broker:
 
     def _ch(self) -> Any:
         if self._connection is None or not self._connection.is_open:
-            parameters = pika.URLParameters(self.url)
-            # A broker that blocks publishers (a memory or disk alarm) fails the pre-fill
-            # instead of hanging it: pika would wait for ever.
-            parameters.blocked_connection_timeout = _BLOCKED_TIMEOUT
-            self._connection = pika.BlockingConnection(parameters)
+            # A list of URLs (a cluster's nodes): pika tries them in turn.
+            candidates = [pika.URLParameters(one) for one in split_urls(self.url)]
+            for parameters in candidates:
+                # A broker that blocks publishers (a memory or disk alarm) fails the pre-fill
+                # instead of hanging it: pika would wait for ever.
+                parameters.blocked_connection_timeout = _BLOCKED_TIMEOUT
+            self._connection = pika.BlockingConnection(candidates)
             self._channel = None
         if self._channel is None or not self._channel.is_open:
             self._channel = self._connection.channel()

@@ -204,12 +204,14 @@ class AiormqBackend:
 
 
 async def connect_node(
-    settings: Settings, node: _nodes.Node, name: str
+    settings: Settings, node: _nodes.Node, name: str, *, heartbeat: int | None = None
 ) -> aio_pika.abc.AbstractConnection:
-    """An aio-pika connection to one node (amqps: verified against the TLS settings)."""
+    """An aio-pika connection to one node (amqps: verified against the TLS settings), with
+    `heartbeat` seconds (default: the setting)."""
+    _nodes.check_login(settings, node)
     return await aio_pika.connect(
-        node.url,
-        heartbeat=settings.heartbeat,
+        node.aiormq_url,
+        heartbeat=settings.heartbeat if heartbeat is None else heartbeat,
         timeout=settings.connect_timeout,
         ssl_context=_nodes.ssl_context(settings) if node.tls else None,
         client_properties={"connection_name": name},

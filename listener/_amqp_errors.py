@@ -57,14 +57,22 @@ _LOST = (
 
 
 def connect_error(
-    exc: BaseException, redacted_url: str, *, publishing: bool = False
+    exc: BaseException, redacted_url: str, *, publishing: bool = False, external: bool = False
 ) -> BrokerError:
     """Translate a failure to open a connection (either client).
 
     With `publishing`, the error is also a PublishError, so that `except PublishError`
-    around `notify()` catches every way a message can fail to reach the broker.
+    around `notify()` catches every way a message can fail to reach the broker. With
+    `external`, the login was the client certificate's (EXTERNAL), not a password.
     """
     error = _connect_error(exc, redacted_url)
+    if external and isinstance(error, AuthenticationFailed):
+        error = AuthenticationFailed(
+            f"the broker at {redacted_url} refused the EXTERNAL login by client certificate: "
+            "check that it offers EXTERNAL (the rabbitmq_auth_mechanism_ssl plugin, "
+            "auth_mechanisms), that a user named as the certificate's subject (or common "
+            "name, per ssl_cert_login_from) exists, and AMQP_LISTENER_TLS_CERT_FILE"
+        )
     if not publishing:
         return error
     if isinstance(error, AuthenticationFailed):

@@ -7,7 +7,8 @@ node does not answer the next one is tried. A refused login is not tried elsewhe
 nodes of a cluster share their users, so the next node would refuse it too.
 
 `amqps://` URLs get a TLS context built from the `tls_*` settings, verifying the server's
-certificate and host name; there is no fallback to plaintext.
+certificate and host name; there is no fallback to plaintext. With `?auth_mechanism=external`
+an `amqps://` URL logs in with the client certificate (`tls_cert_file`) instead of a password.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pika
+import pika.credentials
 
 from listener._amqp_errors import connect_error
 from listener.errors import (
@@ -34,7 +36,15 @@ from listener.errors import (
 )
 from listener.settings import Settings, redact_url
 
-__all__ = ["Node", "aconnect", "connect", "in_turn", "pika_parameters", "ssl_context"]
+__all__ = [
+    "Node",
+    "aconnect",
+    "check_login",
+    "connect",
+    "in_turn",
+    "pika_parameters",
+    "ssl_context",
+]
 
 log = logging.getLogger("listener.nodes")
 
@@ -49,10 +59,22 @@ class Node:
     host: str
     port: int
     tls: bool
+    #: Log in with the client certificate (EXTERNAL), not a password.
+    external: bool = False
 
     @property
     def redacted(self) -> str:
-        return redact_url(self.url)
+        shown = redact_url(self.url)
+        if self.external:
+            shown += ("&" if urlsplit(shown).query else "?") + "auth_mechanism=external"
+        return shown
+
+    @property
+    def aiormq_url(self) -> str:
+        """The URL for aio-pika, which reads the login mechanism from its `auth` query."""
+        if not self.external:
+            return self.url
+        return self.url + ("&" if urlsplit(self.url).query else "?") + "auth=external"
 
     def __repr__(self) -> str:
         return f"<Node {self.redacted}>"
@@ -65,7 +87,14 @@ def nodes(settings: Settings) -> list[Node]:
         parts = urlsplit(url)
         tls = parts.scheme == "amqps"
         port = parts.port or (5671 if tls else 5672)
-        found.append(Node(url, parts.hostname or "localhost", port, tls))
+        # `auth_mechanism` is RabbitMQ's URI query parameter; neither client reads it (pika
+        # refuses it): it is taken out here, and told to each client its own way.
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        mechanisms = [value.lower() for key, value in query if key == "auth_mechanism"]
+        rest = [(key, value) for key, value in query if key != "auth_mechanism"]
+        url = urlunsplit(parts._replace(query=urlencode(rest))) if mechanisms else url
+        host = parts.hostname or "localhost"
+        found.append(Node(url, host, port, tls, external=mechanisms == ["external"]))
     return found
 
 
@@ -101,11 +130,25 @@ def _context(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLCon
     return context
 
 
+def check_login(settings: Settings, node: Node) -> None:
+    """Raise ConfigurationError when `node`'s login cannot work with these settings: an
+    EXTERNAL login needs a client certificate."""
+    if node.external and settings.tls_cert_file is None:
+        raise ConfigurationError(
+            f"{node.redacted} logs in with a client certificate (auth_mechanism=external), "
+            "but none is set: set AMQP_LISTENER_TLS_CERT_FILE and AMQP_LISTENER_TLS_KEY_FILE"
+        )
+
+
 def pika_parameters(settings: Settings, node: Node, name: str) -> pika.URLParameters:
-    """pika's parameters for one node: timeouts, heartbeat, TLS and the connection name."""
+    """pika's parameters for one node: timeouts, heartbeat, TLS, the login and the
+    connection name."""
+    check_login(settings, node)
     parameters = pika.URLParameters(node.url)
     if node.tls:
         parameters.ssl_options = pika.SSLOptions(ssl_context(settings), server_hostname=node.host)
+    if node.external:
+        parameters.credentials = pika.credentials.ExternalCredentials()
     parameters.heartbeat = settings.heartbeat
     parameters.connection_attempts = 1
     # Opening a connection has its own bound (the handshake takes several round trips):
@@ -169,7 +212,9 @@ class _Attempts:
     def failed(self, node: Node, exc: Exception) -> None:
         if isinstance(exc, ConfigurationError):  # the TLS files: no node would do better
             raise exc
-        error = connect_error(exc, node.redacted, publishing=self.publishing)
+        error = connect_error(
+            exc, node.redacted, publishing=self.publishing, external=node.external
+        )
         if isinstance(error, AuthenticationFailed):
             raise error from exc
         self.errors.append((error, exc))

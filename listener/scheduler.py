@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING, Any
 import aio_pika
 import aio_pika.abc
 
+from listener import _nodes
 from listener import schedule as _schedule
-from listener._amqp_errors import connect_error
+from listener._aiormq_backend import connect_node
 from listener.codec import CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -121,16 +122,15 @@ class Scheduler:
                 await asyncio.wait_for(stop.wait(), _RECONNECT_PAUSE)
 
     async def _session(self, stop: asyncio.Event) -> None:
-        try:
-            connection = await aio_pika.connect(
-                self.settings.url.get_secret_value(),
-                client_properties={"connection_name": f"amqp-listener scheduler pid={os.getpid()}"},
-                # A short heartbeat: a leader cut off is noticed, and replaced, within seconds.
-                heartbeat=5,
-                timeout=self.settings.connect_timeout,
-            )
-        except Exception as exc:  # translated: the text never holds the password
-            raise connect_error(exc, self.settings.redacted_url) from exc
+        name = f"amqp-listener scheduler pid={os.getpid()}"
+        # On a node of the list that answers (amqps: verified), as every connection is. A
+        # short heartbeat: a leader cut off is noticed, and replaced, within seconds. The
+        # errors are translated: their text never holds a password.
+        connection = await _nodes.aconnect(
+            self.settings,
+            lambda node: connect_node(self.settings, node, name, heartbeat=5),
+            what="scheduler",
+        )
         async with connection:
             lost = self._lost = asyncio.Event()
             connection.close_callbacks.add(lambda *_: lost.set())

@@ -10,7 +10,7 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -218,6 +218,14 @@ def _check_url(url: str, which: str) -> None:
     if parts.scheme not in ("amqp", "amqps"):
         raise ValueError(
             f"{which} must start with amqp:// or amqps://, not {parts.scheme or 'nothing'}://"
+        )
+    mechanisms = [v.lower() for k, v in parse_qsl(parts.query) if k == "auth_mechanism"]
+    if mechanisms and (len(mechanisms) > 1 or mechanisms[0] not in ("plain", "external")):
+        raise ValueError(f"{which}: auth_mechanism must be plain or external, once")
+    if mechanisms == ["external"] and parts.scheme != "amqps":
+        raise ValueError(
+            f"{which}: auth_mechanism=external logs in with a TLS client certificate, so the "
+            "URL must start with amqps://"
         )
 
 

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -348,6 +349,22 @@ def test_the_compose_file_has_no_problems(path: Path) -> None:
     text = path.read_text()
     found = problems(yaml.safe_load(text), text, path.parent)
     assert found == [], f"{path.relative_to(ROOT)}:\n  " + "\n  ".join(found)
+
+
+def test_the_cluster_runs_without_haproxy_and_gives_the_runner_every_node() -> None:
+    document = yaml.safe_load((COMPOSE / "cluster.yml").read_text())
+    services = document["services"]
+    nodes = sorted(name for name in services if name.startswith("rabbit-"))
+    assert len(nodes) == 3
+    # HAProxy only under a profile: `docker compose up` without one starts no proxy.
+    proxies = [name for name, service in services.items() if "haproxy" in str(service.get("image"))]
+    assert all(services[name].get("profiles") for name in proxies)
+    started = {name for name, service in services.items() if not service.get("profiles")}
+    for name in started:
+        depends = services[name].get("depends_on", {})
+        assert not set(depends) & set(proxies), f"{name} depends on {set(depends) & set(proxies)}"
+    urls = Settings(url=_environment(services["runner"])["AMQP_URL"]).urls
+    assert sorted(urlsplit(url).hostname for url in urls) == nodes
 
 
 def test_the_variables_the_examples_read_are_read_there() -> None:

@@ -18,6 +18,7 @@ from listener.errors import (
     PublishConnectionLost,
     PublishUnreachable,
 )
+from listener.operations import Operator
 from listener.publisher import Publisher
 from listener.runner.amqp_transport import Transport
 from listener.settings import Settings, get_settings, redact_url
@@ -172,3 +173,13 @@ def test_a_publish_whose_node_dies_before_the_confirm_is_outcome_unknown_and_the
         publisher.close()
     bodies = [body for _properties, body in rabbit.drain(f"{exchange}.q")]
     assert bodies == [b'{"n":1}', b'{"n":3}']  # this cut fell before the broker saw it
+
+
+def test_an_operator_command_connects_through_a_node_that_answers(
+    amqp_url, dead_url, exchange, rabbit
+):
+    rabbit.declare_queue(f"{exchange}.q.dead")
+    settings = Settings(url=f"{dead_url},{amqp_url},{dead_url}", connect_timeout=2)
+    for _ in range(3):  # shuffled: some of these try a dead node first
+        with Operator(settings) as operator:
+            assert operator.parked(operator.target(f"{exchange}.q")) == []

@@ -228,6 +228,55 @@ async def test_a_queue_that_rejects_publishes_makes_anotify_raise_publish_nacked
     assert [p.message_id for p, _ in rabbit.drain(queue)] == accepted
 
 
+# RabbitMQ 3.10.8 nacks every publish on a channel that first published in the ~0.5 s after a
+# quorum leader's node died, for as long as that channel lives: after a nack, a publisher
+# must not publish on the same channel again (the cluster suite's leader kill meets it).
+
+
+def test_after_a_nack_the_next_notify_publishes_on_a_new_connection(unique, rabbit, proxy):
+    full_queue(rabbit, unique)
+    rabbit.declare_queue(f"{unique}.other", bind=(unique, "other"))
+    publisher = Publisher(proxied(proxy))
+    try:
+        with pytest.raises(listener.PublishNacked):
+            for n in range(5):
+                publisher.publish(f"{unique}.key", {"n": n})
+        assert proxy.accepted == 1
+        after = publisher.publish(f"{unique}.other", {"n": "after"})
+    finally:
+        publisher.close()
+
+    assert proxy.accepted == 2  # the nacked channel's connection was not used again
+    assert rabbit.wait_message(f"{unique}.other")[0].message_id == after
+
+
+async def test_after_a_nack_the_next_anotify_and_batch_publish_on_a_new_channel(
+    unique, rabbit, proxy
+):
+    full_queue(rabbit, unique)
+    rabbit.declare_queue(f"{unique}.other", bind=(unique, "other"))
+    publisher = AsyncPublisher(proxied(proxy))
+    try:
+        await publisher.publish(f"{unique}.other", {"n": 0})
+        used = await publisher._backend.underlay()
+        with pytest.raises(listener.PublishNacked):
+            for n in range(5):
+                await publisher.publish(f"{unique}.key", {"n": n})
+        after_one = await publisher._backend.underlay()
+        with pytest.raises(listener.PublishNacked):  # the queue is full: all are nacked
+            await publisher.publish_bodies(unique, "key", [b"{}"] * 4)
+        after_batch = await publisher._backend.underlay()
+        await publisher.publish(f"{unique}.other", {"n": 6})
+    finally:
+        await publisher.aclose()
+
+    # A fresh channel after each nack (the broker may give it the freed number again).
+    assert after_one is not used and after_batch is not after_one
+    assert used.is_closed and after_one.is_closed
+    assert proxy.accepted == 1  # on the same connection: only the channel is suspect
+    assert len(await asyncio.to_thread(wait_for_messages, rabbit, f"{unique}.other", 2)) == 2
+
+
 def test_an_invalid_message_raises_invalid_message_naming_fields_not_values_and_sends_nothing(
     rabbit, copier, probe
 ):

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import textwrap
 from collections.abc import Iterator
@@ -175,3 +176,17 @@ def test_ticks_missed_while_no_runner_ran_fire_once_the_latest_of_them(beats: An
     assert after_stop[0] == late
     assert after_stop.count(late) == 1
     assert all(b - a == dt.timedelta(seconds=2) for a, b in itertools.pairwise(after_stop))
+
+
+def test_the_scheduler_of_a_runner_given_a_list_of_nodes_fires_through_one_that_answers(
+    beats: Any, amqp_url: str
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"amqp://guest:guest@127.0.0.1:{probe.getsockname()[1]}/%2F"
+    app = beats(every=1)
+    app.env["AMQP_URL"] = f"{dead},{amqp_url},{dead}"
+    _process, log = app.start()
+
+    wait_until(lambda: len(app.ticks()) >= 2, 40, "two ticks handled")
+    assert "scheduler: leading" in log.read_text()

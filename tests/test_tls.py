@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -21,7 +22,13 @@ from faults.node import SERVER, RabbitNode
 from support.runner_process import EXECUTABLE, clean_env
 
 from listener.apublisher import AsyncPublisher
-from listener.errors import BrokerUnreachable, ConfigurationError, PublishUnreachable
+from listener.errors import (
+    AuthenticationFailed,
+    BrokerUnreachable,
+    ConfigurationError,
+    PublishRefused,
+    PublishUnreachable,
+)
 from listener.publisher import Publisher
 from listener.runner.amqp_transport import Transport
 from listener.settings import Settings
@@ -64,9 +71,15 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+#: The user a client certificate logs in as with EXTERNAL: its common name.
+CLIENT = "amqp-listener-client"
+
+
 class TlsNode(RabbitNode):
     """A node with a TLS listener next to its plaintext one; its certificate names
-    127.0.0.1 only (so `localhost` is a hostname mismatch)."""
+    127.0.0.1 only (so `localhost` is a hostname mismatch). It offers EXTERNAL login by a
+    client certificate's common name: `client.pem` (user CLIENT exists) and `stranger.pem`
+    (no such user), both signed by the test CA."""
 
     def __init__(self, base: Path, port: int) -> None:
         self.tls_port = free_port()
@@ -79,18 +92,47 @@ class TlsNode(RabbitNode):
         make_ca(certs, "test")
         make_ca(certs, "other")
         make_certificate(certs, "server", "test", "IP:127.0.0.1")
+        make_certificate(certs, CLIENT, "test", "DNS:client.invalid")
+        make_certificate(certs, "stranger", "test", "DNS:stranger.invalid")
+        (self.base / "enabled_plugins").write_text("[rabbitmq_auth_mechanism_ssl].\n")
         with (self.base / "rabbitmq.conf").open("a") as conf:
             conf.write(
                 f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
                 f"ssl_options.cacertfile = {certs / 'test-ca.pem'}\n"
                 f"ssl_options.certfile = {certs / 'server.pem'}\n"
                 f"ssl_options.keyfile = {certs / 'server.key'}\n"
-                "ssl_options.verify = verify_none\n"
+                # Asked for, not required: the clients without one log in with a password.
+                "ssl_options.verify = verify_peer\n"
                 "ssl_options.fail_if_no_peer_cert = false\n"
+                "auth_mechanisms.1 = PLAIN\n"
+                "auth_mechanisms.2 = AMQPLAIN\n"
+                "auth_mechanisms.3 = EXTERNAL\n"
+                "ssl_cert_login_from = common_name\n"
             )
+
+    def start(self, timeout: float = 60.0) -> float:
+        took = super().start(timeout)
+        self.ctl("add_user", CLIENT, secrets.token_hex(16))
+        self.ctl("set_permissions", "-p", "/", CLIENT, ".*", ".*", ".*")
+        return took
 
     def tls_url(self, host: str = "127.0.0.1") -> str:
         return f"amqps://guest:guest@{host}:{self.tls_port}/%2F"
+
+    def external_url(self) -> str:
+        """No user name nor password: the client certificate is the login."""
+        return f"amqps://127.0.0.1:{self.tls_port}/%2F?auth_mechanism=external"
+
+    def certificate(self, name: str) -> dict[str, Path]:
+        """The settings that present client certificate `name`."""
+        certs = self.base / "certs"
+        return {"tls_cert_file": certs / f"{name}.pem", "tls_key_file": certs / f"{name}.key"}
+
+    def users_connected(self) -> list[str]:
+        """`user auth_mechanism` of each client connection open now."""
+        return self.ctl("list_connections", "user", "auth_mechanism", "--no-table-headers").split(
+            "\n"
+        )
 
     @property
     def ca_file(self) -> Path:
@@ -143,7 +185,8 @@ def depth(node: TlsNode, queue: str) -> int:
 def cli(node: TlsNode, ca_file: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """`amqp-listener ARGS` with AMQP_URL the node's TLS URL, trusting `ca_file`."""
     environment = clean_env(TESTS)
-    environment.update(AMQP_URL=node.tls_url(), AMQP_LISTENER_TLS_CA_FILE=str(ca_file), **env)
+    environment.update({"AMQP_URL": node.tls_url(), "AMQP_LISTENER_TLS_CA_FILE": str(ca_file)})
+    environment.update(env)
     return subprocess.run(
         [EXECUTABLE, *args], env=environment, capture_output=True, text=True, timeout=60
     )
@@ -206,6 +249,19 @@ def test_the_cli_refuses_an_unknown_ca_with_one_line_and_no_traceback(node, queu
     assert depth(node, queue) == 0
 
 
+def test_the_cli_refuses_a_hostname_mismatch_with_one_line_naming_the_host(node, queue):
+    done = cli(
+        node, node.ca_file, "publish", f"{queue}.key", "{}", AMQP_URL=node.tls_url("localhost")
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "hostname mismatch" in lines[0]
+    assert "'localhost'" in lines[0]
+    assert "guest:guest" not in lines[0]
+    assert depth(node, queue) == 0
+
+
 def test_the_runner_refuses_an_unknown_ca_at_start_up_with_one_line(node, unique, tmp_path):
     app = {"APP_EXCHANGE": unique, "APP_QUEUE": unique, "APP_MARKER_DIR": str(tmp_path)}
     done = cli(node, node.other_ca_file, "run", "apps.fleet", "--fail-fast", **app)
@@ -216,7 +272,57 @@ def test_the_runner_refuses_an_unknown_ca_at_start_up_with_one_line(node, unique
     assert "Traceback" not in done.stderr
 
 
+def test_external_login_without_a_client_certificate_is_a_configuration_error(node):
+    settings = tls_settings(node, url=node.external_url())
+    with pytest.raises(ConfigurationError, match="AMQP_LISTENER_TLS_CERT_FILE"):
+        Publisher(settings).publish("nowhere.key", {"n": 1})
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("amqp://127.0.0.1/%2F?auth_mechanism=external", "amqps://"),
+        ("amqps://u:s3cr3t-pw@127.0.0.1/%2F?auth_mechanism=kerberos", "plain or external"),
+    ],
+)
+def test_an_auth_mechanism_that_cannot_work_is_refused_by_the_settings(url, why):
+    with pytest.raises(ConfigurationError, match=why) as caught:
+        Settings().with_url(url)
+    assert "s3cr3t-pw" not in str(caught.value)
+
+
+def test_an_external_login_the_broker_refuses_says_it_was_the_certificate(node):
+    settings = tls_settings(node, url=node.external_url(), **node.certificate("stranger"))
+    with pytest.raises(PublishRefused, match="EXTERNAL") as caught:
+        Publisher(settings).publish("nowhere.key", {"n": 1})
+    assert "password" not in str(caught.value)
+    with pytest.raises(AuthenticationFailed, match="EXTERNAL"):
+        asyncio.run(Transport.connect(settings, name="test external"))
+
+
 # -- success paths ---------------------------------------------------------------------------
+
+
+def test_a_client_certificate_logs_in_with_external_on_both_clients(node, queue):
+    settings = tls_settings(node, url=node.external_url(), **node.certificate(CLIENT))
+    publisher = Publisher(settings)
+    publisher.publish(f"{queue}.key", {"n": 1})
+    assert f"{CLIENT}\tEXTERNAL" in node.users_connected()
+    publisher.close()
+
+    async def publish_and_connect() -> list[str]:
+        async_publisher = AsyncPublisher(settings)
+        await async_publisher.publish(f"{queue}.key", {"n": 2})
+        transport = await Transport.connect(settings, name="test external")
+        try:
+            return node.users_connected()
+        finally:
+            await transport.close()
+            await async_publisher.aclose()
+
+    # The async publisher's connection, and the worker's two (aio-pika, pika).
+    assert asyncio.run(publish_and_connect()).count(f"{CLIENT}\tEXTERNAL") == 3
+    assert depth(node, queue) == 2
 
 
 def test_notify_and_async_publishing_work_over_verified_tls(node, queue):

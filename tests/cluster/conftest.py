@@ -24,14 +24,19 @@ from cluster.cluster import Cluster
 from cluster.netns import NamespacedCluster, netns_refused
 
 
-@pytest.fixture(scope="package")
-def cluster() -> Iterator[Cluster]:
-    """Three clustered RabbitMQ nodes owned by this run; stopped and deleted at the end."""
+def need_rabbitmq_binaries() -> None:
+    """Skip, saying why, without the RabbitMQ server binaries; in CI (`CI` set), fail."""
     if not RabbitNode.available():
         message = f"no RabbitMQ server binaries at {SERVER}: install the rabbitmq-server package"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="package")
+def cluster() -> Iterator[Cluster]:
+    """Three clustered RabbitMQ nodes owned by this run; stopped and deleted at the end."""
+    need_rabbitmq_binaries()
     three = Cluster.create()
     try:
         three.start()
@@ -77,8 +82,7 @@ def fault(cluster: Cluster, unique: str, tmp_path: Path, record_property) -> Ite
 def partitionable() -> Iterator[NamespacedCluster]:
     """Three clustered nodes in network namespaces of their own (for partitions); skipped,
     saying why, where network namespaces are refused."""
-    if not RabbitNode.available():
-        pytest.skip(f"no RabbitMQ server binaries at {SERVER}")
+    need_rabbitmq_binaries()
     refused = netns_refused()
     if refused is not None:
         pytest.skip(f"a partition needs network namespaces (root): {refused}")

@@ -143,6 +143,7 @@ class Fault:
         self._record = record
         self.confirmed: dict[str, float] = {}  # id -> when notify returned (monotonic)
         self.unknown: dict[str, str] = {}  # id -> the PublishError subclass it raised
+        self.failed_at: dict[str, float] = {}  # id -> when that publish raised (monotonic)
         self.parked: Counter[str] = Counter()
         self.runners: list[Runner] = []
         self.publishers: list[Publisher] = []
@@ -177,6 +178,7 @@ class Fault:
         except PublishError as exc:
             with self._lock:
                 self.unknown[message_id] = type(exc).__name__
+                self.failed_at[message_id] = time.monotonic()
             return False
         with self._lock:
             self.confirmed[message_id] = time.monotonic()
