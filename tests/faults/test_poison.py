@@ -151,9 +151,7 @@ def test_a_poison_that_takes_the_whole_runner_down_is_parked_at_the_delivery_lim
             return runner.exited or "poison" in parked
 
         wait_until(over, 30, "the runner to die or the poison to be parked", step=0.2)
-    wait_until(
-        lambda: len(fault.handled()) >= INNOCENTS, 60, "the innocents handled", step=0.5
-    )
+    wait_until(lambda: len(fault.handled()) >= INNOCENTS, 60, "the innocents handled", step=0.5)
     runner.kill()
     runs = fault.events()["start"]["poison"]
     reasons = [copy.get("x-parked-reason") for copy in parked["poison"]]
