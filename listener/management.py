@@ -33,8 +33,8 @@ class ManagementAPI:
         self._auth = f"Basic {token}"
 
     @classmethod
-    def probe(cls, settings: Settings) -> ManagementAPI | None:
-        """The API if it answers with these credentials, else None (never raises)."""
+    def at(cls, settings: Settings) -> ManagementAPI:
+        """Where the API would be for these settings (nothing is asked yet)."""
         url = urllib.parse.urlsplit(settings.urls[0])  # a cluster's first node
         if settings.management_url:
             base = settings.management_url
@@ -42,33 +42,39 @@ class ManagementAPI:
             scheme, port = ("https", 15671) if url.scheme == "amqps" else ("http", 15672)
             base = f"{scheme}://{url.hostname or 'localhost'}:{port}"
         vhost = urllib.parse.unquote(url.path[1:]) if len(url.path) > 1 else "/"
-        api = cls(
+        return cls(
             base,
             urllib.parse.unquote(url.username or "guest"),
             urllib.parse.unquote(url.password or "guest"),
             vhost,
         )
+
+    @classmethod
+    def probe(cls, settings: Settings) -> ManagementAPI | None:
+        """The API if it answers with these credentials, else None (never raises)."""
+        api = cls.at(settings)
         try:
             api._get("/api/overview")
         except (OSError, ValueError):
             return None
         return api
 
-    def queue(self, name: str) -> dict[str, Any] | None:
-        """The queue's record, or None when it does not exist."""
-        path = f"/api/queues/{_quote(self.vhost)}/{_quote(name)}"
-        try:
-            record: dict[str, Any] = self._get(path)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            raise
-        return record
+    def queues(self) -> dict[str, dict[str, Any]]:
+        """Every queue of the vhost with its counts, by name: one request, however many.
 
-    def queue_names(self) -> list[str]:
-        """Every queue of the vhost."""
-        records = self._get(f"/api/queues/{_quote(self.vhost)}?columns=name")
-        return [str(record["name"]) for record in records if isinstance(record, dict)]
+        Raises:
+            OSError: the API did not answer (or refused these credentials).
+            ValueError: it answered something else than JSON.
+        """
+        columns = "name,messages_ready,messages_unacknowledged,consumers,message_stats"
+        records = self._get(f"/api/queues/{_quote(self.vhost)}?columns={columns}")
+        if not isinstance(records, list):
+            raise ValueError("the management API's queue list is not a list")
+        return {
+            str(record["name"]): record
+            for record in records
+            if isinstance(record, dict) and "name" in record
+        }
 
     def _get(self, path: str) -> Any:
         request = urllib.request.Request(self.base + path, headers={"Authorization": self._auth})

@@ -17,6 +17,7 @@ import dataclasses
 import datetime as dt
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from listener import delay, registry, topology
 from listener._operator_connection import OperationFailed, OperatorConnection, translating
@@ -150,30 +151,32 @@ class Operator:
         Without `listeners`, the listener queues the management API shows (every queue with
         a `<queue>.dead` beside it); without that API, a ConfigurationError.
         """
-        api = ManagementAPI.probe(self.settings)
+        # One request for every queue's counts, whatever the number of listeners (the web
+        # console refreshes this every 5 s); no answer means AMQP alone.
+        known: dict[str, dict[str, Any]] | None
+        try:
+            known = ManagementAPI.at(self.settings).queues()
+        except (OSError, ValueError):
+            known = None
         if listeners is None:
-            if api is None:
+            if known is None:
                 raise ConfigurationError(
                     "name the modules that define the listeners (AMQP cannot list queues), or "
                     "enable the management plugin so that status can find them"
                 )
-            names = set(api.queue_names())
             queues: list[tuple[str, str, tuple[float, ...]]] = [
-                (name, name, ()) for name in sorted(names) if f"{name}.dead" in names
+                (name, name, ()) for name in sorted(known) if f"{name}.dead" in known
             ]
         else:
             queues = [(cls.name(), cls.queue, cls.retry_delays) for cls in listeners]
         rows = []
         for label, queue, retry_delays in queues:
-            detail = None
-            if api is not None:
-                # The probe answered, but a later call may still fail (rights on this vhost,
-                # a restart): that row falls back to what AMQP can tell.
-                with contextlib.suppress(OSError, ValueError):
-                    detail = api.queue(queue)
+            detail = None if known is None else known.get(queue)
             main = self._broker.declare_ok(queue)
             waiting = 0
             for name in self._delay_queue_names(queue, retry_delays):
+                if known is not None and name not in known:
+                    continue  # the API lists every queue: no need to ask for a missing one
                 depth = self._broker.depth(name)
                 waiting += depth or 0
             row = QueueStatus(

@@ -14,9 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 from starlette.testclient import TestClient
-from support.web import console_app, csrf_token, declared_listener, park
+from support.web import NO_LEDGER, FakeManagement, console_app, csrf_token, declared_listener, park
 
+from listener._web_data import BrokerSource
 from listener._web_security import Credentials
+from listener.web import Console, create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("amqp-listener"))
@@ -176,6 +178,34 @@ def test_the_overview_counts_come_from_one_broker_query_per_five_seconds(setting
     assert broker.queries == 1
     (row,) = documents[-1]["listeners"]
     assert (row["queue"], row["parked"], row["ready"]) == (mailer.queue, 2, 0)
+
+
+@pytest.fixture
+def management():
+    fake = FakeManagement()
+    yield fake
+    fake.close()
+
+
+def test_a_refresh_asks_the_management_api_once_whatever_the_number_of_listeners(
+    settings, unique, rabbit, management
+):
+    mailers = [declared_listener(f"{unique}x{n}", rabbit) for n in range(3)]
+    counts = {"messages_ready": 0, "messages_unacknowledged": 7, "consumers": 2}
+    management.queues = {cls.queue: counts for cls in mailers}
+    watched = settings.model_copy(update={"management_url": management.url})
+    broker = BrokerSource(watched, mailers, ttl=60)
+    client = TestClient(create_app(Console(broker, NO_LEDGER)))
+
+    documents = []
+    for _ in range(2):
+        documents.append(client.get("/api/overview").json())
+        broker.forget()  # as when the cache expires
+
+    assert broker.queries == 2
+    assert len(management.asked) == 2, management.asked  # one a refresh, not one a listener
+    assert [row["unacked"] for row in documents[-1]["listeners"]] == [7, 7, 7]
+    assert [row["consumers"] for row in documents[-1]["listeners"]] == [2, 2, 2]
 
 
 def test_a_parked_message_shows_its_failure_but_its_body_only_when_asked(settings, mailer, rabbit):

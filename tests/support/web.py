@@ -3,9 +3,13 @@ console app over it."""
 
 from __future__ import annotations
 
+import json
 import re
+import threading
 import time
+import urllib.parse
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pika
 
@@ -90,3 +94,48 @@ def csrf_token(html: str) -> str:
 
 def basic_properties(message_id: str) -> pika.BasicProperties:
     return pika.BasicProperties(message_id=message_id, delivery_mode=2)
+
+
+class FakeManagement:
+    """A stand-in for the RabbitMQ management API on a loopback port (the test broker has
+    no management plugin): it answers with the counts set in `queues` and records every
+    path it was asked for."""
+
+    def __init__(self) -> None:
+        self.queues: dict[str, dict] = {}
+        self.asked: list[str] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                fake.asked.append(self.path)
+                path = urllib.parse.urlsplit(self.path).path
+                parts = [urllib.parse.unquote(part) for part in path.split("/")[2:]]
+                if parts == ["overview"]:
+                    document: object = {"management_version": "stand-in"}
+                elif parts[:1] == ["queues"] and len(parts) == 2:
+                    document = [{"name": name, **record} for name, record in fake.queues.items()]
+                elif parts[:1] == ["queues"] and len(parts) == 3 and parts[2] in fake.queues:
+                    document = {"name": parts[2], **fake.queues[parts[2]]}
+                else:
+                    self.send_error(404)
+                    return
+                body = json.dumps(document).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
