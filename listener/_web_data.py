@@ -43,6 +43,9 @@ T = TypeVar("T")
 
 #: Seconds the overview's counts are reused: the idle cost promised to the broker.
 OVERVIEW_TTL = 5.0
+#: Seconds a delay queue found missing is not asked about again (only the delay queues of
+#: earlier versions are ever missing for long, and nothing declares them any more).
+ABSENT_TTL = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,8 @@ class BrokerSource:
         self.ttl = ttl
         self._lock = threading.Lock()
         self._cached: tuple[float, list[QueueStatus], DelayStatus] | None = None
+        self._absent: set[str] = set()
+        self._absent_since = time.monotonic()
         self.queries = 0  # how many times the broker was asked (tests read it)
 
     def overview(self) -> tuple[list[QueueStatus], float]:
@@ -88,8 +93,10 @@ class BrokerSource:
         with self._lock:
             now = time.monotonic()
             if self._cached is None or now - self._cached[0] >= self.ttl:
+                if now - self._absent_since >= ABSENT_TTL:
+                    self._absent, self._absent_since = set(), now
                 with Operator(self.settings) as operator:
-                    rows = operator.status(self.listeners)
+                    rows = operator.status(self.listeners, absent=self._absent)
                     delays = operator.delay_status()
                 self.queries += 1
                 self._cached = (time.monotonic(), rows, delays)

@@ -144,12 +144,22 @@ class Operator:
         return target
 
     @translating
-    def status(self, listeners: Sequence[type[Listener]] | None = None) -> list[QueueStatus]:
+    def status(
+        self,
+        listeners: Sequence[type[Listener]] | None = None,
+        *,
+        absent: set[str] | None = None,
+    ) -> list[QueueStatus]:
         """Depths and consumers of each listener's queues: from the management API when it
         answers (with unacked counts and rates), else from passive declares.
 
         Without `listeners`, the listener queues the management API shows (every queue with
         a `<queue>.dead` beside it); without that API, a ConfigurationError.
+
+        `absent`, for a caller that asks again every few seconds (the web console): delay
+        queues found missing are added to it, and those in it are not asked about again.
+        Most of a status is such questions (the delay queues of earlier versions, which
+        nothing declares any more), and each costs a channel.
         """
         # One request for every queue's counts, whatever the number of listeners (the web
         # console refreshes this every 5 s); no answer means AMQP alone.
@@ -177,7 +187,11 @@ class Operator:
             for name in self._delay_queue_names(queue, retry_delays):
                 if known is not None and name not in known:
                     continue  # the API lists every queue: no need to ask for a missing one
+                if absent is not None and name in absent:
+                    continue
                 depth = self._broker.depth(name)
+                if depth is None and absent is not None:
+                    absent.add(name)
                 waiting += depth or 0
             row = QueueStatus(
                 listener=label,

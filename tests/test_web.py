@@ -16,6 +16,8 @@ import pytest
 from starlette.testclient import TestClient
 from support.web import NO_LEDGER, FakeManagement, console_app, csrf_token, declared_listener, park
 
+from listener import topology
+from listener._operator_connection import OperatorConnection
 from listener._web_data import BrokerSource
 from listener._web_security import Credentials
 from listener.web import Console, create_app
@@ -206,6 +208,40 @@ def test_a_refresh_asks_the_management_api_once_whatever_the_number_of_listeners
     assert len(management.asked) == 2, management.asked  # one a refresh, not one a listener
     assert [row["unacked"] for row in documents[-1]["listeners"]] == [7, 7, 7]
     assert [row["consumers"] for row in documents[-1]["listeners"]] == [2, 2, 2]
+
+
+def test_a_delay_queue_found_missing_is_not_asked_about_again_for_a_minute(
+    settings, mailer, rabbit, monkeypatch
+):
+    old = topology.delay_queue_name(mailer.queue, 60)  # an earlier version's, still there
+    never = topology.delay_queue_name(mailer.queue, 120)  # an earlier version's, gone
+    rabbit.declare_queue(old)
+    rabbit.publish("", old, b"{}")
+    asked: list[str] = []
+    declare_ok = OperatorConnection.declare_ok
+
+    def counting(self, queue):
+        asked.append(queue)
+        return declare_ok(self, queue)
+
+    monkeypatch.setattr(OperatorConnection, "declare_ok", counting)
+    broker = BrokerSource(settings, [mailer], ttl=60)
+
+    refreshes = []
+    for ttl in (60.0, 60.0, 0.0):
+        monkeypatch.setattr("listener._web_data.ABSENT_TTL", ttl)
+        asked.clear()
+        broker.forget()
+        (row,), _ = broker.overview()
+        refreshes.append((set(asked), row.waiting_retry))
+
+    (first, waiting_1), (second, waiting_2), (third, _) = refreshes
+    assert never in first and never not in second and never in third
+    assert {old, mailer.queue, f"{mailer.queue}.dead"} <= first & second
+    assert waiting_1 == waiting_2 == 1
+    declared = {spec.name for spec in mailer.topology().queues}
+    own = {name for name in second if name.startswith(mailer.queue)}
+    assert own == declared | {old}  # only what exists is asked about again
 
 
 def test_a_parked_message_shows_its_failure_but_its_body_only_when_asked(settings, mailer, rabbit):
