@@ -54,16 +54,7 @@
   "use strict";
   document.querySelectorAll("[data-live][id]").forEach(function (part) {
     var every = (parseInt(part.getAttribute("data-live"), 10) || 3) * 1000;
-    function updateDelays(levels) {
-    var line = document.getElementById("delay-levels");
-    if (!line || !levels) return;
-    ["delayed", "unrouted"].forEach(function (field) {
-      var cell = line.querySelector('[data-field="' + field + '"]');
-      if (cell) cell.textContent = show(levels[field]);
-    });
-  }
-
-  function poll() {
+    function poll() {
       fetch(window.location.href, { credentials: "same-origin", headers: { Accept: "text/html" } })
         .then(function (response) {
           if (!response.ok) throw new Error(response.status);
