@@ -124,7 +124,7 @@ def test_the_overview_counts_change_without_reloading(page, settings, unique, ra
         assert ready.inner_text() == "0"
         page.evaluate("window.notReloaded = true")
 
-        rabbit.publish(unique, "send", b'{"to": "a@b.c"}', message_id="fresh")
+        mailer.notify(to="a@b.c")
 
         playwright_api.expect(ready).to_have_text("1")
         assert page.evaluate("window.notReloaded") is True
@@ -163,6 +163,28 @@ def test_a_parked_message_is_opened_and_replayed_from_the_keyboard(page, setting
         listed = page.inner_text("#parked")
         assert ids[1] not in listed and ids[0] in listed and ids[2] in listed
     assert [p.message_id for p, _ in rabbit.drain(mailer.queue)] == [ids[1]]
+
+
+def test_every_parked_message_is_purged_after_a_confirmation(page, settings, unique, rabbit):
+    mailer = declared_listener(unique, rabbit)
+    ids = park(rabbit, mailer, 2)
+    app, _ = console_app(settings, mailer)
+    with serving(app) as base:
+        page.goto(base + "/parked")
+        page.get_by_role("link", name=f"{mailer.queue}.dead").click()
+        assert all(message_id in page.inner_text("#parked") for message_id in ids)
+        shoot(page, "parked-index")
+        page.get_by_role("button", name="Purge all 2…").click()
+        heading = page.get_by_role("heading", level=1)
+        playwright_api.expect(heading).to_contain_text("Purge every parked message")
+        assert rabbit.count(f"{mailer.queue}.dead") == 2  # nothing happens before the yes
+        shoot(page, "confirm-purge")
+        page.get_by_role("button", name="Yes, purge").click()
+        playwright_api.expect(page.get_by_role("status")).to_have_text("Purged 2 message(s)")
+        shoot(page, "purged")
+        page.goto(base + "/schedules")
+        shoot(page, "schedules")
+    assert rabbit.count(f"{mailer.queue}.dead") == 0
 
 
 def test_actions_are_refused_read_only_and_without_a_csrf_token(page, settings, unique, rabbit):
@@ -235,6 +257,8 @@ def test_a_parked_message_replayed_from_the_console_ends_handled_in_its_job_stor
             page.goto(base + f"/parked/{Invoices.queue}")
             assert message_id not in page.inner_text("main")
             page.goto(base + f"/jobs?message_id={message_id}")
+            assert unlabelled_controls(page) == []  # the search form
+            shoot(page, "jobs-ledger")
             page.get_by_role("link", name=message_id).click()
             story = page.locator(".timeline li")
             playwright_api.expect(story.last).to_contain_text("attempt 1: handled")
