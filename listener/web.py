@@ -75,9 +75,19 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
             response.set_cookie(CSRF_COOKIE, cookie, httponly=True, samesite="strict")
         return response
 
+    async def counts() -> tuple[list[Any], float, Any, str | None]:
+        """The listeners' counts and the delay levels', or what is missing to find the
+        listeners (no modules named, and no management API to list their queues)."""
+        try:
+            rows, age = await _broker(console.broker.overview)
+        except HTTPException as exc:
+            if exc.status_code != 404 or console.broker.listeners is not None:
+                raise
+            return [], 0.0, None, str(exc.detail)
+        return rows, age, await _broker(console.broker.delays), None
+
     async def overview(request: Request) -> Response:
-        rows, age = await _broker(console.broker.overview)
-        delays = await _broker(console.broker.delays)
+        rows, age, delays, missing = await counts()
         # The counts come from the broker: a ledger that does not answer costs only the charts
         # (and the per-listener delayed counts, which only the ledger knows).
         try:
@@ -89,6 +99,7 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
             request,
             "overview.html",
             rows=rows,
+            missing=missing,
             delays=delays,
             delayed=delayed,
             age=age,
@@ -101,8 +112,7 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
         )
 
     async def overview_json(_request: Request) -> Response:
-        rows, age = await _broker(console.broker.overview)
-        delays = await _broker(console.broker.delays)
+        rows, age, delays, missing = await counts()
         delayed: dict[str, int] = {}
         if console.jobs.available:
             with contextlib.suppress(HTTPException):  # the ledger's part only
@@ -112,14 +122,15 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
                 "listeners": [
                     {**asdict(row), "delayed": delayed.get(row.queue, 0)} for row in rows
                 ],
-                "delay_levels": asdict(delays),
+                "delay_levels": None if delays is None else asdict(delays),
                 "age": round(age, 1),
+                "missing": missing,
             }
         )
 
     async def parked_index(request: Request) -> Response:
-        rows, _ = await _broker(console.broker.overview)
-        return render(request, "parked_index.html", rows=rows)
+        rows, _age, _delays, missing = await counts()
+        return render(request, "parked_index.html", rows=rows, missing=missing)
 
     async def parked(request: Request) -> Response:
         queue = request.path_params["queue"]

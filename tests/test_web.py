@@ -308,6 +308,40 @@ def test_topology_draws_exchange_queue_delay_and_dead_queues(settings, mailer):
     assert all(spec.name in page.text for spec in topology.delays)
 
 
+def test_without_modules_or_management_api_the_pages_say_what_is_missing(settings, mailer):
+    nowhere = settings.model_copy(update={"management_url": "http://127.0.0.1:9"})
+    client = TestClient(create_app(Console(BrokerSource(nowhere, None), NO_LEDGER)))
+
+    for path in ("/", "/parked", "/topology", "/schedules"):
+        page = client.get(path)
+        assert page.status_code == 200, path
+        assert "amqp-listener web myapp.listeners" in page.text, path
+    assert "enable the management plugin" in client.get("/").text
+    assert "enable the management plugin" in client.get("/parked").text
+    assert client.get("/api/overview").json()["listeners"] == []
+
+
+def test_with_modules_but_no_management_api_the_overview_says_what_unacked_needs(settings, mailer):
+    nowhere = settings.model_copy(update={"management_url": "http://127.0.0.1:9"})
+    client = TestClient(create_app(Console(BrokerSource(nowhere, [mailer]), NO_LEDGER)))
+
+    page = client.get("/")
+
+    assert page.status_code == 200 and mailer.queue in page.text
+    assert "Unacked counts need the RabbitMQ management plugin" in page.text
+
+
+def test_without_modules_the_management_api_finds_the_listener_queues(settings, mailer, management):
+    counts = {"messages_ready": 0, "messages_unacknowledged": 0, "consumers": 0}
+    management.queues = {name: counts for name in (mailer.queue, f"{mailer.queue}.dead")}
+    watched = settings.model_copy(update={"management_url": management.url})
+    client = TestClient(create_app(Console(BrokerSource(watched, None), NO_LEDGER)))
+
+    (row,) = client.get("/api/overview").json()["listeners"]
+
+    assert row["queue"] == mailer.queue and row["parked"] == 0
+
+
 def test_workers_and_jobs_say_they_need_the_ledger(settings, mailer):
     client = TestClient(console_app(settings, mailer)[0])
 
