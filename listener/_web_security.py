@@ -3,7 +3,7 @@
 * Binding anything but loopback needs credentials (`bind_refusal`).
 * With credentials, every request needs them: HTTP Basic (`--auth user:pass`) or a bearer
   token (`AMQP_LISTENER_WEB_TOKEN`); without, a 401 and no data.
-* Every response carries a Content-Security-Policy that allows only the console's own
+* Every response (a 500 too) carries a Content-Security-Policy that allows only the console's own
   scripts and styles and forbids framing, plus nosniff, X-Frame-Options and
   Referrer-Policy.
 * Actions are POSTs carrying a CSRF token: an HMAC, under a key made at start-up, of a
@@ -130,8 +130,12 @@ class SecurityMiddleware:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def send_with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = [
                     (name, value)
                     for name, value in message.get("headers", [])
@@ -147,7 +151,15 @@ class SecurityMiddleware:
                 refusal = _unauthorized(self.credentials)
                 await refusal(scope, receive, send_with_headers)
                 return
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            # Starlette's own 500 page is sent from outside this middleware, without the
+            # headers: send one here (no detail), and let the error go on to be logged.
+            if not started:
+                failure = PlainTextResponse("500: the console failed; see its log.\n", 500)
+                await failure(scope, receive, send_with_headers)
+            raise
 
 
 def _unauthorized(credentials: Credentials) -> Response:

@@ -167,6 +167,24 @@ def test_every_response_carries_the_security_headers(settings, mailer):
         assert "frame-ancestors 'none'" in policy and "script-src 'self'" in policy
 
 
+def test_an_unexpected_failure_is_a_500_with_the_security_headers_and_no_detail(
+    settings, mailer, monkeypatch
+):
+    app, broker = console_app(settings, mailer)
+
+    def broken() -> None:
+        raise RuntimeError("internal detail amqp://guest:guest@broker")
+
+    monkeypatch.setattr(broker, "overview", broken)
+    response = TestClient(app, raise_server_exceptions=False).get("/")
+
+    assert response.status_code == 500
+    assert "internal detail" not in response.text and "guest" not in response.text
+    for name, value in SECURITY_HEADERS.items():
+        assert response.headers[name] == value, name
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+
+
 # -- pages ---------------------------------------------------------------------------------
 
 
