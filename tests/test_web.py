@@ -80,6 +80,16 @@ def test_with_basic_credentials_or_the_token_pages_answer_without_showing_them(s
     assert "guest:guest" not in by_password.text  # nor the broker URL's password
 
 
+def test_a_broker_that_does_not_answer_is_a_502_without_its_password(settings, mailer):
+    away = settings.with_url("amqp://ops:t0p-s3cret@127.0.0.1:1/%2F")
+    client = TestClient(console_app(away, mailer)[0])
+
+    for path in ("/", "/api/overview", f"/parked/{mailer.queue}"):
+        page = client.get(path)
+        assert page.status_code == 502, path
+        assert "127.0.0.1:1" in page.text and "t0p-s3cret" not in page.text, path
+
+
 def test_an_action_without_or_with_a_forged_csrf_token_is_refused_and_changes_nothing(
     settings, mailer, rabbit
 ):
