@@ -30,6 +30,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from listener._web_data import BrokerSource, JobSource, LedgerError
+from listener._web_graph import PAD, layout
 from listener._web_security import CSRF_COOKIE, Credentials, Csrf, SecurityMiddleware
 from listener.errors import BrokerError, ConfigurationError, ListenerError, PublishError
 from listener.jobs import STATES, UNFINISHED, Activity
@@ -183,7 +184,8 @@ def create_app(console: Console, credentials: Credentials | None = None) -> Star
         return render(request, "done.html", queue=queue, action=action, result=result)
 
     async def topology(request: Request) -> Response:
-        return render(request, "topology.html", rows=console.broker.topology())
+        rows = console.broker.topology()
+        return render(request, "topology.html", rows=rows, graph=layout(rows), pad=PAD)
 
     async def schedules(request: Request) -> Response:
         rows = await _broker(console.broker.schedules)

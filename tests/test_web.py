@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from starlette.testclient import TestClient
 from support.web import NO_LEDGER, FakeManagement, console_app, csrf_token, declared_listener, park
 
-from listener import topology
+from listener import Listener, topology
 from listener._operator_connection import OperatorConnection
 from listener._web_data import BrokerSource
 from listener._web_security import Credentials
@@ -334,6 +335,43 @@ def test_topology_draws_exchange_queue_delay_and_dead_queues(settings, mailer):
     for name in (topology.exchange, mailer.queue, f"{mailer.queue}.dead"):
         assert name in page.text
     assert all(spec.name in page.text for spec in topology.delays)
+
+
+def test_topology_is_drawn_as_a_graph_of_nodes_and_edges(settings, unique):
+    class Invoices(Listener):
+        subscribes_to = f"{unique}.invoice.created"
+        queue = f"{unique}.invoices"
+        retry_delays = (1, 30)
+
+        def handle(self, message: dict) -> None: ...
+
+    class Refunds(Listener):
+        subscribes_to = f"{unique}.refund.#"
+        queue = f"{unique}.refunds"
+        retry_delays = (5,)
+
+        def handle(self, message: dict) -> None: ...
+
+    broker = BrokerSource(settings, [Invoices, Refunds])
+    page = TestClient(create_app(Console(broker, NO_LEDGER))).get("/topology")
+
+    assert page.status_code == 200
+    svg = page.text.split('<svg id="topology-graph"', 1)[1].split("</svg>", 1)[0]
+    nodes = re.findall(r'data-node="(\w+)">\s*<title>([^<]+)</title>', svg)
+    edges = re.findall(r'data-edge="(\w+)" data-from="([^"]+)" data-to="([^"]+)"', svg)
+    exchange = Invoices.topology().exchange
+    assert sorted(nodes) == sorted(
+        [("exchange", exchange)]
+        + [("queue", cls.queue) for cls in (Invoices, Refunds)]
+        + [("delay", spec.name) for cls in (Invoices, Refunds) for spec in cls.topology().delays]
+        + [("dead", f"{cls.queue}.dead") for cls in (Invoices, Refunds)]
+    )
+    assert ("binding", exchange, Invoices.queue) in edges
+    assert ("binding", exchange, Refunds.queue) in edges
+    assert ("retry", Invoices.queue, Invoices.topology().delays[1].name) in edges
+    assert ("parked", Refunds.queue, f"{Refunds.queue}.dead") in edges
+    assert len(edges) == 2 + 3 + 2
+    assert "refund.#" in svg  # the binding keys label their edges
 
 
 def test_without_modules_or_management_api_the_pages_say_what_is_missing(settings, mailer):
