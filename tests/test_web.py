@@ -155,6 +155,20 @@ def test_the_console_refuses_to_start_on_a_public_address_without_authentication
     ]
 
 
+def test_without_the_web_extra_the_command_says_which_extra_to_install(amqp_url, tmp_path):
+    (tmp_path / "uvicorn.py").write_text("raise ImportError('absent', name='uvicorn')\n")
+    env = {**os.environ, "AMQP_URL": amqp_url, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run(
+        [CLI, "web"], capture_output=True, text=True, timeout=30, env=env, check=False
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "amqp-listener: error: the web console needs its extra (uvicorn is missing): "
+        "pip install 'amqp-listener[web]'"
+    ]
+
+
 # -- what every response carries -----------------------------------------------------------
 
 
