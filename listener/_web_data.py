@@ -14,6 +14,7 @@ Every call here is synchronous (pika); the app runs them in a worker thread.
 from __future__ import annotations
 
 import datetime as dt
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,9 +44,11 @@ T = TypeVar("T")
 
 #: Seconds the overview's counts are reused: the idle cost promised to the broker.
 OVERVIEW_TTL = 5.0
-#: Seconds a delay queue found missing is not asked about again (only the delay queues of
-#: earlier versions are ever missing for long, and nothing declares them any more).
-ABSENT_TTL = 60.0
+#: Seconds, on average, a delay queue found missing is not asked about again (only the delay
+#: queues of earlier versions are ever missing for long, and nothing declares them any more).
+#: Each is asked again after 0.5 to 1.5 times this, so that the questions spread over the
+#: refreshes instead of all coming back in one slow refresh.
+ABSENT_TTL = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +79,7 @@ class BrokerSource:
         self.ttl = ttl
         self._lock = threading.Lock()
         self._cached: tuple[float, list[QueueStatus], DelayStatus] | None = None
-        self._absent: set[str] = set()
-        self._absent_since = time.monotonic()
+        self._absent: dict[str, float] = {}  # delay queue -> when to ask about it again
         self.queries = 0  # how many times the broker was asked (tests read it)
 
     def overview(self) -> tuple[list[QueueStatus], float]:
@@ -93,11 +95,14 @@ class BrokerSource:
         with self._lock:
             now = time.monotonic()
             if self._cached is None or now - self._cached[0] >= self.ttl:
-                if now - self._absent_since >= ABSENT_TTL:
-                    self._absent, self._absent_since = set(), now
+                absent = {name for name, until in self._absent.items() if until > now}
+                known = set(absent)
                 with Operator(self.settings) as operator:
-                    rows = operator.status(self.listeners, absent=self._absent)
+                    rows = operator.status(self.listeners, absent=absent)
                     delays = operator.delay_status()
+                self._absent = {name: self._absent[name] for name in known}
+                for name in absent - known:  # found missing just now
+                    self._absent[name] = now + ABSENT_TTL * random.uniform(0.5, 1.5)
                 self.queries += 1
                 self._cached = (time.monotonic(), rows, delays)
             taken, rows, delays = self._cached
