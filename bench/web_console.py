@@ -2,7 +2,8 @@
 
 * **Overview:** the server time of `GET /` with `--listeners` declared listeners (50): the
   console's first (which also asks about every delay queue of earlier versions), then
-  renders asking the broker afresh (a cache miss, as every 5 s), and from the cache.
+  renders asking the broker afresh (a cache miss, as every 5 s), and from the cache; then
+  the same beside a stand-in management API that lists the declared queues.
 * **Parked page:** the first page of one listener holding `--parked` parked messages of
   1 KiB (100,000): the server time of `GET /parked/QUEUE`, and the process's peak RSS
   before and after.
@@ -187,6 +188,9 @@ def main() -> None:
             declared += _declare(channel, cls)
         results["overview"] = overview(settings, listeners, args.rounds)
         print(json.dumps({"overview": results["overview"]}), file=sys.stderr)
+        with _management(declared) as (base, _requests):
+            watched = settings.model_copy(update={"management_url": base})
+            results["overview_with_management"] = overview(watched, listeners, args.rounds)
         if args.idle:
             results["idle_one_listener"] = idle(settings, listeners[:1], declared, args.idle)
             results["idle"] = idle(settings, listeners, declared, args.idle)
