@@ -3,8 +3,8 @@
 * Binding anything but loopback needs credentials (`bind_refusal`).
 * With credentials, every request needs them: HTTP Basic (`--auth user:pass`) or a bearer
   token (`AMQP_LISTENER_WEB_TOKEN`); without, a 401 and no data.
-* Every response (a 500 too) carries a Content-Security-Policy that allows only the console's own
-  scripts and styles and forbids framing, plus nosniff, X-Frame-Options and
+* Every response, a 500 too, carries a Content-Security-Policy that allows only the
+  console's own scripts and styles and forbids framing, plus nosniff, X-Frame-Options and
   Referrer-Policy.
 * Actions are POSTs carrying a CSRF token: an HMAC, under a key made at start-up, of a
   random cookie set on the first page (a forged page can neither read the cookie nor
