@@ -171,9 +171,9 @@ def test_every_parked_message_is_purged_after_a_confirmation(page, settings, uni
     app, _ = console_app(settings, mailer)
     with serving(app) as base:
         page.goto(base + "/parked")
+        shoot(page, "parked-index")
         page.get_by_role("link", name=f"{mailer.queue}.dead").click()
         assert all(message_id in page.inner_text("#parked") for message_id in ids)
-        shoot(page, "parked-index")
         page.get_by_role("button", name="Purge all 2…").click()
         heading = page.get_by_role("heading", level=1)
         playwright_api.expect(heading).to_contain_text("Purge every parked message")
