@@ -211,6 +211,12 @@ def test_jobs_show_of_an_unknown_id_fails_and_names_a_gap_that_may_explain_it(
     assert result.exit_code == 1
     assert "no record of message nope" in result.output
     assert "gap: 42 record(s) dropped between" in result.output
+    as_json = invoke(database_url, "jobs", "show", "nope", "--json")
+    assert as_json.exit_code == 1
+    document = json.loads(as_json.stdout)
+    assert (document["jobs"], document["gaps"][0]["dropped"]) == ([], 42)
+    [line] = as_json.stderr.splitlines()
+    assert "no record of message nope" in line
 
 
 def test_jobs_list_filters_by_tag_and_state_and_runs_oldest_first(
