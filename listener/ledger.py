@@ -35,8 +35,10 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    exists,
     func,
     inspect,
+    or_,
     select,
     text,
 )
@@ -414,12 +416,35 @@ def prune(
     `failed_before` otherwise (parked, or never finished). Small batches keep each
     transaction, and its locks, short; the caller repeats while something was deleted.
     """
+    # Only messages that expire: a candidate that has to stay would come back first in every
+    # batch, and hold up the pruning of those behind it for good.
+    later = attempts.alias("later")
     handled = (
         select(attempts.c.message_id)
-        .where(attempts.c.outcome == "handled", attempts.c.finished_at < handled_before)
+        .where(
+            attempts.c.outcome == "handled",
+            attempts.c.finished_at < handled_before,
+            ~exists().where(
+                later.c.message_id == attempts.c.message_id,
+                or_(
+                    later.c.outcome == "parked",
+                    func.coalesce(later.c.finished_at, later.c.started_at) >= handled_before,
+                ),
+            ),
+        )
         .limit(batch)
     )
-    old = select(attempts.c.message_id).where(attempts.c.started_at < failed_before).limit(batch)
+    old = (
+        select(attempts.c.message_id)
+        .where(
+            attempts.c.started_at < failed_before,
+            ~exists().where(
+                later.c.message_id == attempts.c.message_id,
+                func.coalesce(later.c.finished_at, later.c.started_at) >= failed_before,
+            ),
+        )
+        .limit(batch)
+    )
     candidates = set(connection.execute(handled).scalars()) | set(connection.execute(old).scalars())
     connection.execute(delete(gaps).where(gaps.c.ended_at < failed_before))
     connection.execute(delete(workers).where(workers.c.seen_at < handled_before))

@@ -302,3 +302,47 @@ def test_a_running_job_whose_worker_stopped_reporting_says_so_instead_of_running
     with engine.begin() as connection:
         report_worker(connection, "host-a", 100, WorkerBeat(("app:Orders",), NOW, [], 0, 0, 0))
     assert jobs.show("m1", engine=engine)[0].where == "being handled on host-a pid 100"
+
+
+def test_a_replayed_message_that_was_then_handled_shows_handled_after_its_parking(
+    engine: Engine, database_url: str
+) -> None:
+    # A replay resets the attempt count: the replayed delivery is attempt 1 again.
+    write(
+        engine,
+        record("m1", 0, "pending", NOW - dt.timedelta(minutes=10), tags=("Case:7",)),
+        record("m1", 1, "retried", NOW - dt.timedelta(minutes=10), next_queue="orders.retry.1s"),
+        record("m1", 2, "parked", NOW - dt.timedelta(minutes=9), next_queue="orders.dead"),
+        record("m1", 1, "handled", NOW - dt.timedelta(minutes=1)),
+    )
+    [job] = jobs.show("m1", engine=engine)
+    assert [(a.attempt, a.outcome) for a in job.attempts] == [
+        (0, "pending"),
+        (1, "retried"),
+        (2, "parked"),
+        (1, "handled"),
+    ]
+    assert (job.state, job.where) == ("handled", "nowhere (acked)")
+    [found] = jobs.find(tag="Case:7", engine=engine)
+    assert found.state == "handled"
+    assert jobs.find(tag="Case:7", state="parked", engine=engine) == []
+    assert jobs.find(state="parked", engine=engine) == []
+
+
+def test_retention_is_not_held_up_by_handled_messages_kept_for_a_parked_record(
+    engine: Engine,
+) -> None:
+    old = NOW - 5 * DAY
+    kept = [
+        record(f"replayed-{n}", attempt, outcome, old + dt.timedelta(seconds=attempt))
+        for n in range(3)
+        for attempt, outcome in ((1, "parked"), (2, "handled"))
+    ]
+    write(engine, *kept, record("handled-old", 1, "handled", old + dt.timedelta(hours=1)))
+    with engine.begin() as connection:
+        deleted = prune(
+            connection, handled_before=NOW - 3 * DAY, failed_before=NOW - 30 * DAY, batch=2
+        )
+    assert deleted == 1
+    left = {job.message_id for job in jobs.find(engine=engine)}
+    assert left == {"replayed-0", "replayed-1", "replayed-2"}
