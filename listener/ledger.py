@@ -330,12 +330,15 @@ def record_lost(
     """Record each entry as a `worker_lost` attempt; returns how many were recorded.
 
     The `running` row the worker wrote for that attempt, if it got that far, becomes the
-    `worker_lost` one; otherwise a new row is added.
+    `worker_lost` one; otherwise a new row is added. The dead worker leaves the workers
+    view at once, rather than after 30 s of silence as busy with a message that another
+    worker may run by then.
     """
     finished = now or dt.datetime.now(dt.UTC)
     count = 0
     with engine.begin() as connection:
         for entry in entries:
+            forget_worker(connection, entry.host, entry.pid)
             running = attempts.c.outcome == "running"
             match = and_(
                 attempts.c.message_id == entry.message_id,

@@ -143,6 +143,19 @@ def test_a_lost_worker_turns_its_running_attempt_into_worker_lost(engine: Engine
     assert rows(engine) == 1
 
 
+def test_a_worker_that_died_running_a_message_leaves_the_workers_view_at_once(
+    engine: Engine,
+) -> None:
+    started = NOW - dt.timedelta(seconds=2)
+    running = [{"message_id": "m1", "listener": "app:Orders", "since": started.isoformat()}]
+    with engine.begin() as connection:
+        report_worker(connection, "host-a", 100, WorkerBeat(("app:Orders",), NOW, running, 0, 0, 0))
+        report_worker(connection, "host-a", 101, WorkerBeat(("app:Orders",), NOW, [], 0, 0, 0))
+    record_lost(engine, [LostAttempt("m1", "app:Orders", "orders", "host-a", 100, started)])
+    # Not "busy with m1" until it has been silent for 30 s: the message runs elsewhere now.
+    assert [(w.host, w.pid) for w in jobs.workers(engine=engine)] == [("host-a", 101)]
+
+
 def test_a_second_death_of_one_message_is_its_next_attempt(engine: Engine) -> None:
     first = LostAttempt(
         "m1", "app:Orders", "orders", "host-a", 100, NOW - 2 * dt.timedelta(seconds=5)
