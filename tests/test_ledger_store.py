@@ -213,6 +213,30 @@ def test_jobs_show_tells_the_story_and_where_the_message_is_now(
     ]
 
 
+def test_a_message_waiting_for_its_retry_is_retrying_in_its_delay_queue_and_unfinished(
+    engine: Engine, database_url: str
+) -> None:
+    write(
+        engine,
+        record("m1", 0, "pending", NOW, tags=("Case:5",)),
+        record("m1", 1, "retried", NOW, next_queue="orders.retry.2s", exception_type="OSError"),
+        record("m2", 0, "pending", NOW, tags=("Case:5",)),
+        record("m2", 1, "handled", NOW),
+    )
+    [job] = jobs.show("m1", engine=engine)
+    assert (job.state, job.where) == ("retrying", "orders.retry.2s")
+    unfinished = jobs.find(tag="Case:5", state=jobs.UNFINISHED, engine=engine)
+    assert [found.message_id for found in unfinished] == ["m1"]
+    result = invoke(database_url, "jobs", "show", "m1")
+    assert "state: retrying   now: orders.retry.2s" in result.output
+    listed = json.loads(
+        invoke(
+            database_url, "jobs", "list", "--tag", "Case:5", "--state", "retrying", "--json"
+        ).output
+    )
+    assert [found["message_id"] for found in listed["jobs"]] == ["m1"]
+
+
 def test_jobs_show_of_an_unknown_id_fails_and_names_a_gap_that_may_explain_it(
     engine: Engine, database_url: str
 ) -> None:
