@@ -60,7 +60,8 @@ def show(
             }
         )
         if not found:
-            raise typer.Exit(1)
+            more = " (records were dropped in its gaps: it may have run then)" if gaps else ""
+            _fail(f"no record of message {message_id} in the ledger{more}", 1)
         return
     if not found:
         for gap in gaps:

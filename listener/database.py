@@ -145,15 +145,16 @@ def describe_error(exc: BaseException, url: str) -> str:
     if password:
         detail = detail.replace(password, "***")
     kind = type(original).__name__
-    if kind in {"OperationalError", "InterfaceError"}:
-        return (
-            f"the database at {where} is unreachable or refused ({detail}); check that it "
-            "runs and that AMQP_LISTENER_DATABASE_URL is right"
-        )
+    # Before the unreachable case: SQLite reports a missing table as an OperationalError.
     if kind in {"UndefinedTable"} or "no such table" in detail:
         return (
             f"the database at {where} has no ledger tables ({detail}); run "
             "`amqp-listener db upgrade`"
+        )
+    if kind in {"OperationalError", "InterfaceError"}:
+        return (
+            f"the database at {where} is unreachable or refused ({detail}); check that it "
+            "runs and that AMQP_LISTENER_DATABASE_URL is right"
         )
     return f"the database at {where} failed: {kind}: {detail}"
 

@@ -157,7 +157,7 @@ def show(message_id: str, *, engine: Engine | None = None) -> list[Job]:
         rows = connection.execute(
             attempts.select()
             .where(attempts.c.message_id == message_id)
-            .order_by(attempts.c.listener, attempts.c.attempt, attempts.c.started_at)
+            .order_by(attempts.c.listener, *_story_order())
         ).all()
         return _jobs(connection, rows)
 
@@ -367,11 +367,7 @@ def _find(
             func.row_number()
             .over(
                 partition_by=(attempts.c.message_id, attempts.c.listener),
-                order_by=(
-                    attempts.c.attempt.desc(),
-                    attempts.c.started_at.desc(),
-                    attempts.c.id.desc(),
-                ),
+                order_by=[column.desc() for column in _story_order()],
             )
             .label("rank"),
         )
@@ -394,7 +390,7 @@ def _find(
     rows = connection.execute(
         attempts.select()
         .where(attempts.c.message_id.in_({key.message_id for key in keys}))
-        .order_by(attempts.c.listener, attempts.c.attempt, attempts.c.started_at)
+        .order_by(attempts.c.listener, *_story_order())
     ).all()
     wanted = {(key.message_id, key.listener) for key in keys}
     found = [job for job in _jobs(connection, rows) if (job.message_id, job.listener) in wanted]
@@ -436,7 +432,7 @@ def _recent(
         rows = connection.execute(
             attempts.select()
             .where(attempts.c.message_id.in_({message_id for message_id, _ in wanted}))
-            .order_by(attempts.c.listener, attempts.c.attempt, attempts.c.started_at)
+            .order_by(attempts.c.listener, *_story_order())
         ).all()
         found = [
             job
@@ -446,6 +442,23 @@ def _recent(
         if len(found) >= limit or len(keys) < window or window >= _WIDEST:
             return sorted(found, key=lambda job: job.updated_at)[-limit:]
         window *= 4
+
+
+def _story_order() -> list[Any]:
+    """How a job's records follow each other: the publish first, then the attempts by when
+    they started. Not by attempt number alone: a replayed message starts again at attempt 1,
+    and its new attempts come after its parking. The number breaks ties between records of
+    one moment."""
+    from sqlalchemy import case
+
+    from listener.ledger import attempts
+
+    return [
+        case((attempts.c.attempt == 0, 0), else_=1),
+        attempts.c.started_at,
+        attempts.c.attempt,
+        attempts.c.id,
+    ]
 
 
 def _jobs(connection: Connection, rows: Sequence[Any]) -> list[Job]:

@@ -35,8 +35,10 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    exists,
     func,
     inspect,
+    or_,
     select,
     text,
 )
@@ -328,12 +330,15 @@ def record_lost(
     """Record each entry as a `worker_lost` attempt; returns how many were recorded.
 
     The `running` row the worker wrote for that attempt, if it got that far, becomes the
-    `worker_lost` one; otherwise a new row is added.
+    `worker_lost` one; otherwise a new row is added. The dead worker leaves the workers
+    view at once, rather than after 30 s of silence as busy with a message that another
+    worker may run by then.
     """
     finished = now or dt.datetime.now(dt.UTC)
     count = 0
     with engine.begin() as connection:
         for entry in entries:
+            forget_worker(connection, entry.host, entry.pid)
             running = attempts.c.outcome == "running"
             match = and_(
                 attempts.c.message_id == entry.message_id,
@@ -414,12 +419,35 @@ def prune(
     `failed_before` otherwise (parked, or never finished). Small batches keep each
     transaction, and its locks, short; the caller repeats while something was deleted.
     """
+    # Only messages that expire: a candidate that has to stay would come back first in every
+    # batch, and hold up the pruning of those behind it for good.
+    later = attempts.alias("later")
     handled = (
         select(attempts.c.message_id)
-        .where(attempts.c.outcome == "handled", attempts.c.finished_at < handled_before)
+        .where(
+            attempts.c.outcome == "handled",
+            attempts.c.finished_at < handled_before,
+            ~exists().where(
+                later.c.message_id == attempts.c.message_id,
+                or_(
+                    later.c.outcome == "parked",
+                    func.coalesce(later.c.finished_at, later.c.started_at) >= handled_before,
+                ),
+            ),
+        )
         .limit(batch)
     )
-    old = select(attempts.c.message_id).where(attempts.c.started_at < failed_before).limit(batch)
+    old = (
+        select(attempts.c.message_id)
+        .where(
+            attempts.c.started_at < failed_before,
+            ~exists().where(
+                later.c.message_id == attempts.c.message_id,
+                func.coalesce(later.c.finished_at, later.c.started_at) >= failed_before,
+            ),
+        )
+        .limit(batch)
+    )
     candidates = set(connection.execute(handled).scalars()) | set(connection.execute(old).scalars())
     connection.execute(delete(gaps).where(gaps.c.ended_at < failed_before))
     connection.execute(delete(workers).where(workers.c.seen_at < handled_before))

@@ -3,6 +3,7 @@ concurrent), on SQLite and on the real PostgreSQL."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -60,6 +61,20 @@ def test_an_unreachable_database_is_one_line_without_the_password() -> None:
     assert "secret" not in line
     assert "unreachable" in line
     assert "\n" not in line
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_database_without_the_tables_says_to_run_db_upgrade(tmp_path: Path, kind: str) -> None:
+    with contextlib.ExitStack() as stack:
+        url = f"sqlite:///{tmp_path}/fresh.db"
+        if kind == "postgresql":
+            url = stack.enter_context(scratch_postgres())
+        result = CliRunner().invoke(app, ["jobs", "show", "x", "--database-url", url])
+    assert result.exit_code == 1
+    [line] = result.output.splitlines()
+    assert "has no ledger tables" in line
+    assert "amqp-listener db upgrade" in line
+    assert "unreachable" not in line
 
 
 def test_upgrade_creates_every_table_then_has_nothing_left_to_do(tmp_path: Path) -> None:

@@ -143,6 +143,19 @@ def test_a_lost_worker_turns_its_running_attempt_into_worker_lost(engine: Engine
     assert rows(engine) == 1
 
 
+def test_a_worker_that_died_running_a_message_leaves_the_workers_view_at_once(
+    engine: Engine,
+) -> None:
+    started = NOW - dt.timedelta(seconds=2)
+    running = [{"message_id": "m1", "listener": "app:Orders", "since": started.isoformat()}]
+    with engine.begin() as connection:
+        report_worker(connection, "host-a", 100, WorkerBeat(("app:Orders",), NOW, running, 0, 0, 0))
+        report_worker(connection, "host-a", 101, WorkerBeat(("app:Orders",), NOW, [], 0, 0, 0))
+    record_lost(engine, [LostAttempt("m1", "app:Orders", "orders", "host-a", 100, started)])
+    # Not "busy with m1" until it has been silent for 30 s: the message runs elsewhere now.
+    assert [(w.host, w.pid) for w in jobs.workers(engine=engine)] == [("host-a", 101)]
+
+
 def test_a_second_death_of_one_message_is_its_next_attempt(engine: Engine) -> None:
     first = LostAttempt(
         "m1", "app:Orders", "orders", "host-a", 100, NOW - 2 * dt.timedelta(seconds=5)
@@ -200,6 +213,30 @@ def test_jobs_show_tells_the_story_and_where_the_message_is_now(
     ]
 
 
+def test_a_message_waiting_for_its_retry_is_retrying_in_its_delay_queue_and_unfinished(
+    engine: Engine, database_url: str
+) -> None:
+    write(
+        engine,
+        record("m1", 0, "pending", NOW, tags=("Case:5",)),
+        record("m1", 1, "retried", NOW, next_queue="orders.retry.2s", exception_type="OSError"),
+        record("m2", 0, "pending", NOW, tags=("Case:5",)),
+        record("m2", 1, "handled", NOW),
+    )
+    [job] = jobs.show("m1", engine=engine)
+    assert (job.state, job.where) == ("retrying", "orders.retry.2s")
+    unfinished = jobs.find(tag="Case:5", state=jobs.UNFINISHED, engine=engine)
+    assert [found.message_id for found in unfinished] == ["m1"]
+    result = invoke(database_url, "jobs", "show", "m1")
+    assert "state: retrying   now: orders.retry.2s" in result.output
+    listed = json.loads(
+        invoke(
+            database_url, "jobs", "list", "--tag", "Case:5", "--state", "retrying", "--json"
+        ).output
+    )
+    assert [found["message_id"] for found in listed["jobs"]] == ["m1"]
+
+
 def test_jobs_show_of_an_unknown_id_fails_and_names_a_gap_that_may_explain_it(
     engine: Engine, database_url: str
 ) -> None:
@@ -211,6 +248,12 @@ def test_jobs_show_of_an_unknown_id_fails_and_names_a_gap_that_may_explain_it(
     assert result.exit_code == 1
     assert "no record of message nope" in result.output
     assert "gap: 42 record(s) dropped between" in result.output
+    as_json = invoke(database_url, "jobs", "show", "nope", "--json")
+    assert as_json.exit_code == 1
+    document = json.loads(as_json.stdout)
+    assert (document["jobs"], document["gaps"][0]["dropped"]) == ([], 42)
+    [line] = as_json.stderr.splitlines()
+    assert "no record of message nope" in line
 
 
 def test_jobs_list_filters_by_tag_and_state_and_runs_oldest_first(
@@ -296,3 +339,47 @@ def test_a_running_job_whose_worker_stopped_reporting_says_so_instead_of_running
     with engine.begin() as connection:
         report_worker(connection, "host-a", 100, WorkerBeat(("app:Orders",), NOW, [], 0, 0, 0))
     assert jobs.show("m1", engine=engine)[0].where == "being handled on host-a pid 100"
+
+
+def test_a_replayed_message_that_was_then_handled_shows_handled_after_its_parking(
+    engine: Engine, database_url: str
+) -> None:
+    # A replay resets the attempt count: the replayed delivery is attempt 1 again.
+    write(
+        engine,
+        record("m1", 0, "pending", NOW - dt.timedelta(minutes=10), tags=("Case:7",)),
+        record("m1", 1, "retried", NOW - dt.timedelta(minutes=10), next_queue="orders.retry.1s"),
+        record("m1", 2, "parked", NOW - dt.timedelta(minutes=9), next_queue="orders.dead"),
+        record("m1", 1, "handled", NOW - dt.timedelta(minutes=1)),
+    )
+    [job] = jobs.show("m1", engine=engine)
+    assert [(a.attempt, a.outcome) for a in job.attempts] == [
+        (0, "pending"),
+        (1, "retried"),
+        (2, "parked"),
+        (1, "handled"),
+    ]
+    assert (job.state, job.where) == ("handled", "nowhere (acked)")
+    [found] = jobs.find(tag="Case:7", engine=engine)
+    assert found.state == "handled"
+    assert jobs.find(tag="Case:7", state="parked", engine=engine) == []
+    assert jobs.find(state="parked", engine=engine) == []
+
+
+def test_retention_is_not_held_up_by_handled_messages_kept_for_a_parked_record(
+    engine: Engine,
+) -> None:
+    old = NOW - 5 * DAY
+    kept = [
+        record(f"replayed-{n}", attempt, outcome, old + dt.timedelta(seconds=attempt))
+        for n in range(3)
+        for attempt, outcome in ((1, "parked"), (2, "handled"))
+    ]
+    write(engine, *kept, record("handled-old", 1, "handled", old + dt.timedelta(hours=1)))
+    with engine.begin() as connection:
+        deleted = prune(
+            connection, handled_before=NOW - 3 * DAY, failed_before=NOW - 30 * DAY, batch=2
+        )
+    assert deleted == 1
+    left = {job.message_id for job in jobs.find(engine=engine)}
+    assert left == {"replayed-0", "replayed-1", "replayed-2"}

@@ -9,7 +9,9 @@ The write is synchronous, in the supervisor's own loop: deaths are rare, a threa
 process that forks its workers could hand them a lock held mid-write, and a child process
 for one row is more machinery than the row. It is bounded instead: a database that does
 not answer within a few seconds costs the supervisor that long once, and the attempt is
-logged as not recorded (the ledger shows a gap for it, not a false "did not run").
+logged as not recorded. The ledger then keeps what the worker wrote: a `running` row for an
+attempt older than its recorder's half second, which `jobs show` reports as run by a worker
+that stopped reporting, not as a false "did not run".
 """
 
 from __future__ import annotations
