@@ -97,6 +97,29 @@ def test_the_relay_command_publishes_what_committed_and_stops_on_sigterm(
     assert "published=100" in relay.stderr
 
 
+def test_sigterm_mid_stream_stops_the_relay_once_its_batch_is_settled(
+    env: dict[str, str], engine: sa.Engine, unique: str, queue: str, rabbit: Any, tmp_path: Path
+) -> None:
+    write(engine, unique, N)
+    relay = start_relay(env, tmp_path, "relay")
+    try:
+        wait_until(lambda: rabbit.count(queue) > 0, 20, "the first messages")
+        relay.send(signal.SIGTERM)  # a batch is under way
+        assert relay.wait_exit(15) == 0
+    finally:
+        relay.kill()
+    left = waiting(engine)
+    counts = published(rabbit, queue)
+    sent = sum(counts.values())
+    assert left > 0, "the relay published everything before the signal: nothing was tested"
+    assert max(counts.values()) == 1
+    # Whole batches went out, and each was deleted: the batch under way was finished and
+    # settled, neither cut short nor left to be published again.
+    assert sent % BATCH_SIZE == 0
+    assert sent + left == N
+    assert f"published={sent}" in relay.stderr
+
+
 def test_the_relay_without_a_database_exits_2_naming_the_setting(
     env: dict[str, str],
 ) -> None:
