@@ -387,3 +387,43 @@ def test_the_outbox_lag_counts_the_rows_waiting_and_the_age_of_the_oldest(
     assert lag["rows_waiting"] == 2
     assert 60 <= lag["oldest_age_seconds"] < 90
     assert describe_lag(lag).startswith("outbox: 2 row(s) waiting to be published, the oldest 6")
+
+
+async def test_on_postgresql_a_commit_wakes_the_relay_at_once(
+    postgres_url: str,
+    shipper: type[Listener],
+    settings: Settings,
+    rabbit: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from listener import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "POLL_SECONDS", 120.0)  # only the NOTIFY is in time
+    engine = database.create_engine(postgres_url)
+    with engine.begin() as connection:  # the session's database: what other tests left
+        connection.execute(sa.delete(outbox_table))
+    relay = Relay(relay_settings(settings, postgres_url))
+    running = asyncio.create_task(relay.run())
+    try:
+        await eventually(lambda: listening(engine) == 1, timeout=10)
+        await asyncio.sleep(1.0)  # its first look found nothing: it sleeps for the poll
+        with Session(engine) as session, session.begin():
+            shipper.notify(order_id=1, session=session)
+        await eventually(lambda: relay.counts.published == 1, timeout=5)
+    finally:
+        relay.stop()
+        await asyncio.wait_for(running, 15)
+        engine.dispose()
+    assert order_ids(rabbit.drain(shipper.queue)) == [1]
+
+
+def listening(engine: sa.Engine) -> int:
+    with engine.connect() as connection:
+        return int(
+            connection.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND query = 'LISTEN amqp_listener_outbox'"
+                )
+            ).scalar_one()
+        )

@@ -120,6 +120,25 @@ def test_sigterm_mid_stream_stops_the_relay_once_its_batch_is_settled(
     assert f"published={sent}" in relay.stderr
 
 
+def test_the_relay_takes_its_urls_from_url_and_database_url(
+    env: dict[str, str], engine: sa.Engine, unique: str, queue: str, rabbit: Any, tmp_path: Path
+) -> None:
+    flags = ["--url", env["AMQP_URL"], "--database-url", env["AMQP_LISTENER_DATABASE_URL"]]
+    bare = {k: v for k, v in env.items() if k not in ("AMQP_URL", "AMQP_LISTENER_DATABASE_URL")}
+    relay = RelayProcess(
+        [EXECUTABLE, "relay", *flags], bare, tmp_path / "relay.out", tmp_path / "relay.err"
+    )
+    try:
+        relay.wait_log("outbox relay started")
+        write(engine, unique, 10)
+        wait_until(lambda: waiting(engine) == 0, 15, "the outbox to empty")
+        relay.send(signal.SIGTERM)
+        assert relay.wait_exit(15) == 0
+    finally:
+        relay.kill()
+    assert published(rabbit, queue) == collections.Counter(range(10))
+
+
 def test_the_relay_without_a_database_exits_2_naming_the_setting(
     env: dict[str, str],
 ) -> None:
