@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -224,6 +226,36 @@ def test_run_with_outbox_starts_a_relay_beside_the_workers_and_status_shows_the_
     finally:
         runner.kill()
     assert "outbox relay stopped" in runner.stderr
+
+
+RELAY_SERVING = re.compile(r"outbox relay pid=(\d+) serving ")
+
+
+def test_run_with_outbox_restarts_a_relay_killed_9(
+    env: dict[str, str], engine: sa.Engine, unique: str, rabbit: Any, tmp_path: Path
+) -> None:
+    rabbit.exchanges.add(unique)
+    rabbit.queues.update({f"{unique}.gated", f"{unique}.gated.dead", f"{unique}.gated.retry.100ms"})
+    runner = RunnerProcess(
+        [EXECUTABLE, "run", "tests.apps.gated", "--outbox"],
+        env,
+        tmp_path / "run.out",
+        tmp_path / "run.err",
+    )
+    try:
+        runner.wait_started(1)
+        runner.wait_log("outbox relay started")
+        first = int(RELAY_SERVING.findall(runner.stderr)[0])
+        os.kill(first, signal.SIGKILL)
+        runner.wait_log(f"outbox relay pid={first} died: killed by SIGKILL")
+        runner.wait_log("outbox relay started", count=2, timeout=30)
+        with Session(engine) as session, session.begin():
+            listener.publish(f"{unique}.work", {"n": 1, "action": "ok"}, session=session)
+        wait_until(lambda: list(tmp_path.glob("done-1-*")), 15, "message 1 to be handled")
+        runner.send(signal.SIGTERM)
+        assert runner.wait_exit(30) == 0
+    finally:
+        runner.kill()
 
 
 WRITER = """
