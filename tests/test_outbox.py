@@ -427,3 +427,22 @@ def listening(engine: sa.Engine) -> int:
                 )
             ).scalar_one()
         )
+
+
+@pytest.mark.parametrize("choice", ["uvloop", "asyncio"])
+def test_the_relay_runs_on_the_event_loop_the_settings_choose(
+    choice: str, settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """As the workers and notify_many() do: uvloop unless told otherwise."""
+    pytest.importorskip("uvloop")
+    from listener._cli_outbox import serve_relay
+
+    loops: list[str] = []
+
+    async def run(self: Relay) -> None:
+        loops.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
+
+    monkeypatch.setattr(Relay, "run", run)
+    chosen = relay_settings(settings, f"sqlite:///{tmp_path}/x.db", event_loop=choice)
+    assert serve_relay(chosen) == 0
+    assert loops == [choice]
