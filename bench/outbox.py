@@ -5,8 +5,12 @@
   when each arrives. Commit to delivery, p50 and p99: an upper bound of commit to confirm.
 - **writer cost**: one row per transaction, committed, with `session=` against a plain
   INSERT of the same row into a table of the same shape without the outbox's triggers.
-- **relay throughput**: `--n` committed rows drained by one relay, against `notify_many()`
-  of as many messages in the same run.
+- **relay throughput**: 4 x `--n` committed rows drained by one relay, against
+  `notify_many()` of as many messages in the same run.
+
+The writer cost and the throughput run `--repeats` times each, in an order that reverses
+every repeat; each shows medians and the median of the per-repeat ratios (`ratios` lists
+them: on a busy 2-core machine one run alone can be off by a quarter).
 
 Each run makes its own database (dropped after) and its own `bench-` exchange and queue.
 """
@@ -104,7 +108,9 @@ def latency(url: str, exchange: str, queue: str, rate: float, n: int) -> dict[st
     }
 
 
-def writer_cost(url: str, exchange: str, n: int) -> dict[str, float]:
+def writer_cost(url: str, exchange: str, n: int, repeats: int) -> dict[str, float]:
+    """Per repeat, `n` one-row transactions of each kind, in an order that reverses every
+    repeat; the medians, and the median of the per-repeat ratios."""
     engine = database.create_engine(url)
     plain = sa.Table(
         "bench_plain_outbox",
@@ -121,38 +127,91 @@ def writer_cost(url: str, exchange: str, n: int) -> dict[str, float]:
                 write(session)
         return (time.perf_counter() - start) / n * 1e6
 
+    def insert(session: Session) -> None:
+        session.execute(sa.insert(plain), [dict(row)])
+
+    def publish(session: Session) -> None:
+        listener.publish(f"{exchange}.k", {"i": 1}, session=session)
+
+    plain_us: list[float] = []
+    outbox_us: list[float] = []
     try:
-        timed(lambda s: s.execute(sa.insert(plain), [dict(row)]))  # warm up
-        plain_us = timed(lambda s: s.execute(sa.insert(plain), [dict(row)]))
-        outbox_us = timed(lambda s: listener.publish(f"{exchange}.k", {"i": 1}, session=s))
+        timed(insert)  # warm up
+        timed(publish)
+        for repeat in range(repeats):
+            if repeat % 2:
+                outbox_us.append(timed(publish))
+                plain_us.append(timed(insert))
+            else:
+                plain_us.append(timed(insert))
+                outbox_us.append(timed(publish))
     finally:
         plain.drop(engine)
         engine.dispose()
+    ratios = [o / p for o, p in zip(outbox_us, plain_us, strict=True)]
     return {
-        "plain_insert_us": round(plain_us, 1),
-        "publish_session_us": round(outbox_us, 1),
-        "ratio": round(outbox_us / plain_us, 3),
+        "plain_insert_us": round(statistics.median(plain_us), 1),
+        "publish_session_us": round(statistics.median(outbox_us), 1),
+        "ratio": round(statistics.median(ratios), 3),
+        "ratios": [round(ratio, 3) for ratio in ratios],
     }
 
 
-def throughput(url: str, exchange: str, queue: str, n: int) -> dict[str, float]:
+def throughput(url: str, exchange: str, queue: str, n: int, repeats: int) -> dict[str, Any]:
+    """Per repeat, `n` messages by `notify_many()` and `n` committed rows drained by one
+    relay, in an order that reverses every repeat; medians and the median ratio."""
+
     class Bench(Listener):
         subscribes_to = f"{exchange}.k"
 
         def handle(self, message: dict[str, Any]) -> None: ...
 
-    start = time.perf_counter()
-    Bench.notify_many([{"i": i} for i in range(n)])
-    direct = n / (time.perf_counter() - start)
+    Bench.notify({"i": -1})  # connected before the clock starts, as the relay is
     _purge(queue)
+
+    def direct() -> float:
+        start = time.perf_counter()
+        Bench.notify_many([{"i": i} for i in range(n)])
+        rate = n / (time.perf_counter() - start)
+        _purge(queue)
+        return rate
+
+    def relayed() -> float:
+        rate = _relay_rate(url, exchange, n)
+        _purge(queue)
+        return rate
+
+    directs: list[float] = []
+    relays: list[float] = []
+    for repeat in range(repeats):
+        if repeat % 2:
+            relays.append(relayed())
+            directs.append(direct())
+        else:
+            directs.append(direct())
+            relays.append(relayed())
+    ratios = [r / d for r, d in zip(relays, directs, strict=True)]
+    return {
+        "n": n,
+        "notify_many_per_s": round(statistics.median(directs)),
+        "relay_per_s": round(statistics.median(relays)),
+        "ratio": round(statistics.median(ratios), 3),
+        "ratios": [round(ratio, 3) for ratio in ratios],
+    }
+
+
+def _relay_rate(url: str, exchange: str, n: int) -> float:
+    """Commit `n` rows, start a relay, time it draining them (messages a second)."""
     engine = database.create_engine(url)
     bodies = [json.dumps({"i": i}).encode() for i in range(n)]
     with Session(engine) as session, session.begin():
         outbox.write(session, exchange, "k", bodies)
     env = {**os.environ, "AMQP_URL": AMQP, "AMQP_LISTENER_DATABASE_URL": url}
+    started = time.perf_counter()
     relay = subprocess.Popen([RELAY, "relay", "--log-level", "WARNING"], env=env)
     try:
-        first = None
+        first: float | None = None
+        left_at_first = n
         while True:
             with engine.connect() as connection:
                 left = connection.execute(
@@ -160,21 +219,19 @@ def throughput(url: str, exchange: str, queue: str, n: int) -> dict[str, float]:
                 ).scalar_one()
             now = time.perf_counter()
             if first is None and left < n:
-                first = now
+                # The clock starts once the first batch is done: only the rows left then
+                # count, so the relay's start-up is not timed and its first batch not free.
+                first, left_at_first = now, left
             if left == 0:
                 break
-            time.sleep(0.005)
+            time.sleep(0.02)  # a count of the table is not free: the relay's machine too
     finally:
         relay.terminate()
         relay.wait(15)
         engine.dispose()
-    relayed = n / (now - (first or now) + 1e-9)
-    return {
-        "n": n,
-        "notify_many_per_s": round(direct),
-        "relay_per_s": round(relayed),
-        "ratio": round(relayed / direct, 3),
-    }
+    if first is None or left_at_first == 0:  # all in one batch: time the start-up too
+        return n / (now - started)
+    return left_at_first / (now - first)
 
 
 def _purge(queue: str) -> None:
@@ -187,6 +244,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.outbox", description=__doc__)
     parser.add_argument("--rate", type=float, default=500.0, help="messages a second (500)")
     parser.add_argument("--n", type=int, default=5000, help="messages per measure (5000)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="writer and throughput runs; medians (3)"
+    )
     arguments = parser.parse_args()
     name = "bench-outbox-" + uuid.uuid4().hex[:8]
     db_name = "amqp_listener_bench_" + uuid.uuid4().hex[:8]
@@ -205,8 +265,8 @@ def main() -> None:
         engine.dispose()
         results = {
             "latency": latency(url, name, name, arguments.rate, arguments.n),
-            "writer_cost": writer_cost(url, name, 2000),
-            "relay_throughput": throughput(url, name, name, arguments.n * 4),
+            "writer_cost": writer_cost(url, name, 2000, arguments.repeats),
+            "relay_throughput": throughput(url, name, name, arguments.n * 4, arguments.repeats),
         }
         print(json.dumps(results, indent=2))
     finally:

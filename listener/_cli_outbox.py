@@ -68,11 +68,13 @@ def with_outbox(settings: Settings, *, outbox: bool, database_url: str | None) -
 
 
 def serve_relay(settings: Settings) -> int:
-    """Run a relay in this process until SIGTERM or SIGINT; the exit code.
+    """Run a relay in this process until SIGTERM or SIGINT; the exit code. It runs on the
+    loop `event_loop` chooses (uvloop when installed), as the workers and `notify_many()` do.
 
     Raises:
         ConfigurationError: no database URL, or its outbox table is missing.
     """
+    from listener import _loop
     from listener.relay import Relay
 
     worker = Relay(settings)
@@ -83,7 +85,7 @@ def serve_relay(settings: Settings) -> int:
             loop.add_signal_handler(signum, worker.stop)
         await worker.run()
 
-    asyncio.run(main())
+    _loop.run(main(), settings)
     return 0
 
 

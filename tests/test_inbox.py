@@ -220,6 +220,32 @@ def test_the_runner_warns_when_a_retry_span_outlasts_the_inbox_retention(
     assert "Slow retries over up to 7380s" in caplog.records[0].getMessage()
 
 
+def test_run_warns_at_start_up_of_a_retry_span_longer_than_the_retention(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from listener import runner
+
+    class Slow(Listener):
+        subscribes_to = "orders.placed"
+        idempotent = True
+        max_attempts = 2
+        retry_delays = (86400,)
+
+        def handle(self, message: Placed, session: Session) -> None: ...
+
+    started: list[Any] = []
+    monkeypatch.setattr(
+        runner.supervisor, "supervise", lambda listeners, *_a, **_k: started.append(listeners) or 0
+    )
+    monkeypatch.setattr(runner.supervisor, "supported", lambda: True)
+    settings = Settings(database_url="sqlite:///x.db", inbox_retention_days=0.5)
+    with caplog.at_level(logging.WARNING, logger="listener.inbox"):
+        assert runner.run([Slow], settings) == 0
+    assert started == [[Slow]]  # the warning came before the workers, which still start
+    assert "Slow retries over up to" in caplog.text
+    assert "AMQP_LISTENER_INBOX_RETENTION_DAYS" in caplog.text
+
+
 def test_pruning_deletes_ids_past_the_retention_in_batches_and_keeps_the_rest(
     engine: sa.Engine,
 ) -> None:

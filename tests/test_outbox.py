@@ -4,6 +4,7 @@ committed, on PostgreSQL and SQLite, against the real broker."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from support.waiting import eventually, wait_until
 
 import listener
 from listener import InvalidMessage, Listener, database
+from listener.errors import ConfigurationError
 from listener.outbox import dead_table, outbox_table
 from listener.relay import Relay
 from listener.settings import Settings
@@ -346,3 +348,101 @@ def test_the_relay_takes_both_postgresql_url_forms(
     finally:
         engine.dispose()
     assert order_ids(rabbit.drain(shipper.queue)) == [0, 1]
+
+
+def test_a_relay_batch_holds_at_most_1000_rows(
+    engine: sa.Engine, shipper: type[Listener], settings: Settings, database_url: str, rabbit: Any
+) -> None:
+    with Session(engine) as session, session.begin():
+        shipper.notify_many([{"order_id": n} for n in range(1500)], session=session)
+
+    relay = relay_once(relay_settings(settings, database_url))
+
+    assert relay.counts.batches == 1
+    assert relay.counts.published == 1000
+    assert waiting(engine) == 500
+    assert order_ids(rabbit.drain(shipper.queue)) == list(range(1000))
+    with pytest.raises(ConfigurationError, match="1 to 1000"):
+        Relay(relay_settings(settings, database_url), batch_size=1001)
+
+
+def test_the_outbox_lag_counts_the_rows_waiting_and_the_age_of_the_oldest(
+    engine: sa.Engine, shipper: type[Listener], settings: Settings, database_url: str
+) -> None:
+    from listener._cli_outbox import describe_lag, outbox_lag
+
+    with_db = relay_settings(settings, database_url)
+    assert outbox_lag(with_db) == {"rows_waiting": 0, "oldest_age_seconds": None}
+    with Session(engine) as session, session.begin():
+        shipper.notify_many([{"order_id": 1}, {"order_id": 2}], session=session)
+    with engine.begin() as connection:  # the oldest row was written a minute ago
+        oldest = sa.select(sa.func.min(outbox_table.c.id)).scalar_subquery()
+        connection.execute(
+            outbox_table.update()
+            .where(outbox_table.c.id == oldest)
+            .values(created_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=60))
+        )
+    lag = outbox_lag(with_db)
+    assert lag is not None
+    assert lag["rows_waiting"] == 2
+    assert 60 <= lag["oldest_age_seconds"] < 90
+    assert describe_lag(lag).startswith("outbox: 2 row(s) waiting to be published, the oldest 6")
+
+
+async def test_on_postgresql_a_commit_wakes_the_relay_at_once(
+    postgres_url: str,
+    shipper: type[Listener],
+    settings: Settings,
+    rabbit: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from listener import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "POLL_SECONDS", 120.0)  # only the NOTIFY is in time
+    engine = database.create_engine(postgres_url)
+    with engine.begin() as connection:  # the session's database: what other tests left
+        connection.execute(sa.delete(outbox_table))
+    relay = Relay(relay_settings(settings, postgres_url))
+    running = asyncio.create_task(relay.run())
+    try:
+        await eventually(lambda: listening(engine) == 1, timeout=10)
+        await asyncio.sleep(1.0)  # its first look found nothing: it sleeps for the poll
+        with Session(engine) as session, session.begin():
+            shipper.notify(order_id=1, session=session)
+        await eventually(lambda: relay.counts.published == 1, timeout=5)
+    finally:
+        relay.stop()
+        await asyncio.wait_for(running, 15)
+        engine.dispose()
+    assert order_ids(rabbit.drain(shipper.queue)) == [1]
+
+
+def listening(engine: sa.Engine) -> int:
+    with engine.connect() as connection:
+        return int(
+            connection.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND query = 'LISTEN amqp_listener_outbox'"
+                )
+            ).scalar_one()
+        )
+
+
+@pytest.mark.parametrize("choice", ["uvloop", "asyncio"])
+def test_the_relay_runs_on_the_event_loop_the_settings_choose(
+    choice: str, settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """As the workers and notify_many() do: uvloop unless told otherwise."""
+    pytest.importorskip("uvloop")
+    from listener._cli_outbox import serve_relay
+
+    loops: list[str] = []
+
+    async def run(self: Relay) -> None:
+        loops.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
+
+    monkeypatch.setattr(Relay, "run", run)
+    chosen = relay_settings(settings, f"sqlite:///{tmp_path}/x.db", event_loop=choice)
+    assert serve_relay(chosen) == 0
+    assert loops == [choice]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -97,6 +99,48 @@ def test_the_relay_command_publishes_what_committed_and_stops_on_sigterm(
     assert "published=100" in relay.stderr
 
 
+def test_sigterm_mid_stream_stops_the_relay_once_its_batch_is_settled(
+    env: dict[str, str], engine: sa.Engine, unique: str, queue: str, rabbit: Any, tmp_path: Path
+) -> None:
+    write(engine, unique, N)
+    relay = start_relay(env, tmp_path, "relay")
+    try:
+        wait_until(lambda: rabbit.count(queue) > 0, 20, "the first messages")
+        relay.send(signal.SIGTERM)  # a batch is under way
+        assert relay.wait_exit(15) == 0
+    finally:
+        relay.kill()
+    left = waiting(engine)
+    counts = published(rabbit, queue)
+    sent = sum(counts.values())
+    assert left > 0, "the relay published everything before the signal: nothing was tested"
+    assert max(counts.values()) == 1
+    # Whole batches went out, and each was deleted: the batch under way was finished and
+    # settled, neither cut short nor left to be published again.
+    assert sent % BATCH_SIZE == 0
+    assert sent + left == N
+    assert f"published={sent}" in relay.stderr
+
+
+def test_the_relay_takes_its_urls_from_url_and_database_url(
+    env: dict[str, str], engine: sa.Engine, unique: str, queue: str, rabbit: Any, tmp_path: Path
+) -> None:
+    flags = ["--url", env["AMQP_URL"], "--database-url", env["AMQP_LISTENER_DATABASE_URL"]]
+    bare = {k: v for k, v in env.items() if k not in ("AMQP_URL", "AMQP_LISTENER_DATABASE_URL")}
+    relay = RelayProcess(
+        [EXECUTABLE, "relay", *flags], bare, tmp_path / "relay.out", tmp_path / "relay.err"
+    )
+    try:
+        relay.wait_log("outbox relay started")
+        write(engine, unique, 10)
+        wait_until(lambda: waiting(engine) == 0, 15, "the outbox to empty")
+        relay.send(signal.SIGTERM)
+        assert relay.wait_exit(15) == 0
+    finally:
+        relay.kill()
+    assert published(rabbit, queue) == collections.Counter(range(10))
+
+
 def test_the_relay_without_a_database_exits_2_naming_the_setting(
     env: dict[str, str],
 ) -> None:
@@ -182,6 +226,36 @@ def test_run_with_outbox_starts_a_relay_beside_the_workers_and_status_shows_the_
     finally:
         runner.kill()
     assert "outbox relay stopped" in runner.stderr
+
+
+RELAY_SERVING = re.compile(r"outbox relay pid=(\d+) serving ")
+
+
+def test_run_with_outbox_restarts_a_relay_killed_9(
+    env: dict[str, str], engine: sa.Engine, unique: str, rabbit: Any, tmp_path: Path
+) -> None:
+    rabbit.exchanges.add(unique)
+    rabbit.queues.update({f"{unique}.gated", f"{unique}.gated.dead", f"{unique}.gated.retry.100ms"})
+    runner = RunnerProcess(
+        [EXECUTABLE, "run", "tests.apps.gated", "--outbox"],
+        env,
+        tmp_path / "run.out",
+        tmp_path / "run.err",
+    )
+    try:
+        runner.wait_started(1)
+        runner.wait_log("outbox relay started")
+        first = int(RELAY_SERVING.findall(runner.stderr)[0])
+        os.kill(first, signal.SIGKILL)
+        runner.wait_log(f"outbox relay pid={first} died: killed by SIGKILL")
+        runner.wait_log("outbox relay started", count=2, timeout=30)
+        with Session(engine) as session, session.begin():
+            listener.publish(f"{unique}.work", {"n": 1, "action": "ok"}, session=session)
+        wait_until(lambda: list(tmp_path.glob("done-1-*")), 15, "message 1 to be handled")
+        runner.send(signal.SIGTERM)
+        assert runner.wait_exit(30) == 0
+    finally:
+        runner.kill()
 
 
 WRITER = """
