@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from listener import codec
+from listener.errors import ConfigurationError
 from listener.schema import create_tables, metadata, migration
 from listener.settings import get_settings
 from listener.tracing import inject_trace_context
@@ -189,7 +190,11 @@ def write(
             "notify(session=...) got an AsyncSession: use `await Cls.anotify(..., session=...)` "
             "(or anotify_many, apublish) with an async session"
         )
-    session.execute(sa.insert(outbox_table), new_rows)
+    try:
+        session.execute(sa.insert(outbox_table), new_rows)
+    except sa.exc.DBAPIError as exc:
+        _raise_if_no_outbox(exc)
+        raise
     return [row["message_id"] for row in new_rows]
 
 
@@ -205,11 +210,29 @@ async def awrite(
     """The asyncio twin of `write()`; a sync `Session` is accepted too."""
     new_rows = rows(exchange, routing_key, bodies, headers=headers, ordering_key=ordering_key)
     session = _required(session)
-    if _is_async(session):
-        await session.execute(sa.insert(outbox_table), new_rows)  # type: ignore[misc]
-    else:
-        session.execute(sa.insert(outbox_table), new_rows)
+    try:
+        if _is_async(session):
+            await session.execute(sa.insert(outbox_table), new_rows)  # type: ignore[misc]
+        else:
+            session.execute(sa.insert(outbox_table), new_rows)
+    except sa.exc.DBAPIError as exc:
+        _raise_if_no_outbox(exc)
+        raise
     return [row["message_id"] for row in new_rows]
+
+
+def _raise_if_no_outbox(exc: sa.exc.DBAPIError) -> None:
+    """A database that `db upgrade` never ran on: say so, without SQLAlchemy's text (it
+    quotes the statement's parameters, the message bodies among them)."""
+    original = exc.orig
+    detail = str(original).strip().splitlines()[0] if str(original).strip() else ""
+    if type(original).__name__ == "UndefinedTable" or "no such table" in detail:
+        raise ConfigurationError(
+            f"the outbox table {outbox_table.name!r} is not in the session's database "
+            f"({detail}): run `amqp-listener db upgrade` with that database's URL "
+            "(AMQP_LISTENER_DATABASE_URL or --database-url) first, then roll back this "
+            "transaction and try again"
+        ) from None
 
 
 def dead_row(row: Any, reason: str, failed_at: dt.datetime) -> dict[str, Any]:

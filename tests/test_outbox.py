@@ -4,6 +4,7 @@ committed, on PostgreSQL and SQLite, against the real broker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import threading
@@ -156,6 +157,29 @@ def test_the_writer_needs_no_broker_and_no_database_setting(
     )
     assert json.loads(row.body) == {"order_id": 7}
     assert row.created_at is not None
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_database_without_db_upgrade_is_named_with_the_command_and_no_body(
+    kind: str, shipper: type[Listener], tmp_path: Any, postgres_url: str
+) -> None:
+    from support.databases import scratch_postgres
+
+    with contextlib.ExitStack() as stack:
+        url = (
+            f"sqlite:///{tmp_path}/bare.db"
+            if kind == "sqlite"
+            else stack.enter_context(scratch_postgres())
+        )
+        engine = database.create_engine(url)
+        stack.callback(engine.dispose)
+        with (
+            Session(engine) as session,
+            pytest.raises(ConfigurationError, match="amqp-listener db upgrade") as raised,
+        ):
+            shipper.notify(order_id=424242, session=session)
+        assert "424242" not in str(raised.value)  # the statement's parameters stay out
+        assert raised.value.__cause__ is None and raised.value.__suppress_context__
 
 
 def test_an_async_session_given_to_the_sync_notify_is_refused_with_the_way_out(
