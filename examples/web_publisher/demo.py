@@ -58,8 +58,13 @@ def main() -> int:
             status, body = post(f"{base}/cases/7/copies", order)
             expect("a valid request", status, 202, body)
             print(f"3. POST /cases/7/copies -> 202 {body}: the broker confirmed it")
-            wait(lambda: (work / "report.copy.pdf").exists(), "the runner to copy the file")
-            if (work / "report.copy.pdf").read_text() != (work / "report.pdf").read_text():
+            original, copy = work / "report.pdf", work / "report.copy.pdf"
+            # The copy exists from its first byte: wait until it is whole, then compare.
+            wait(
+                lambda: copy.exists() and copy.stat().st_size >= original.stat().st_size,
+                "the runner to copy the file",
+            )
+            if copy.read_bytes() != original.read_bytes():
                 raise DemoFailed("the copy differs from the original")
             print("4. handled by the runner: report.copy.pdf written")
 
