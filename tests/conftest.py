@@ -105,10 +105,13 @@ class Rabbit:
             binding.key for binding in topology.delay_bindings if binding.to_exchange
         )
 
-    def track_delay_entry(self, queue: str) -> None:
-        """Unbind listener queue `queue`'s key from the delay entry (for a listener declared
-        by another process; its address's key stays, harmless)."""
+    def track_delay_entry(self, queue: str, *addresses: str) -> None:
+        """Unbind the keys of a listener declared by another process from the delay entry:
+        its queue's, and each of its `addresses` ("exchange.key")."""
         self.entries.add(delay.target_key(queue))
+        for address in addresses:
+            exchange, _, key = address.partition(".")
+            self.entries.add(delay.address_key(exchange, key))
 
     def declare_exchange(self, name: str) -> None:
         self._ch().exchange_declare(name, "topic", durable=True)

@@ -66,7 +66,7 @@ def broker_env(app_env: dict[str, str], amqp_url: str, unique: str, rabbit: Any)
     queue = app_env["APP_QUEUE"]
     rabbit.exchanges.add(unique)
     rabbit.queues.update({queue, f"{queue}.dead", f"{queue}.retry.100ms"})
-    rabbit.track_delay_entry(queue)
+    rabbit.track_delay_entry(queue, f"{unique}.work")
     return {**app_env, "AMQP_URL": amqp_url}
 
 

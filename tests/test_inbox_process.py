@@ -29,6 +29,7 @@ def test_double_deliveries_and_a_kill_after_commit_write_each_effect_once(
     queue = f"{unique}.effects"
     rabbit.exchanges.add(unique)
     rabbit.queues.update({queue, f"{queue}.dead", f"{queue}.retry.100ms"})
+    rabbit.track_delay_entry(queue, f"{unique}.effect")
     engine = database.create_engine(database_url)
     effects.create(engine)
     env = {

@@ -261,7 +261,7 @@ class Run:
         self.process: subprocess.Popen[bytes] | None = None
         rabbit.exchanges.add(self.exchange)
         rabbit.queues.update({self.queue, f"{self.queue}.dead", f"{self.queue}.retry.100ms"})
-        rabbit.track_delay_entry(self.queue)
+        rabbit.track_delay_entry(self.queue, f"{self.exchange}.work")
 
     def start(self, *args: str, **env: str) -> None:
         environment = {

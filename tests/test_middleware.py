@@ -233,7 +233,7 @@ def test_the_runner_writes_json_log_lines(unique, rabbit, amqp_url, tmp_path):
     )
     for suffix in ("", ".dead", ".retry.1s", ".retry.5s", ".retry.30s"):
         rabbit.queues.add(f"{unique}.jsonlogged{suffix}")
-    rabbit.track_delay_entry(f"{unique}.jsonlogged")
+    rabbit.track_delay_entry(f"{unique}.jsonlogged", f"{unique}.item")
     rabbit.exchanges.add(unique)
     env = {
         **os.environ,

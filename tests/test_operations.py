@@ -460,7 +460,7 @@ def test_declare_and_publish_speak_json_too(unique, rabbit, amqp_url, tmp_path):
     )
     for name in ("", ".dead", ".retry.2s"):
         rabbit.queues.add(f"{unique}.declared{name}")
-    rabbit.track_delay_entry(f"{unique}.declared")
+    rabbit.track_delay_entry(f"{unique}.declared", f"{unique}.job")
     rabbit.exchanges.add(unique)
     env = {**os.environ, "AMQP_URL": amqp_url, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
 

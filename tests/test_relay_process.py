@@ -196,6 +196,7 @@ def test_run_with_outbox_starts_a_relay_beside_the_workers_and_status_shows_the_
 ) -> None:
     rabbit.exchanges.add(unique)
     rabbit.queues.update({f"{unique}.gated", f"{unique}.gated.dead", f"{unique}.gated.retry.100ms"})
+    rabbit.track_delay_entry(f"{unique}.gated", f"{unique}.work")
     runner = RunnerProcess(
         [EXECUTABLE, "run", "tests.apps.gated", "--outbox"],
         env,
@@ -236,6 +237,7 @@ def test_run_with_outbox_restarts_a_relay_killed_9(
 ) -> None:
     rabbit.exchanges.add(unique)
     rabbit.queues.update({f"{unique}.gated", f"{unique}.gated.dead", f"{unique}.gated.retry.100ms"})
+    rabbit.track_delay_entry(f"{unique}.gated", f"{unique}.work")
     runner = RunnerProcess(
         [EXECUTABLE, "run", "tests.apps.gated", "--outbox"],
         env,

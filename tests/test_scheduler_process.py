@@ -59,7 +59,7 @@ class Beats:
         rabbit.exchanges.add(unique)
         rabbit.queues.update({queue, f"{queue}.dead", f"{queue}.scheduler", f"{queue}.schedule"})
         rabbit.queues.update(f"{queue}.retry.{s}s" for s in (1, 5, 30))
-        rabbit.track_delay_entry(queue)
+        rabbit.track_delay_entry(queue, f"{unique}.beat")
         self.env = {**clean_env(tmp_path), "AMQP_URL": amqp_url, "PYTHONPATH": f"{tmp_path}:{REPO}"}
         self.runners: list[tuple[subprocess.Popen[bytes], Path]] = []
 

@@ -206,7 +206,7 @@ class MarkerApp(Generic[P]):
         self.runs: list[P] = []
         rabbit.exchanges.add(self.exchange)
         rabbit.queues.update({self.queue, self.dead, self.queue + self.retry_queue_suffix})
-        rabbit.track_delay_entry(self.queue)
+        rabbit.track_delay_entry(self.queue, f"{self.exchange}.work")
 
     def __enter__(self) -> Self:
         return self
