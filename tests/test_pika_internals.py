@@ -115,6 +115,12 @@ async def test_an_asyncio_connections_unsent_bytes_are_counted_and_it_can_be_abo
             break
         await asyncio.sleep(0.02)
     assert connection.is_closed
+    # The transport closes its socket a loop turn later: wait for it, so none is left open.
+    for _ in range(100):
+        if getattr(transport, "_sock", None) is None:
+            break
+        await asyncio.sleep(0.02)
+    assert getattr(transport, "_sock", None) is None, "pika left the aborted socket open"
 
 
 def test_the_field_decoder_is_replaced_once_and_reads_values_as_sent():

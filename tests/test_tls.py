@@ -20,6 +20,7 @@ import pika
 import pytest
 from faults.node import SERVER, RabbitNode
 from support.runner_process import EXECUTABLE, clean_env
+from support.waiting import wait_until
 
 from listener.apublisher import AsyncPublisher
 from listener.errors import (
@@ -309,6 +310,10 @@ def test_a_client_certificate_logs_in_with_external_on_both_clients(node, queue)
     publisher.publish(f"{queue}.key", {"n": 1})
     assert f"{CLIENT}\tEXTERNAL" in node.users_connected()
     publisher.close()
+    # The broker lists a closed connection a moment longer: count from none.
+    wait_until(
+        lambda: f"{CLIENT}\tEXTERNAL" not in node.users_connected(), 10, "the first to close"
+    )
 
     async def publish_and_connect() -> list[str]:
         async_publisher = AsyncPublisher(settings)

@@ -204,15 +204,19 @@ def test_pauses_reloads_and_forced_closes_with_max_attempts_1_park_nothing_and_l
             interruptions["forced close"] += 1
     fault.wait_settled(60)
 
+    alone = runner.stderr.count("without an outcome (a runner or a connection lost)")
     verdict = fault.verdict(
         "P3 4 pauses, 2 reloads, 3 forced closes, max_attempts 1",
         recovery_s=None,
-        notes=", ".join(f"{n} {what}" for what, n in interruptions.items()),
+        notes=", ".join(f"{n} {what}" for what, n in interruptions.items())
+        + f"; {alone} message(s) redelivered twice ran alone once",
     )
     verdict.assert_nothing_lost()
     assert verdict.confirmed == total
     assert verdict.parked == 0, f"parked for interruptions: {dict(fault.parked)}"
     assert interruptions == {"pause": 4, "reload": 2, "forced close": 3}
     assert runner.deaths() == []
-    # Nothing here is anyone's fault: no message was made a suspect, none ran alone.
-    assert "runs alone" not in runner.stderr
+    # Nothing here is anyone's fault: no message was made a suspect. Only a message that a
+    # forced close caught twice in flight may run alone, once: never the in-flight set.
+    assert "was running when a worker died" not in runner.stderr
+    assert alone <= 100, f"{alone} of {total} messages ran alone after the forced closes"
