@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,20 @@ async def declare(cls: type[Listener], settings: Any) -> None:
         await transport.declare(cls.topology(settings))
     finally:
         await transport.close()
+
+
+async def strand(
+    gone: type[Listener], rabbit: Any, settings: Any, send: Callable[[], Awaitable[str]]
+) -> str:
+    """Declare `gone`, `send` a delayed message for it, and delete its queue before the
+    message is due: it lands in the unrouted queue. Returns its id."""
+    rabbit.track(gone)
+    await declare(gone, settings)
+    rabbit.drain(delay.UNROUTED)  # leftovers of earlier runs: tests run one at a time
+    message_id = await send()
+    rabbit.delete_queue(gone.queue)  # before it is due: it finds no listener
+    await eventually(lambda: rabbit.count(delay.UNROUTED) == 1, timeout=15)
+    return message_id
 
 
 # -- where a route leads ----------------------------------------------------------------------
@@ -87,12 +102,7 @@ async def test_a_message_due_after_its_queue_was_deleted_is_listed_kept_then_sen
     unique, rabbit, settings, amqp_url
 ):
     gone = make(f"{unique}.run", f"{unique}.gone")
-    rabbit.track(gone)
-    await declare(gone, settings)
-    rabbit.drain(delay.UNROUTED)  # leftovers of earlier runs: tests run one at a time
-    message_id = await gone.anotify(n=7, delay=0.5)
-    rabbit.delete_queue(gone.queue)  # before it is due: it finds no listener
-    await eventually(lambda: rabbit.count(delay.UNROUTED) == 1, timeout=15)
+    message_id = await strand(gone, rabbit, settings, lambda: gone.anotify(n=7, delay=0.5))
 
     listed = cli("delay", "list", "--json", url=amqp_url)
     assert listed.returncode == 0, listed.stderr
@@ -130,12 +140,12 @@ async def test_a_delayed_publish_to_an_address_is_sent_on_to_that_address(
     unique, rabbit, settings, amqp_url
 ):
     gone = make(f"{unique}.placed.eu", f"{unique}.addressed")
-    rabbit.track(gone)
-    await declare(gone, settings)
-    rabbit.drain(delay.UNROUTED)
-    message_id = await listener.apublish(f"{unique}.placed.eu", {"n": 3}, delay=0.5)
-    rabbit.delete_queue(gone.queue)
-    await eventually(lambda: rabbit.count(delay.UNROUTED) == 1, timeout=15)
+    message_id = await strand(
+        gone,
+        rabbit,
+        settings,
+        lambda: listener.apublish(f"{unique}.placed.eu", {"n": 3}, delay=0.5),
+    )
 
     await declare(gone, settings)
     sent = cli("delay", "replay", url=amqp_url)
